@@ -1,0 +1,880 @@
+//! A shard's tables and fast-path decisions, shared by both backends.
+//!
+//! The backends own the I/O; this module owns what a datagram means. A backend hands every
+//! received datagram to [`Core::handle_datagram`] and executes the returned [`Action`]; it hands
+//! every command to [`Core::handle_command`] and executes the returned [`Effect`]. Nothing here
+//! allocates per packet: lookups only, counters are plain integers.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
+
+use crossbeam_channel::{Sender, TrySendError};
+use hashbrown::{HashMap, HashSet};
+use uturn_proto::{
+    ChannelData, ChannelNumber, Class, DATA_INDICATION_HEADER_LEN_MAX, Method, PacketKind,
+    TransactionId,
+};
+
+use crate::addr::canonical;
+use crate::socket;
+use crate::{
+    AllocationCounters, AllocationId, Counters, DropReason, RelaySocket, ShardCommand,
+    ShardCounters, ShardId, ToControl,
+};
+
+/// What the backend must do with a received datagram.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Nothing more: the datagram was dropped (and counted) or copied to control.
+    Done,
+    /// Send `buf[range]` to `to` from socket `via`.
+    Send {
+        via: u32,
+        to: SocketAddr,
+        range: Range<usize>,
+        relay: Relay,
+    },
+    /// Send a Data indication: `header`, then `buf[range]`, then `padding` zero bytes.
+    SendIndication {
+        via: u32,
+        to: SocketAddr,
+        relay: Relay,
+        header: [u8; DATA_INDICATION_HEADER_LEN_MAX],
+        header_len: usize,
+        range: Range<usize>,
+        padding: usize,
+    },
+}
+
+/// A relay already counted as sent; [`Core::relay_failed`] takes it back when the backend
+/// cannot queue the send, so `relayed + drops + requests = datagrams` holds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Relay {
+    alloc: AllocationId,
+    to_peer: bool,
+    bytes: u64,
+}
+
+/// What the backend must do after a command.
+#[derive(Debug)]
+pub(crate) enum Effect {
+    None,
+    /// New sockets to start receiving on.
+    Opened([Option<u32>; 2]),
+    /// Sockets to stop receiving on; call [`Core::release_socket`] for each once the backend
+    /// holds no more operations on it.
+    Closing([Option<u32>; 2]),
+    /// A control-built datagram to send from socket `via`.
+    Transmit {
+        via: u32,
+        to: SocketAddr,
+        bytes: Vec<u8>,
+    },
+    Shutdown,
+}
+
+#[derive(Debug)]
+enum Role {
+    Listener(u16),
+    Relay(AllocationId),
+    Closing,
+}
+
+#[derive(Debug)]
+struct SocketEntry {
+    socket: UdpSocket,
+    role: Role,
+}
+
+#[derive(Debug)]
+struct Allocation {
+    listener: u16,
+    client: SocketAddr,
+    relay_v4: Option<u32>,
+    relay_v6: Option<u32>,
+    peer_ips: Vec<IpAddr>,
+    channels: Vec<ChannelNumber>,
+    counters: AllocationCounters,
+}
+
+/// A shard's state apart from its I/O.
+#[derive(Debug)]
+pub(crate) struct Core {
+    shard: ShardId,
+    /// Bound address of each listener, by listener index.
+    listener_addrs: Vec<SocketAddr>,
+    /// Socket slot of each listener, by listener index.
+    listener_slots: Vec<u32>,
+    /// Every socket the shard reads, by slot (the relay token of the tables).
+    sockets: Vec<Option<SocketEntry>>,
+    sockets_free: Vec<u32>,
+    allocations: HashMap<AllocationId, Allocation>,
+    /// 5-tuple (listener index, client) → allocation.
+    by_client: HashMap<(u16, SocketAddr), AllocationId>,
+    /// (allocation, channel) → peer.
+    channels: HashMap<(AllocationId, ChannelNumber), SocketAddr>,
+    /// (allocation, peer) → channel, for peer→client.
+    channel_of_peer: HashMap<(AllocationId, SocketAddr), ChannelNumber>,
+    /// (allocation, peer IP) with a permission.
+    permissions: HashSet<(AllocationId, IpAddr)>,
+    to_control: Sender<ToControl>,
+    counters: ShardCounters,
+    removed: Vec<(AllocationId, AllocationCounters)>,
+    /// Relay sockets of an allocation replaced by `OpenAllocation` on the same 5-tuple.
+    pending_close: Vec<u32>,
+    /// xorshift state for Data indication transaction IDs (RFC 8489 §6: chosen by the sender;
+    /// indications are never answered, so uniqueness is all that matters).
+    tid_state: u64,
+}
+
+impl Core {
+    pub(crate) fn new(
+        shard: ShardId,
+        listeners: Vec<(SocketAddr, UdpSocket)>,
+        to_control: Sender<ToControl>,
+    ) -> Self {
+        let mut core = Self {
+            shard,
+            listener_addrs: Vec::with_capacity(listeners.len()),
+            listener_slots: Vec::with_capacity(listeners.len()),
+            sockets: Vec::new(),
+            sockets_free: Vec::new(),
+            allocations: HashMap::new(),
+            by_client: HashMap::new(),
+            channels: HashMap::new(),
+            channel_of_peer: HashMap::new(),
+            permissions: HashSet::new(),
+            to_control,
+            counters: ShardCounters::default(),
+            removed: Vec::new(),
+            pending_close: Vec::new(),
+            tid_state: 0x9E37_79B9_7F4A_7C15 ^ (u64::from(shard.0) << 32) ^ 1,
+        };
+        for (index, (addr, socket)) in listeners.into_iter().enumerate() {
+            let index = u16::try_from(index).unwrap_or(u16::MAX);
+            let slot = core.insert_socket(socket, Role::Listener(index));
+            core.listener_addrs.push(addr);
+            core.listener_slots.push(slot);
+        }
+        core
+    }
+
+    pub(crate) fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    /// Socket slots of the listeners.
+    pub(crate) fn listener_slots(&self) -> &[u32] {
+        &self.listener_slots
+    }
+
+    /// Number of socket slots (live or free).
+    pub(crate) fn socket_slots(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub(crate) fn fd(&self, slot: u32) -> Option<RawFd> {
+        self.sockets
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .map(|entry| entry.socket.as_raw_fd())
+    }
+
+    pub(crate) fn socket(&self, slot: u32) -> Option<&UdpSocket> {
+        self.sockets
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .map(|entry| &entry.socket)
+    }
+
+    pub(crate) fn counters_mut(&mut self) -> &mut ShardCounters {
+        &mut self.counters
+    }
+
+    pub(crate) fn count_drop(&mut self, reason: DropReason) {
+        self.counters.drops.add(reason);
+    }
+
+    /// Counts a datagram received on `slot` that could not be read (truncated, no source
+    /// address), so `relayed + drops + requests = datagrams` holds per direction.
+    pub(crate) fn count_unreadable(&mut self, slot: u32, reason: DropReason) {
+        match self
+            .sockets
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .map(|e| &e.role)
+        {
+            Some(Role::Listener(_)) => self.counters.client_datagrams += 1,
+            _ => self.counters.peer_datagrams += 1,
+        }
+        self.counters.drops.add(reason);
+    }
+
+    /// Takes back a relay the backend could not queue and counts the drop instead.
+    pub(crate) fn relay_failed(&mut self, relay: Relay, reason: DropReason) {
+        self.counters.drops.add(reason);
+        let shard_packets = if relay.to_peer {
+            &mut self.counters.to_peer_packets
+        } else {
+            &mut self.counters.to_client_packets
+        };
+        *shard_packets = shard_packets.saturating_sub(1);
+        if let Some(a) = self.allocations.get_mut(&relay.alloc) {
+            let (packets, bytes) = if relay.to_peer {
+                (
+                    &mut a.counters.to_peer_packets,
+                    &mut a.counters.to_peer_bytes,
+                )
+            } else {
+                (
+                    &mut a.counters.to_client_packets,
+                    &mut a.counters.to_client_bytes,
+                )
+            };
+            *packets = packets.saturating_sub(1);
+            *bytes = bytes.saturating_sub(relay.bytes);
+        }
+    }
+
+    /// Closes a socket the backend no longer uses.
+    pub(crate) fn release_socket(&mut self, slot: u32) {
+        if let Some(entry) = self.sockets.get_mut(slot as usize)
+            && entry.take().is_some()
+        {
+            self.sockets_free.push(slot);
+        }
+    }
+
+    fn insert_socket(&mut self, socket: UdpSocket, role: Role) -> u32 {
+        let entry = SocketEntry { socket, role };
+        match self.sockets_free.pop() {
+            Some(slot) => {
+                self.sockets[slot as usize] = Some(entry);
+                slot
+            }
+            None => {
+                self.sockets.push(Some(entry));
+                u32::try_from(self.sockets.len() - 1).unwrap_or(u32::MAX)
+            }
+        }
+    }
+
+    /// Decides what a datagram received on socket `slot` from `from` means. `buf[range]` is the
+    /// datagram; `range.start >= 4`, and the 4 bytes before it are free headroom.
+    pub(crate) fn handle_datagram(
+        &mut self,
+        slot: u32,
+        from: SocketAddr,
+        buf: &mut [u8],
+        range: Range<usize>,
+    ) -> Action {
+        let role = match self.sockets.get(slot as usize).and_then(Option::as_ref) {
+            Some(entry) => match entry.role {
+                Role::Listener(index) => Ok(index),
+                Role::Relay(alloc) => Err(Some(alloc)),
+                Role::Closing => Err(None),
+            },
+            None => Err(None),
+        };
+        match role {
+            Ok(listener) => {
+                self.counters.client_datagrams += 1;
+                self.handle_from_client(listener, from, buf, range)
+            }
+            Err(Some(alloc)) => {
+                self.counters.peer_datagrams += 1;
+                self.handle_from_peer(alloc, from, buf, range)
+            }
+            Err(None) => {
+                self.counters.peer_datagrams += 1;
+                self.count_drop(DropReason::NoAllocation);
+                Action::Done
+            }
+        }
+    }
+
+    fn handle_from_client(
+        &mut self,
+        listener: u16,
+        client: SocketAddr,
+        buf: &mut [u8],
+        range: Range<usize>,
+    ) -> Action {
+        let client = canonical(client);
+        let datagram = &buf[range.clone()];
+        match uturn_proto::classify(datagram) {
+            PacketKind::ChannelData => {
+                let (channel, payload_len) = match ChannelData::parse(datagram) {
+                    Ok(cd) => (cd.channel(), cd.payload().len()),
+                    Err(_) => return self.drop(DropReason::Malformed),
+                };
+                let Some(&alloc) = self.by_client.get(&(listener, client)) else {
+                    return self.drop(DropReason::NoAllocation);
+                };
+                let Some(&peer) = self.channels.get(&(alloc, channel)) else {
+                    return self.drop(DropReason::NoChannel);
+                };
+                let start = range.start + uturn_proto::CHANNEL_DATA_HEADER_LEN;
+                self.relay_to_peer(alloc, peer, start..start + payload_len)
+            }
+            PacketKind::Stun => {
+                // Only Send indications are fast-path; everything else goes to control.
+                let is_send = datagram.len() >= 2
+                    && uturn_proto::split_message_type(u16::from_be_bytes([
+                        datagram[0],
+                        datagram[1],
+                    ])) == (Class::Indication, Method::SEND);
+                if is_send {
+                    // RFC 8656 §11.2: a Send indication without an allocation is discarded.
+                    return match self.by_client.get(&(listener, client)) {
+                        Some(&alloc) => self.handle_send_indication(alloc, buf, range),
+                        None => self.drop(DropReason::NoAllocation),
+                    };
+                }
+                self.forward_to_control(listener, client, datagram)
+            }
+            _ => self.drop(DropReason::Malformed),
+        }
+    }
+
+    /// RFC 8656 §11.2: take the first XOR-PEER-ADDRESS and DATA; no permission, no relay.
+    fn handle_send_indication(
+        &mut self,
+        alloc: AllocationId,
+        buf: &[u8],
+        range: Range<usize>,
+    ) -> Action {
+        let datagram = &buf[range];
+        let Ok(indication) = uturn_proto::parse_send_indication(datagram) else {
+            return self.drop(DropReason::Malformed);
+        };
+        let (peer, data) = (canonical(indication.peer), indication.data);
+        if !self.permissions.contains(&(alloc, peer.ip())) {
+            return self.drop(DropReason::NoPermission);
+        }
+        // The DATA value borrows the datagram; its offset in `buf` is where the payload lives.
+        let start = data.as_ptr() as usize - buf.as_ptr() as usize;
+        self.relay_to_peer(alloc, peer, start..start + data.len())
+    }
+
+    fn relay_to_peer(
+        &mut self,
+        alloc: AllocationId,
+        peer: SocketAddr,
+        range: Range<usize>,
+    ) -> Action {
+        let Some(allocation) = self.allocations.get_mut(&alloc) else {
+            self.counters.drops.add(DropReason::NoAllocation);
+            return Action::Done;
+        };
+        let via = if peer.is_ipv4() {
+            allocation.relay_v4
+        } else {
+            allocation.relay_v6
+        };
+        let Some(via) = via else {
+            self.counters.drops.add(DropReason::FamilyMismatch);
+            return Action::Done;
+        };
+        allocation.counters.to_peer_packets += 1;
+        allocation.counters.to_peer_bytes += range.len() as u64;
+        self.counters.to_peer_packets += 1;
+        let relay = Relay {
+            alloc,
+            to_peer: true,
+            bytes: range.len() as u64,
+        };
+        Action::Send {
+            via,
+            to: peer,
+            range,
+            relay,
+        }
+    }
+
+    /// RFC 8656 §11.3 and §12.6: a peer datagram goes to the client as ChannelData when a
+    /// channel is bound to that exact peer address, else as a Data indication.
+    fn handle_from_peer(
+        &mut self,
+        alloc: AllocationId,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        range: Range<usize>,
+    ) -> Action {
+        let peer = canonical(peer);
+        if !self.permissions.contains(&(alloc, peer.ip())) {
+            return self.drop(DropReason::NoPermission);
+        }
+        let Some(allocation) = self.allocations.get_mut(&alloc) else {
+            self.counters.drops.add(DropReason::NoAllocation);
+            return Action::Done;
+        };
+        let Some(&via) = self.listener_slots.get(usize::from(allocation.listener)) else {
+            self.counters.drops.add(DropReason::NoAllocation);
+            return Action::Done;
+        };
+        let to = allocation.client;
+        let payload_len = range.len();
+        if let Some(&channel) = self.channel_of_peer.get(&(alloc, peer)) {
+            let header_start = range.start - uturn_proto::CHANNEL_DATA_HEADER_LEN;
+            if uturn_proto::write_channel_data_header(
+                &mut buf[header_start..range.start],
+                channel,
+                payload_len,
+            )
+            .is_err()
+            {
+                self.counters.drops.add(DropReason::Malformed);
+                return Action::Done;
+            }
+            allocation.counters.to_client_packets += 1;
+            allocation.counters.to_client_bytes += payload_len as u64;
+            self.counters.to_client_packets += 1;
+            let relay = Relay {
+                alloc,
+                to_peer: false,
+                bytes: payload_len as u64,
+            };
+            return Action::Send {
+                via,
+                to,
+                range: header_start..range.end,
+                relay,
+            };
+        }
+        let mut header = [0u8; DATA_INDICATION_HEADER_LEN_MAX];
+        let tid = next_transaction_id(&mut self.tid_state);
+        let Ok(header_len) =
+            uturn_proto::write_data_indication_header(&mut header, tid, peer, payload_len)
+        else {
+            self.counters.drops.add(DropReason::Malformed);
+            return Action::Done;
+        };
+        allocation.counters.to_client_packets += 1;
+        allocation.counters.to_client_bytes += payload_len as u64;
+        self.counters.to_client_packets += 1;
+        Action::SendIndication {
+            via,
+            to,
+            relay: Relay {
+                alloc,
+                to_peer: false,
+                bytes: payload_len as u64,
+            },
+            header,
+            header_len,
+            range,
+            padding: uturn_proto::stun_padding(payload_len),
+        }
+    }
+
+    fn forward_to_control(&mut self, listener: u16, client: SocketAddr, datagram: &[u8]) -> Action {
+        let server = self.listener_addrs[usize::from(listener)];
+        let message = ToControl::Request {
+            shard: self.shard,
+            server,
+            client,
+            bytes: datagram.to_vec(),
+        };
+        match self.to_control.try_send(message) {
+            Ok(()) => self.counters.requests += 1,
+            Err(TrySendError::Full(_)) => self.counters.drops.add(DropReason::QueueFull),
+            // Control has gone away (shutdown); nothing to tell.
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+        Action::Done
+    }
+
+    fn drop(&mut self, reason: DropReason) -> Action {
+        self.counters.drops.add(reason);
+        Action::Done
+    }
+
+    /// Applies one command from control.
+    pub(crate) fn handle_command(&mut self, command: ShardCommand) -> Effect {
+        match command {
+            ShardCommand::Transmit { server, to, bytes } => {
+                match self.listener_addrs.iter().position(|a| *a == server) {
+                    Some(index) => Effect::Transmit {
+                        via: self.listener_slots[index],
+                        to,
+                        bytes,
+                    },
+                    None => {
+                        tracing::warn!(shard = self.shard.0, %server, "Transmit for an unknown listener");
+                        Effect::None
+                    }
+                }
+            }
+            ShardCommand::OpenAllocation {
+                alloc,
+                client_server,
+                client,
+                relays,
+                dont_fragment,
+            } => self.open_allocation(alloc, client_server, client, relays, dont_fragment),
+            ShardCommand::SetPermission { alloc, peer_ip } => {
+                let peer_ip = canonical(SocketAddr::new(peer_ip, 0)).ip();
+                if let Some(allocation) = self.allocations.get_mut(&alloc)
+                    && self.permissions.insert((alloc, peer_ip))
+                {
+                    allocation.peer_ips.push(peer_ip);
+                }
+                Effect::None
+            }
+            ShardCommand::RemovePermission { alloc, peer_ip } => {
+                let peer_ip = canonical(SocketAddr::new(peer_ip, 0)).ip();
+                self.permissions.remove(&(alloc, peer_ip));
+                if let Some(allocation) = self.allocations.get_mut(&alloc) {
+                    allocation.peer_ips.retain(|ip| *ip != peer_ip);
+                }
+                Effect::None
+            }
+            ShardCommand::BindChannel {
+                alloc,
+                channel,
+                peer,
+            } => {
+                let peer = canonical(peer);
+                let Some(allocation) = self.allocations.get_mut(&alloc) else {
+                    return Effect::None;
+                };
+                if let Some(old) = self.channels.insert((alloc, channel), peer) {
+                    self.channel_of_peer.remove(&(alloc, old));
+                } else {
+                    allocation.channels.push(channel);
+                }
+                self.channel_of_peer.insert((alloc, peer), channel);
+                Effect::None
+            }
+            ShardCommand::UnbindChannel { alloc, channel } => {
+                if let Some(peer) = self.channels.remove(&(alloc, channel)) {
+                    self.channel_of_peer.remove(&(alloc, peer));
+                }
+                if let Some(allocation) = self.allocations.get_mut(&alloc) {
+                    allocation.channels.retain(|c| *c != channel);
+                }
+                Effect::None
+            }
+            ShardCommand::RemoveAllocation { alloc } => self.remove_allocation(alloc),
+            ShardCommand::Shutdown => Effect::Shutdown,
+        }
+    }
+
+    fn open_allocation(
+        &mut self,
+        alloc: AllocationId,
+        client_server: SocketAddr,
+        client: SocketAddr,
+        relays: Vec<RelaySocket>,
+        dont_fragment: bool,
+    ) -> Effect {
+        let Some(listener) = self.listener_addrs.iter().position(|a| *a == client_server) else {
+            tracing::warn!(
+                shard = self.shard.0,
+                alloc = alloc.0,
+                %client_server,
+                "OpenAllocation for a listener this shard does not have; ignored"
+            );
+            return Effect::None;
+        };
+        let listener = u16::try_from(listener).unwrap_or(u16::MAX);
+        let client = canonical(client);
+        if let Some(&old) = self.by_client.get(&(listener, client)) {
+            tracing::warn!(
+                shard = self.shard.0,
+                alloc = old.0,
+                "5-tuple reused; old allocation removed"
+            );
+            // The old relay sockets are closed by the backend like any removal, through
+            // `take_pending_close`.
+            if let Effect::Closing(slots) = self.remove_allocation(old) {
+                for slot in slots.into_iter().flatten() {
+                    self.pending_close.push(slot);
+                }
+            }
+        }
+        if self.allocations.contains_key(&alloc) {
+            tracing::warn!(
+                shard = self.shard.0,
+                alloc = alloc.0,
+                "allocation id reused; ignored"
+            );
+            return Effect::None;
+        }
+        let mut opened = [None, None];
+        let mut relay_v4 = None;
+        let mut relay_v6 = None;
+        for relay in relays {
+            if let Err(error) = socket::prepare_relay(&relay.socket, relay.addr, dont_fragment) {
+                tracing::warn!(shard = self.shard.0, alloc = alloc.0, %error, "relay socket setup failed");
+            }
+            let family_slot = if relay.addr.is_ipv4() {
+                &mut relay_v4
+            } else {
+                &mut relay_v6
+            };
+            if family_slot.is_some() {
+                tracing::warn!(
+                    shard = self.shard.0,
+                    alloc = alloc.0,
+                    "second relay of one family; ignored"
+                );
+                continue;
+            }
+            let slot = self.insert_socket(relay.socket, Role::Relay(alloc));
+            *family_slot = Some(slot);
+            if opened[0].is_none() {
+                opened[0] = Some(slot);
+            } else {
+                opened[1] = Some(slot);
+            }
+        }
+        self.allocations.insert(
+            alloc,
+            Allocation {
+                listener,
+                client,
+                relay_v4,
+                relay_v6,
+                peer_ips: Vec::new(),
+                channels: Vec::new(),
+                counters: AllocationCounters::default(),
+            },
+        );
+        self.by_client.insert((listener, client), alloc);
+        Effect::Opened(opened)
+    }
+
+    fn remove_allocation(&mut self, alloc: AllocationId) -> Effect {
+        let Some(allocation) = self.allocations.remove(&alloc) else {
+            return Effect::None;
+        };
+        self.by_client
+            .remove(&(allocation.listener, allocation.client));
+        for ip in &allocation.peer_ips {
+            self.permissions.remove(&(alloc, *ip));
+        }
+        for channel in &allocation.channels {
+            if let Some(peer) = self.channels.remove(&(alloc, *channel)) {
+                self.channel_of_peer.remove(&(alloc, peer));
+            }
+        }
+        self.removed.push((alloc, allocation.counters));
+        let slots = [allocation.relay_v4, allocation.relay_v6];
+        for slot in slots.into_iter().flatten() {
+            if let Some(Some(entry)) = self.sockets.get_mut(slot as usize) {
+                entry.role = Role::Closing;
+            }
+        }
+        Effect::Closing(slots)
+    }
+
+    /// Sockets whose allocation was replaced inside `OpenAllocation`; the backend closes them
+    /// like the slots of `Effect::Closing`.
+    pub(crate) fn take_pending_close(&mut self) -> Option<u32> {
+        self.pending_close.pop()
+    }
+
+    /// Sends the counters report to control (dropped, not blocking, when the queue is full).
+    pub(crate) fn report_counters(&mut self) {
+        let mut allocations = Vec::with_capacity(self.allocations.len() + self.removed.len());
+        allocations.extend(self.allocations.iter().map(|(id, a)| (*id, a.counters)));
+        allocations.append(&mut self.removed);
+        let report = Counters {
+            shard: self.shard,
+            shard_counters: self.counters,
+            allocations,
+        };
+        // A full queue loses this report (the next one carries the totals again; the final
+        // counters of allocations removed since the last report are lost with it).
+        if let Err(TrySendError::Full(_)) = self.to_control.try_send(ToControl::Counters(report)) {
+            self.counters.reports_dropped += 1;
+        }
+    }
+}
+
+fn next_transaction_id(state: &mut u64) -> TransactionId {
+    let mut out = [0u8; 12];
+    for chunk in out.chunks_mut(4) {
+        // xorshift64: cheap, no allocation, no syscall.
+        let mut x = *state;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *state = x;
+        chunk.copy_from_slice(&x.to_ne_bytes()[..4]);
+    }
+    TransactionId(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use crossbeam_channel::Receiver;
+
+    use super::*;
+    use crate::PAYLOAD_OFFSET;
+
+    const SERVER: &str = "127.0.0.1:3478";
+    const CLIENT: &str = "192.0.2.10:50000";
+
+    fn core() -> (Core, Receiver<ToControl>) {
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let listener = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let server: SocketAddr = SERVER.parse().expect("literal");
+        let core = Core::new(ShardId(0), vec![(server, listener)], tx);
+        (core, rx)
+    }
+
+    fn open(core: &mut Core, alloc: u64, client: SocketAddr) -> u32 {
+        let relay = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = relay.local_addr().expect("addr");
+        let effect = core.handle_command(ShardCommand::OpenAllocation {
+            alloc: AllocationId(alloc),
+            client_server: SERVER.parse().expect("literal"),
+            client,
+            relays: vec![RelaySocket {
+                socket: relay,
+                addr,
+            }],
+            dont_fragment: false,
+        });
+        match effect {
+            Effect::Opened([Some(slot), None]) => slot,
+            other => panic!("unexpected effect {other:?}"),
+        }
+    }
+
+    /// A receive buffer holding `datagram` at the payload offset, as both backends lay it out.
+    fn buffer(datagram: &[u8]) -> (Vec<u8>, Range<usize>) {
+        let mut buf = vec![0u8; PAYLOAD_OFFSET + datagram.len()];
+        buf[PAYLOAD_OFFSET..].copy_from_slice(datagram);
+        (buf, PAYLOAD_OFFSET..PAYLOAD_OFFSET + datagram.len())
+    }
+
+    fn from_peer(core: &mut Core, relay: u32, peer: SocketAddr, payload: &[u8]) -> Action {
+        let (mut buf, range) = buffer(payload);
+        core.handle_datagram(relay, peer, &mut buf, range)
+    }
+
+    #[test]
+    fn rebinding_a_channel_to_another_peer_moves_the_reverse_mapping() {
+        let (mut core, _rx) = core();
+        let relay = open(&mut core, 1, CLIENT.parse().expect("literal"));
+        let alloc = AllocationId(1);
+        let channel = ChannelNumber::new(0x4000).expect("valid");
+        let old: SocketAddr = "198.51.100.1:1000".parse().expect("literal");
+        let new: SocketAddr = "198.51.100.1:2000".parse().expect("literal");
+        core.handle_command(ShardCommand::SetPermission {
+            alloc,
+            peer_ip: old.ip(),
+        });
+        core.handle_command(ShardCommand::BindChannel {
+            alloc,
+            channel,
+            peer: old,
+        });
+        core.handle_command(ShardCommand::BindChannel {
+            alloc,
+            channel,
+            peer: new,
+        });
+        // The old peer (same IP, so permitted) now arrives as a Data indication...
+        assert!(matches!(
+            from_peer(&mut core, relay, old, b"a"),
+            Action::SendIndication { .. }
+        ));
+        // ...and the new one as ChannelData, header in front of the payload.
+        match from_peer(&mut core, relay, new, b"abc") {
+            Action::Send { range, .. } => {
+                assert_eq!(range, PAYLOAD_OFFSET - 4..PAYLOAD_OFFSET + 3);
+            }
+            other => panic!("expected ChannelData, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_send_indication_without_an_allocation_is_dropped_not_forwarded() {
+        let (mut core, rx) = core();
+        let mut out = [0u8; 128];
+        let mut builder = uturn_proto::MessageBuilder::new(
+            &mut out,
+            Class::Indication,
+            Method::SEND,
+            TransactionId([1; 12]),
+        );
+        builder
+            .attribute(&uturn_proto::Attribute::XorPeerAddress(
+                "198.51.100.1:9".parse().expect("literal"),
+            ))
+            .expect("room");
+        builder
+            .attribute(&uturn_proto::Attribute::Data(b"x"))
+            .expect("room");
+        let n = builder.finish();
+        let (mut buf, range) = buffer(&out[..n]);
+        let listener = core.listener_slots()[0];
+        let action =
+            core.handle_datagram(listener, CLIENT.parse().expect("literal"), &mut buf, range);
+        assert!(matches!(action, Action::Done));
+        assert_eq!(core.counters.drops.get(DropReason::NoAllocation), 1);
+        assert!(rx.try_recv().is_err(), "nothing sent to control");
+    }
+
+    #[test]
+    fn an_ipv4_mapped_client_finds_its_allocation() {
+        let (mut core, _rx) = core();
+        open(&mut core, 1, CLIENT.parse().expect("literal"));
+        let alloc = AllocationId(1);
+        let channel = ChannelNumber::new(0x4ABC).expect("valid");
+        let peer: SocketAddr = "198.51.100.7:7".parse().expect("literal");
+        core.handle_command(ShardCommand::BindChannel {
+            alloc,
+            channel,
+            peer,
+        });
+        let (mut buf, range) = buffer(&[0x4A, 0xBC, 0x00, 0x02, 0xAA, 0xBB]);
+        let mapped: SocketAddr = "[::ffff:192.0.2.10]:50000".parse().expect("literal");
+        let listener = core.listener_slots()[0];
+        match core.handle_datagram(listener, mapped, &mut buf, range) {
+            Action::Send { to, range, .. } => {
+                assert_eq!(to, peer);
+                assert_eq!(&buf[range], &[0xAA, 0xBB]);
+            }
+            other => panic!("expected a relay, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn removing_an_allocation_clears_every_table() {
+        let (mut core, _rx) = core();
+        open(&mut core, 5, CLIENT.parse().expect("literal"));
+        let alloc = AllocationId(5);
+        let peer: SocketAddr = "198.51.100.9:9".parse().expect("literal");
+        let channel = ChannelNumber::new(0x4001).expect("valid");
+        core.handle_command(ShardCommand::SetPermission {
+            alloc,
+            peer_ip: peer.ip(),
+        });
+        core.handle_command(ShardCommand::BindChannel {
+            alloc,
+            channel,
+            peer,
+        });
+        assert!(matches!(
+            core.handle_command(ShardCommand::RemoveAllocation { alloc }),
+            Effect::Closing([Some(_), None])
+        ));
+        assert!(core.allocations.is_empty());
+        assert!(core.by_client.is_empty());
+        assert!(core.channels.is_empty());
+        assert!(core.channel_of_peer.is_empty());
+        assert!(core.permissions.is_empty());
+        assert_eq!(
+            core.removed.len(),
+            1,
+            "final counters kept for the next report"
+        );
+    }
+}

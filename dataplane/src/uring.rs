@@ -1,0 +1,367 @@
+//! The io_uring shard loop: one `submit_and_wait` per turn, completions copied into a fixed batch
+//! and handled after reaping, every send queued in the same turn.
+
+use std::os::fd::AsRawFd;
+
+use crate::DropReason;
+use crate::ring::{Completion, Op, Payload, PushError, Ring, RingSizes};
+use crate::shard::{ErrnoLog, ShardSetup, classify_send_errno};
+use crate::tables::{Action, Effect};
+
+/// Budget of retries for a send that completed with EINTR/EAGAIN.
+const SEND_RETRIES_MAX: u8 = 3;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct SockState {
+    /// Token of the armed multishot receive.
+    recv: Option<u32>,
+    /// RemoveAllocation asked to close it; close when the receive ends.
+    closing: bool,
+}
+
+pub(crate) fn run(setup: ShardSetup) {
+    let ShardSetup {
+        mut core,
+        commands,
+        wake,
+        sizes,
+        counters_interval,
+        ready,
+    } = setup;
+    let shard = core.shard().0;
+    let ring_sizes = RingSizes {
+        // One term per consumer: a buffer for every send that may hold one, plus the ones the
+        // kernel fills while the shard works.
+        buffers: sizes.send_slots + sizes.recv_buffers_free,
+        buffer_size: sizes.buffer_size,
+        send_slots: sizes.send_slots,
+        batch: sizes.batch,
+    };
+    let mut ring = match Ring::new(ring_sizes) {
+        Ok(ring) => ring,
+        Err(source) => {
+            let _ = ready.send(Err(crate::DataPlaneError::ShardSetup {
+                shard,
+                what: "io_uring ring and buffer ring",
+                source,
+            }));
+            return;
+        }
+    };
+    tracing::debug!(shard, setup = ?ring.setup(), "io_uring shard ready");
+    let wake_fd = wake.as_raw_fd();
+    let mut socks: Vec<SockState> = vec![SockState::default(); core.socket_slots()];
+    let mut rearm: Vec<u32> = Vec::with_capacity(core.socket_slots() + 64);
+    let mut release_after_submit: Vec<u32> = Vec::with_capacity(64);
+    // Sockets whose cancel did not fit in the submission queue; retried every turn.
+    let mut cancel_retry: Vec<u32> = Vec::with_capacity(64);
+    let mut wake_armed = ring.arm_wake(wake_fd).is_ok();
+    let mut timer_armed = ring.arm_timer(counters_interval).is_ok();
+    rearm.extend_from_slice(core.listener_slots());
+    let mut batch: Vec<Completion> = Vec::with_capacity(sizes.batch);
+    let mut errnos = ErrnoLog::default();
+    let mut shutdown = false;
+    let _ = ready.send(Ok(()));
+    // Dropped now: a shard that dies before its signal must disconnect the handshake.
+    drop(ready);
+
+    while !shutdown {
+        // Re-arm what ended (ENOBUFS, errors) or failed to arm on a full queue.
+        let mut still = 0;
+        for i in 0..rearm.len() {
+            let sock = rearm[i];
+            let Some(state) = socks.get_mut(sock as usize) else {
+                continue;
+            };
+            if state.recv.is_some() || state.closing {
+                continue;
+            }
+            let Some(fd) = core.fd(sock) else { continue };
+            match ring.arm_recv(sock, fd) {
+                Ok(token) => state.recv = Some(token),
+                Err(_) => {
+                    rearm[still] = sock;
+                    still += 1;
+                }
+            }
+        }
+        rearm.truncate(still);
+        for sock in std::mem::take(&mut cancel_retry) {
+            close_sock(
+                &mut ring,
+                &mut socks,
+                &mut release_after_submit,
+                &mut cancel_retry,
+                sock,
+            );
+        }
+        if !wake_armed {
+            wake_armed = ring.arm_wake(wake_fd).is_ok();
+        }
+        if !timer_armed {
+            timer_armed = ring.arm_timer(counters_interval).is_ok();
+        }
+
+        if let Err(error) = ring.submit_and_wait(1) {
+            tracing::error!(shard, %error, "io_uring_enter failed; shard stops");
+            break;
+        }
+        let sq_full = ring.take_sq_full_submits();
+        let counters = core.counters_mut();
+        counters.submits += 1 + sq_full;
+        counters.sq_full_submits += sq_full;
+        counters.loop_turns += 1;
+        // Sockets closed after the submit that carried their last sends.
+        for sock in release_after_submit.drain(..) {
+            core.release_socket(sock);
+        }
+
+        ring.reap(&mut batch, sizes.batch);
+        let counters = core.counters_mut();
+        counters.completions += batch.len() as u64;
+        counters.completions_per_turn_max =
+            counters.completions_per_turn_max.max(batch.len() as u64);
+
+        for c in batch.iter().copied() {
+            match c.op {
+                Op::Recv { sock } => {
+                    handle_recv(&mut core, &mut ring, &mut errnos, c, sock);
+                    if !c.more()
+                        && let Some(state) = socks.get_mut(sock as usize)
+                    {
+                        state.recv = None;
+                        if state.closing {
+                            // Stays `closing` (never re-armed) until the slot is reused.
+                            release_after_submit.push(sock);
+                        } else {
+                            core.counters_mut().rearms += 1;
+                            rearm.push(sock);
+                        }
+                    }
+                }
+                Op::Send { slot } => {
+                    let failed = if c.result >= 0 {
+                        ring.free_slot(slot);
+                        None
+                    } else if matches!(-c.result, libc::EINTR | libc::EAGAIN) {
+                        match ring.retry_send(slot, SEND_RETRIES_MAX) {
+                            Ok(()) => None,
+                            Err(relay) => Some((relay, DropReason::QueueFull)),
+                        }
+                    } else {
+                        let reason = classify_send_errno(-c.result, &mut errnos, shard);
+                        Some((ring.free_slot(slot), reason))
+                    };
+                    match failed {
+                        Some((Some(relay), reason)) => core.relay_failed(relay, reason),
+                        // A Transmit (no relay tag) failed in the kernel.
+                        Some((None, _)) => core.counters_mut().transmit_failures += 1,
+                        None => {}
+                    }
+                }
+                Op::Wake => {
+                    wake_armed = false;
+                    while let Ok(command) = commands.try_recv() {
+                        let effect = core.handle_command(command);
+                        let lists = Lists {
+                            rearm: &mut rearm,
+                            release_after_submit: &mut release_after_submit,
+                            cancel_retry: &mut cancel_retry,
+                        };
+                        shutdown |= apply_effect(&mut core, &mut ring, &mut socks, lists, effect);
+                    }
+                    while let Some(sock) = core.take_pending_close() {
+                        close_sock(
+                            &mut ring,
+                            &mut socks,
+                            &mut release_after_submit,
+                            &mut cancel_retry,
+                            sock,
+                        );
+                    }
+                }
+                Op::Timer => {
+                    timer_armed = false;
+                    core.report_counters();
+                }
+                Op::Cancel | Op::Free => {}
+            }
+        }
+    }
+    // Drain the ring before any socket closes: SQEs still queued may name their descriptors.
+    ring.shutdown();
+    drop(core);
+}
+
+fn handle_recv(
+    core: &mut crate::tables::Core,
+    ring: &mut Ring,
+    errnos: &mut ErrnoLog,
+    c: Completion,
+    sock: u32,
+) {
+    if c.result < 0 {
+        match -c.result {
+            // The buffer ring ran dry; the receive ends and is re-armed after buffers return.
+            // Cancelled by RemoveAllocation or shutdown; ICMP errors on a relay socket.
+            libc::ENOBUFS
+            | libc::ECANCELED
+            | libc::ECONNREFUSED
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH => {}
+            errno => {
+                errnos.log_once(errno, core.shard().0, "multishot RecvMsg failed");
+            }
+        }
+        return;
+    }
+    let Some(bid) = c.buffer() else { return };
+    let Some(view) = ring.recv_view(bid, c.result as usize) else {
+        ring.recycle(bid);
+        core.count_unreadable(sock, DropReason::Malformed);
+        return;
+    };
+    if view.truncated {
+        ring.recycle(bid);
+        core.count_unreadable(sock, DropReason::Truncated);
+        return;
+    }
+    let Some(from) = view.from else {
+        ring.recycle(bid);
+        core.count_unreadable(sock, DropReason::Malformed);
+        return;
+    };
+    let action = match ring.buffer_mut(bid) {
+        Some(buffer) => core.handle_datagram(sock, from, buffer, view.payload),
+        None => Action::Done,
+    };
+    let (via, to, relay, payload) = match action {
+        Action::Done => {
+            ring.recycle(bid);
+            return;
+        }
+        Action::Send {
+            via,
+            to,
+            range,
+            relay,
+        } => (
+            via,
+            to,
+            relay,
+            Payload::Buffer {
+                bid,
+                range,
+                header: &[],
+                padding: 0,
+                relay,
+            },
+        ),
+        Action::SendIndication {
+            via,
+            to,
+            relay,
+            ref header,
+            header_len,
+            range,
+            padding,
+        } => (
+            via,
+            to,
+            relay,
+            Payload::Buffer {
+                bid,
+                range,
+                header: &header[..header_len],
+                padding,
+                relay,
+            },
+        ),
+    };
+    let Some(fd) = core.fd(via) else {
+        ring.recycle(bid);
+        core.relay_failed(relay, DropReason::NoAllocation);
+        return;
+    };
+    if let Err(PushError::NoSlot | PushError::QueueFull) = ring.send(fd, &to, payload) {
+        core.relay_failed(relay, DropReason::QueueFull);
+    }
+}
+
+/// The loop's socket work lists.
+struct Lists<'a> {
+    rearm: &'a mut Vec<u32>,
+    release_after_submit: &'a mut Vec<u32>,
+    cancel_retry: &'a mut Vec<u32>,
+}
+
+/// Executes a command's effect; returns true on shutdown.
+fn apply_effect(
+    core: &mut crate::tables::Core,
+    ring: &mut Ring,
+    socks: &mut Vec<SockState>,
+    lists: Lists<'_>,
+    effect: Effect,
+) -> bool {
+    match effect {
+        Effect::None => {}
+        Effect::Opened(slots) => {
+            if socks.len() < core.socket_slots() {
+                socks.resize(core.socket_slots(), SockState::default());
+            }
+            for sock in slots.into_iter().flatten() {
+                socks[sock as usize] = SockState::default();
+                lists.rearm.push(sock);
+            }
+        }
+        Effect::Closing(slots) => {
+            for sock in slots.into_iter().flatten() {
+                close_sock(
+                    ring,
+                    socks,
+                    lists.release_after_submit,
+                    lists.cancel_retry,
+                    sock,
+                );
+            }
+        }
+        Effect::Transmit { via, to, bytes } => {
+            let Some(fd) = core.fd(via) else { return false };
+            match ring.send(fd, &to, Payload::Owned(bytes)) {
+                Ok(()) => core.counters_mut().transmits += 1,
+                Err(_) => core.counters_mut().transmit_failures += 1,
+            }
+        }
+        Effect::Shutdown => return true,
+    }
+    false
+}
+
+/// Starts closing a socket: cancel its multishot receive (closed when the last CQE arrives), or
+/// close it after the next submit when nothing is armed.
+fn close_sock(
+    ring: &mut Ring,
+    socks: &mut [SockState],
+    release_after_submit: &mut Vec<u32>,
+    cancel_retry: &mut Vec<u32>,
+    sock: u32,
+) {
+    let Some(state) = socks.get_mut(sock as usize) else {
+        release_after_submit.push(sock);
+        return;
+    };
+    match state.recv {
+        Some(token) => {
+            state.closing = true;
+            if ring.cancel(token).is_err() {
+                // Queue full even after a submit: try again next turn.
+                cancel_retry.push(sock);
+            }
+        }
+        None => {
+            // `closing` keeps the re-arm pass off it until the slot is reused.
+            state.closing = true;
+            release_after_submit.push(sock);
+        }
+    }
+}
