@@ -56,7 +56,11 @@ impl AddressFamily {
 /// A TURN channel number.
 ///
 /// RFC 8656 §12: "The channel number is in the range 0x4000 through 0x4FFF (inclusive)."
-/// Numbers outside that range are not channels, so this type cannot hold them.
+/// RFC 5766 §11, which it replaced, allowed 0x4000 through 0x7FFF, and clients written for it
+/// still pick numbers up there (coturn's `turnutils_uclient` picks them at random). This type
+/// holds either range; [`new`](Self::new) admits only RFC 8656's, [`new_rfc5766`](Self::new_rfc5766)
+/// the old one, and [`is_rfc8656`](Self::is_rfc8656) tells a server which kind it got, so the
+/// choice to bind a legacy number is the server's, not the codec's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChannelNumber(u16);
 
@@ -65,14 +69,30 @@ impl ChannelNumber {
     pub const MIN: Self = Self(0x4000);
     /// The highest channel number (RFC 8656 §12).
     pub const MAX: Self = Self(0x4FFF);
+    /// The highest channel number of RFC 5766 §11.
+    pub const MAX_RFC5766: Self = Self(0x7FFF);
 
-    /// The channel number, or `None` outside 0x4000-0x4FFF.
+    /// The channel number, or `None` outside RFC 8656's 0x4000-0x4FFF.
     pub const fn new(n: u16) -> Option<Self> {
         if n >= Self::MIN.0 && n <= Self::MAX.0 {
             Some(Self(n))
         } else {
             None
         }
+    }
+
+    /// The channel number, or `None` outside RFC 5766's 0x4000-0x7FFF.
+    pub const fn new_rfc5766(n: u16) -> Option<Self> {
+        if n >= Self::MIN.0 && n <= Self::MAX_RFC5766.0 {
+            Some(Self(n))
+        } else {
+            None
+        }
+    }
+
+    /// Whether the number is in RFC 8656's range (0x4000-0x4FFF).
+    pub const fn is_rfc8656(self) -> bool {
+        self.0 <= Self::MAX.0
     }
 
     /// The number as on the wire.
@@ -558,8 +578,10 @@ impl<'a> Attribute<'a> {
                 // RFC 8656 §18.1: channel number (16 bits) then RFFU (16 bits).
                 let [hi, lo, _, _] = decode_array::<4>(ty, value)?;
                 let n = u16::from_be_bytes([hi, lo]);
+                // The codec admits RFC 5766's wider range; whether to bind such a number is the
+                // server's decision (ChannelNumber::is_rfc8656).
                 Self::ChannelNumber(
-                    ChannelNumber::new(n).ok_or(AttributeError::InvalidChannelNumber(n))?,
+                    ChannelNumber::new_rfc5766(n).ok_or(AttributeError::InvalidChannelNumber(n))?,
                 )
             }
             AttributeType::LIFETIME => Self::Lifetime(u32::from_be_bytes(decode_array(ty, value)?)),
@@ -965,6 +987,11 @@ mod tests {
         assert_eq!(ChannelNumber::new(0x4000), Some(ChannelNumber::MIN));
         assert_eq!(ChannelNumber::new(0x4FFF), Some(ChannelNumber::MAX));
         assert_eq!(ChannelNumber::new(0x5000), None);
+        let legacy = ChannelNumber::new_rfc5766(0x7FFF).unwrap();
+        assert!(!legacy.is_rfc8656());
+        assert!(ChannelNumber::MAX.is_rfc8656());
+        assert_eq!(ChannelNumber::new_rfc5766(0x8000), None);
+        assert_eq!(ChannelNumber::new_rfc5766(0x3FFF), None);
         assert_eq!(ChannelNumber::MIN.to_string(), "0x4000");
     }
 

@@ -38,8 +38,10 @@ impl<'a> ChannelData<'a> {
         let (Some(channel), Some(len)) = (r.u16(), r.u16()) else {
             return Err(ChannelDataError::TooShort);
         };
+        // RFC 5766's range: a legacy client's channel is framed like any other; the channel
+        // table decides whether it is bound.
         let channel =
-            ChannelNumber::new(channel).ok_or(ChannelDataError::InvalidChannel(channel))?;
+            ChannelNumber::new_rfc5766(channel).ok_or(ChannelDataError::InvalidChannel(channel))?;
         let rest = r.rest();
         let Some((payload, extra)) = rest.split_at_checked(usize::from(len)) else {
             return Err(ChannelDataError::Truncated {

@@ -10,7 +10,8 @@ use crate::types::{MAGIC_COOKIE, STUN_HEADER_LEN, STUN_MESSAGE_LEN_MAX};
 pub enum PacketKind {
     /// First byte 0-3: a STUN message (RFC 8489 §5, top two bits zero).
     Stun,
-    /// First byte 64-79 (0x40-0x4F): ChannelData (RFC 8656 §12).
+    /// First byte 64-127 (0x40-0x7F): ChannelData (RFC 8656 §12 uses 0x40-0x4F, RFC 5766
+    /// clients up to 0x7F).
     ChannelData,
     /// Anything else, or empty.
     Unknown,
@@ -18,11 +19,13 @@ pub enum PacketKind {
 
 /// Classifies a datagram or frame by its first byte (RFC 8656 §12: "the first byte [...] is
 /// in the range 0x40-0x4F" for ChannelData; RFC 7983 §7 demultiplexing, 0-3 for STUN).
+/// Bytes 0x50-0x7F are classified as ChannelData too: RFC 5766 clients use channel numbers up
+/// to 0x7FFF, and between a client and its TURN server nothing else starts with those bytes.
 #[inline]
 pub fn classify(datagram: &[u8]) -> PacketKind {
     match datagram.first() {
         Some(0..=3) => PacketKind::Stun,
-        Some(64..=79) => PacketKind::ChannelData,
+        Some(64..=127) => PacketKind::ChannelData,
         _ => PacketKind::Unknown,
     }
 }
@@ -199,13 +202,14 @@ impl Default for StreamFramer {
 mod tests {
     use super::*;
 
-    /// RFC 8656 §12: ChannelData starts with 0x40-0x4F; RFC 8489 §5: STUN with 0b00.
+    /// RFC 8656 §12: ChannelData starts with 0x40-0x4F (0x40-0x7F for RFC 5766 clients);
+    /// RFC 8489 §5: STUN with 0b00.
     #[test]
     fn the_first_byte_decides_the_packet_kind_at_every_boundary() {
         for b in 0..=255u8 {
             let expected = match b {
                 0..=3 => PacketKind::Stun,
-                64..=79 => PacketKind::ChannelData,
+                64..=127 => PacketKind::ChannelData,
                 _ => PacketKind::Unknown,
             };
             assert_eq!(classify(&[b, 0, 0, 0]), expected, "byte {b}");

@@ -122,7 +122,7 @@ pub enum AttributeError {
         family: u8,
     },
     /// A CHANNEL-NUMBER outside 0x4000-0x4FFF (RFC 8656 §12).
-    #[error("channel number {0:#06x} is outside 0x4000-0x4FFF")]
+    #[error("channel number {0:#06x} is outside 0x4000-0x7FFF")]
     InvalidChannelNumber(u16),
     /// An ERROR-CODE whose class is not 3-6 or whose number is not 0-99 (RFC 8489 §14.8).
     #[error("invalid error code class {class} number {number}")]
@@ -172,7 +172,7 @@ pub enum ChannelDataError {
     #[error("ChannelData shorter than its 4-byte header")]
     TooShort,
     /// The channel number is outside 0x4000-0x4FFF (RFC 8656 §12).
-    #[error("channel number {0:#06x} is outside 0x4000-0x4FFF")]
+    #[error("channel number {0:#06x} is outside 0x4000-0x7FFF")]
     InvalidChannel(u16),
     /// The length field says more payload than the frame holds.
     #[error("ChannelData length {len} exceeds the {available} bytes present")]

@@ -342,8 +342,9 @@ getters! {
     alternate_server: ALTERNATE_SERVER => AlternateServer(SocketAddr);
     /// ALTERNATE-DOMAIN (RFC 8489 §14.16).
     alternate_domain: ALTERNATE_DOMAIN => AlternateDomain(&'a str);
-    /// CHANNEL-NUMBER (RFC 8656 §18.1); a number outside 0x4000-0x4FFF is
-    /// [`AttributeError::InvalidChannelNumber`] (answer 400, RFC 8656 §11.2).
+    /// CHANNEL-NUMBER (RFC 8656 §18.1); a number outside 0x4000-0x7FFF is
+    /// [`AttributeError::InvalidChannelNumber`] (answer 400, RFC 8656 §11.2). Numbers
+    /// 0x5000-0x7FFF (RFC 5766 only) decode; check [`ChannelNumber::is_rfc8656`].
     channel_number: CHANNEL_NUMBER => ChannelNumber(ChannelNumber);
     /// LIFETIME in seconds (RFC 8656 §18.2).
     lifetime: LIFETIME => Lifetime(u32);

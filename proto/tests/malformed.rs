@@ -202,9 +202,9 @@ fn every_malformed_channel_data_frame_is_refused_with_its_exact_error() {
             ChannelDataError::InvalidChannel(0x3fff),
         ),
         (
-            "channel above 0x4FFF",
-            &[0x50, 0x00, 0, 0],
-            ChannelDataError::InvalidChannel(0x5000),
+            "channel above RFC 5766's 0x7FFF",
+            &[0x80, 0x00, 0, 0],
+            ChannelDataError::InvalidChannel(0x8000),
         ),
         (
             "STUN bytes",
@@ -258,16 +258,17 @@ fn garbage_on_a_stream_is_refused_with_its_exact_error() {
             FramingError::Garbage { first_byte: 0x80 },
         ),
         (
-            "first byte 0x50",
-            &[0x50, 0, 0, 0],
-            FramingError::Garbage { first_byte: 0x50 },
+            "first byte 0x3F, between STUN and ChannelData",
+            &[0x3F, 0, 0, 0],
+            FramingError::Garbage { first_byte: 0x3F },
         ),
-        // "GET" would not do: 'G' is 0x47, inside the ChannelData range, so an HTTP GET frames
-        // as ChannelData 0x4745 and fails later, in ChannelData parsing or the channel lookup.
+        // An HTTP request would not do: ASCII letters are 0x41-0x7A, inside the ChannelData
+        // range of RFC 5766 clients (0x40-0x7F), so "GET /" frames as ChannelData 0x4745 and
+        // fails later, in ChannelData parsing or the channel lookup.
         (
-            "HTTP POST request",
-            b"POST / HTTP/1.1\r\n",
-            FramingError::Garbage { first_byte: b'P' },
+            "an HTTP status line",
+            b"200 OK\r\n",
+            FramingError::Garbage { first_byte: b'2' },
         ),
         (
             "TLS ClientHello",

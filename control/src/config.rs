@@ -1,0 +1,441 @@
+//! The typed configuration of uturn: one [`Config`] read from TOML.
+//!
+//! Every field has a default that matches the RFC values (RFC 8656 §3.2, §7.2, §9, §12) or a
+//! conservative operating choice; `uturn.example.toml` at the repository root shows all of them.
+//! Unknown keys are refused (`deny_unknown_fields`) so a typo cannot silently fall back to a
+//! default. Durations are integer seconds in fields named `*_secs`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// RFC 8656 §3.2: "the default lifetime of an allocation is 10 minutes".
+pub const ALLOCATION_LIFETIME_DEFAULT_SECS: u32 = 600;
+/// RFC 8656 §7.2: "It is RECOMMENDED that the server use a maximum allowed lifetime value of no
+/// more than 3600 seconds (1 hour)."
+pub const ALLOCATION_LIFETIME_MAX_SECS: u32 = 3600;
+/// RFC 8656 §9: "The Permission Lifetime MUST be 300 seconds (= 5 minutes)."
+pub const PERMISSION_LIFETIME_SECS: u32 = 300;
+/// RFC 8656 §12: "a channel binding lasts for 10 minutes unless refreshed".
+pub const CHANNEL_LIFETIME_SECS: u32 = 600;
+/// RFC 8656 §7.2: "The server MUST hold this reservation for at least 30 seconds".
+pub const RESERVATION_LIFETIME_SECS: u32 = 30;
+/// RFC 8656 §7.2: "the server SHOULD only allocate ports from the range 49152 - 65535".
+pub const PORT_MIN_DEFAULT: u16 = 49152;
+/// Upper end of the RFC 8656 §7.2 range.
+pub const PORT_MAX_DEFAULT: u16 = 65535;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[server]`: listeners, threads, I/O backend.
+    pub server: ServerConfig,
+    /// `[auth]`: realm, credentials, nonces.
+    pub auth: AuthConfig,
+    /// `[relay]`: relay addresses, port range, lifetimes.
+    pub relay: RelayConfig,
+    /// `[limits]`: quotas.
+    pub limits: LimitsConfig,
+    /// `[peers]`: peer address policy.
+    pub peers: PeersConfig,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// UDP listener addresses. Default `["0.0.0.0:3478"]` (RFC 8489 §18.6 default STUN port).
+    pub listen: Vec<SocketAddr>,
+    /// Data-plane shard threads; `0` (default) means one per available core. The relay port range
+    /// is split between the shards (see [`RelayConfig::port_min`]).
+    pub threads: u16,
+    /// I/O backend: `"auto"` (default: io_uring when the kernel allows it, else mmsg), `"uring"`
+    /// or `"mmsg"`.
+    pub io: IoBackend,
+    /// `SO_RCVBUF`/`SO_SNDBUF` for each socket, in bytes; `0` keeps the system default.
+    /// Default 4 MiB.
+    pub socket_buffer_bytes: u32,
+    /// SOFTWARE attribute (RFC 8489 §14.14) added to every response; default none, which also
+    /// avoids advertising the server version.
+    pub software: Option<String>,
+}
+
+/// The data-plane I/O backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoBackend {
+    /// io_uring when available, else recvmmsg/sendmmsg.
+    #[default]
+    Auto,
+    /// io_uring only; startup fails when the kernel refuses it.
+    Uring,
+    /// recvmmsg/sendmmsg.
+    Mmsg,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// REALM (RFC 8489 §14.9). Default `"uturn"` (Cisco Expressway uses `"TANDBERG"`).
+    pub realm: String,
+    /// Static users, `[[auth.users]]` tables. Default none.
+    pub users: Vec<UserConfig>,
+    /// A users file, reloadable at runtime: one `user:password` or `user:key=HEX` (the 16-byte
+    /// MD5 long-term key as 32 hex digits) per line; `#` starts a comment line; blank lines are
+    /// ignored. Default none.
+    pub users_file: Option<PathBuf>,
+    /// TURN REST API shared secrets (draft-uberti-behave-turn-rest-00). Several may be active
+    /// at once for rotation: a username is accepted when its password matches any of them.
+    /// Default none.
+    pub secrets: Vec<String>,
+    /// Separator between the expiry timestamp and the user in a REST username. Default `':'`.
+    pub rest_separator: char,
+    /// How long a NONCE stays valid, in seconds. Default 600.
+    pub nonce_lifetime_secs: u32,
+    /// Error code for a wrong MESSAGE-INTEGRITY: 401 (RFC 8489 §9.2.4, default) or 431 (what
+    /// Cisco Expressway sends, for clients that expect it).
+    pub integrity_failure_code: u16,
+    /// Require long-term credentials on Binding requests, as Expressway X12.6.1+ does.
+    /// Default false (plain STUN Binding stays open).
+    pub binding_requires_auth: bool,
+    /// Bound on cached derived keys of TURN REST users. Default 10000.
+    pub rest_key_cache_entries: u32,
+}
+
+/// One `[[auth.users]]` entry: `username` and exactly one of `password` or `key`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// The user name (USERNAME attribute).
+    pub username: String,
+    /// The password; both MD5 and SHA-256 keys are derived from it.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// The precomputed MD5 long-term key, 32 hex digits (RFC 8489 §9.2.2). Such a user can only
+    /// authenticate with PASSWORD-ALGORITHM MD5 (or without PASSWORD-ALGORITHM).
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+/// `[relay]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Relay IPs the relay sockets bind to, at most one IPv4 and one IPv6, each a concrete
+    /// address (it is advertised unless mapped). Default `[]`: with no relay IP every Allocate
+    /// is answered 440 (Address Family not Supported), so a relaying server must set it.
+    pub relay_ips: Vec<IpAddr>,
+    /// External address mapping for static NAT and dual-NIC hosts: `"PUBLIC/PRIVATE"` maps the
+    /// relay IP PRIVATE to PUBLIC in XOR-RELAYED-ADDRESS; a bare `"PUBLIC"` applies to the only
+    /// relay IP of its family. Default none.
+    pub external_ips: Vec<String>,
+    /// Lowest relay port. Default 49152 (RFC 8656 §7.2). Cisco Expressway uses 24000-29999.
+    pub port_min: u16,
+    /// Highest relay port. Default 65535.
+    pub port_max: u16,
+    /// Allocation lifetime when the client asks for less, seconds. Default 600 (RFC 8656 §3.2).
+    pub allocation_lifetime_default_secs: u32,
+    /// Largest allocation lifetime granted, seconds. Default 3600 (RFC 8656 §7.2).
+    pub allocation_lifetime_max_secs: u32,
+    /// Permission lifetime, seconds. Default 300 (RFC 8656 §9).
+    pub permission_lifetime_secs: u32,
+    /// Channel binding lifetime, seconds. Default 600 (RFC 8656 §12).
+    pub channel_lifetime_secs: u32,
+    /// How long a port reserved by EVEN-PORT R=1 is held, seconds. Default 30 (RFC 8656 §7.2).
+    pub reservation_lifetime_secs: u32,
+    /// Also bind channel numbers 0x5000-0x7FFF, which RFC 5766 allowed and RFC 8656 §12 no
+    /// longer does. Default false (RFC 8656: answered 400). Turn it on for clients written for
+    /// RFC 5766 that pick channels up there, such as coturn's `turnutils_uclient`.
+    pub accept_rfc5766_channel_numbers: bool,
+}
+
+/// `[limits]`. `0` means unlimited where noted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Allocations per user, answered 486 beyond (RFC 8656 §7.2 item 10). Default 0
+    /// (unlimited: a conferencing back end often uses one user for every call).
+    pub allocations_per_user: u32,
+    /// Allocations in total, answered 508 beyond. Default 0 (limited by the port range only).
+    pub allocations_total: u32,
+    /// Permissions per allocation; a CreatePermission or ChannelBind that would exceed it is
+    /// answered 508 (Insufficient Capacity). Default 128.
+    pub permissions_per_allocation: u32,
+    /// Channels per allocation; a ChannelBind beyond it is answered 508. Default 128.
+    pub channels_per_allocation: u32,
+}
+
+/// `[peers]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeersConfig {
+    /// Allow loopback peers (127.0.0.0/8, ::1 and their IPv4-mapped forms). Default false; for
+    /// labs and tests only.
+    pub allow_loopback: bool,
+}
+
+/// A configuration that cannot be used, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path given.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not match the schema.
+    #[error("invalid config: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// A field has a value the server cannot use.
+    #[error("invalid config field `{field}`: {reason}")]
+    Invalid {
+        /// The dotted field name, e.g. `relay.port_min`.
+        field: &'static str,
+        /// Why the value is refused.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Parses and validates a TOML document.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Checks the values that types alone cannot: ranges, exclusive options, address mapping.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, reason: String| ConfigError::Invalid { field, reason };
+        if self.server.listen.is_empty() {
+            return Err(invalid(
+                "server.listen",
+                "at least one address is needed".into(),
+            ));
+        }
+        if self.auth.realm.is_empty() || self.auth.realm.len() > 763 {
+            // RFC 8489 §14.9: REALM MUST be fewer than 128 characters (763 bytes).
+            return Err(invalid("auth.realm", "must be 1 to 763 bytes long".into()));
+        }
+        if !matches!(self.auth.integrity_failure_code, 401 | 431) {
+            return Err(invalid(
+                "auth.integrity_failure_code",
+                format!(
+                    "must be 401 or 431, not {}",
+                    self.auth.integrity_failure_code
+                ),
+            ));
+        }
+        if self.auth.nonce_lifetime_secs == 0 {
+            return Err(invalid(
+                "auth.nonce_lifetime_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        for user in &self.auth.users {
+            match (&user.password, &user.key) {
+                (Some(_), None) => {}
+                (None, Some(key)) => {
+                    if crate::auth::credentials::parse_hex_key(key).is_none() {
+                        return Err(invalid(
+                            "auth.users.key",
+                            format!("user {:?}: key must be 32 hex digits", user.username),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        "auth.users",
+                        format!(
+                            "user {:?}: give exactly one of password or key",
+                            user.username
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.auth.secrets.iter().any(String::is_empty) {
+            return Err(invalid(
+                "auth.secrets",
+                "a shared secret cannot be empty".into(),
+            ));
+        }
+        let relay = &self.relay;
+        if relay.port_min == 0 || relay.port_min > relay.port_max {
+            return Err(invalid(
+                "relay.port_min",
+                format!(
+                    "port range {}-{} is empty or starts at 0",
+                    relay.port_min, relay.port_max
+                ),
+            ));
+        }
+        let v4 = relay.relay_ips.iter().filter(|ip| ip.is_ipv4()).count();
+        let v6 = relay.relay_ips.len() - v4;
+        if v4 > 1 || v6 > 1 {
+            return Err(invalid(
+                "relay.relay_ips",
+                "at most one IPv4 and one IPv6 relay address".into(),
+            ));
+        }
+        if relay.relay_ips.iter().any(IpAddr::is_unspecified) {
+            return Err(invalid(
+                "relay.relay_ips",
+                "a relay IP must be a concrete address (it is advertised to clients)".into(),
+            ));
+        }
+        self.external_mappings()?;
+        if relay.allocation_lifetime_default_secs == 0
+            || relay.allocation_lifetime_default_secs > relay.allocation_lifetime_max_secs
+        {
+            return Err(invalid(
+                "relay.allocation_lifetime_default_secs",
+                "must be at least 1 and at most allocation_lifetime_max_secs".into(),
+            ));
+        }
+        for (field, value) in [
+            (
+                "relay.permission_lifetime_secs",
+                relay.permission_lifetime_secs,
+            ),
+            ("relay.channel_lifetime_secs", relay.channel_lifetime_secs),
+            (
+                "relay.reservation_lifetime_secs",
+                relay.reservation_lifetime_secs,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be at least 1".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The external mapping as (private relay IP, public IP) pairs, validated.
+    pub fn external_mappings(&self) -> Result<Vec<(IpAddr, IpAddr)>, ConfigError> {
+        let mut pairs = Vec::new();
+        for entry in &self.relay.external_ips {
+            let invalid = |reason: String| ConfigError::Invalid {
+                field: "relay.external_ips",
+                reason: format!("{entry:?}: {reason}"),
+            };
+            let (public, private) = match entry.split_once('/') {
+                Some((public, private)) => {
+                    let public: IpAddr = public
+                        .trim()
+                        .parse()
+                        .map_err(|_| invalid("PUBLIC is not an IP address".into()))?;
+                    let private: IpAddr = private
+                        .trim()
+                        .parse()
+                        .map_err(|_| invalid("PRIVATE is not an IP address".into()))?;
+                    (public, private)
+                }
+                None => {
+                    let public: IpAddr = entry
+                        .trim()
+                        .parse()
+                        .map_err(|_| invalid("not an IP address".into()))?;
+                    let same_family: Vec<&IpAddr> = self
+                        .relay
+                        .relay_ips
+                        .iter()
+                        .filter(|ip| ip.is_ipv4() == public.is_ipv4())
+                        .collect();
+                    match same_family.as_slice() {
+                        [only] => (public, **only),
+                        _ => {
+                            return Err(invalid(
+                                "a bare PUBLIC needs exactly one relay IP of its family".into(),
+                            ));
+                        }
+                    }
+                }
+            };
+            if public.is_ipv4() != private.is_ipv4() {
+                return Err(invalid(
+                    "PUBLIC and PRIVATE must be of the same family".into(),
+                ));
+            }
+            if !self.relay.relay_ips.contains(&private) {
+                return Err(invalid(format!("{private} is not one of relay.relay_ips")));
+            }
+            if pairs.iter().any(|(p, _)| *p == private) {
+                return Err(invalid(format!("{private} is mapped twice")));
+            }
+            pairs.push((private, public));
+        }
+        Ok(pairs)
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 3478))],
+            threads: 0,
+            io: IoBackend::Auto,
+            socket_buffer_bytes: 4 * 1024 * 1024,
+            software: None,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            realm: "uturn".to_owned(),
+            users: Vec::new(),
+            users_file: None,
+            secrets: Vec::new(),
+            rest_separator: ':',
+            nonce_lifetime_secs: 600,
+            integrity_failure_code: 401,
+            binding_requires_auth: false,
+            rest_key_cache_entries: 10_000,
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            relay_ips: Vec::new(),
+            external_ips: Vec::new(),
+            port_min: PORT_MIN_DEFAULT,
+            port_max: PORT_MAX_DEFAULT,
+            allocation_lifetime_default_secs: ALLOCATION_LIFETIME_DEFAULT_SECS,
+            allocation_lifetime_max_secs: ALLOCATION_LIFETIME_MAX_SECS,
+            permission_lifetime_secs: PERMISSION_LIFETIME_SECS,
+            channel_lifetime_secs: CHANNEL_LIFETIME_SECS,
+            reservation_lifetime_secs: RESERVATION_LIFETIME_SECS,
+            accept_rfc5766_channel_numbers: false,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            allocations_per_user: 0,
+            allocations_total: 0,
+            permissions_per_allocation: 128,
+            channels_per_allocation: 128,
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The configuration file: the example at the repository root, defaults and validation.
+
+use uturn_control::config::{Config, ConfigError, IoBackend};
+
+const EXAMPLE: &str = include_str!("../../uturn.example.toml");
+
+/// The example documents the defaults: parsing it yields exactly `Config::default()`.
+#[test]
+fn the_example_config_parses_to_the_defaults() {
+    let parsed = Config::from_toml_str(EXAMPLE).unwrap();
+    assert_eq!(parsed, Config::default());
+}
+
+/// RFC 8656 §3.2, §7.2, §9, §12 values are the defaults.
+#[test]
+fn the_defaults_are_the_rfc_values() {
+    let config = Config::default();
+    assert_eq!(config.server.listen, ["0.0.0.0:3478".parse().unwrap()]);
+    assert_eq!(config.server.io, IoBackend::Auto);
+    assert_eq!(config.auth.realm, "uturn");
+    assert_eq!(config.auth.nonce_lifetime_secs, 600);
+    assert_eq!(config.auth.integrity_failure_code, 401);
+    assert!(!config.auth.binding_requires_auth);
+    assert_eq!(config.auth.rest_separator, ':');
+    assert_eq!(
+        (config.relay.port_min, config.relay.port_max),
+        (49152, 65535)
+    );
+    assert_eq!(config.relay.allocation_lifetime_default_secs, 600);
+    assert_eq!(config.relay.allocation_lifetime_max_secs, 3600);
+    assert_eq!(config.relay.permission_lifetime_secs, 300);
+    assert_eq!(config.relay.channel_lifetime_secs, 600);
+    assert_eq!(config.relay.reservation_lifetime_secs, 30);
+    assert!(!config.peers.allow_loopback);
+    config.validate().unwrap();
+}
+
+#[test]
+fn an_expressway_style_config_parses() {
+    let text = r#"
+        [server]
+        threads = 4
+        io = "mmsg"
+        software = "uturn"
+        [auth]
+        realm = "TANDBERG"
+        integrity_failure_code = 431
+        binding_requires_auth = true
+        secrets = ["new", "old"]
+        [[auth.users]]
+        username = "alice"
+        password = "pw"
+        [[auth.users]]
+        username = "bob"
+        key = "0123456789abcdef0123456789abcdef"
+        [relay]
+        relay_ips = ["10.0.0.5"]
+        external_ips = ["203.0.113.5"]
+        port_min = 24000
+        port_max = 29999
+    "#;
+    let config = Config::from_toml_str(text).unwrap();
+    assert_eq!(config.server.threads, 4);
+    assert_eq!(config.auth.users.len(), 2);
+    assert_eq!(
+        config.external_mappings().unwrap(),
+        [("10.0.0.5".parse().unwrap(), "203.0.113.5".parse().unwrap())]
+    );
+}
+
+fn field_of(text: &str) -> String {
+    match Config::from_toml_str(text) {
+        Err(ConfigError::Invalid { field, .. }) => field.to_owned(),
+        Err(ConfigError::Toml(error)) => format!("toml: {error}"),
+        other => panic!("expected an error for {text:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn invalid_values_are_refused_naming_their_field() {
+    let cases = [
+        (
+            "[auth]\nintegrity_failure_code = 403",
+            "auth.integrity_failure_code",
+        ),
+        ("[auth]\nrealm = \"\"", "auth.realm"),
+        (
+            "[auth]\nnonce_lifetime_secs = 0",
+            "auth.nonce_lifetime_secs",
+        ),
+        ("[[auth.users]]\nusername = \"a\"", "auth.users"),
+        (
+            "[[auth.users]]\nusername = \"a\"\nkey = \"zz\"",
+            "auth.users.key",
+        ),
+        ("[auth]\nsecrets = [\"\"]", "auth.secrets"),
+        (
+            "[relay]\nport_min = 60000\nport_max = 50000",
+            "relay.port_min",
+        ),
+        (
+            "[relay]\nrelay_ips = [\"10.0.0.1\", \"10.0.0.2\"]",
+            "relay.relay_ips",
+        ),
+        ("[relay]\nrelay_ips = [\"0.0.0.0\"]", "relay.relay_ips"),
+        (
+            "[relay]\nrelay_ips = [\"10.0.0.1\"]\nexternal_ips = [\"203.0.113.5/10.9.9.9\"]",
+            "relay.external_ips",
+        ),
+        (
+            "[relay]\nexternal_ips = [\"203.0.113.5\"]",
+            "relay.external_ips",
+        ),
+        (
+            "[relay]\nallocation_lifetime_default_secs = 4000",
+            "relay.allocation_lifetime_default_secs",
+        ),
+        (
+            "[relay]\npermission_lifetime_secs = 0",
+            "relay.permission_lifetime_secs",
+        ),
+        ("[server]\nlisten = []", "server.listen"),
+    ];
+    for (text, field) in cases {
+        assert_eq!(field_of(text), field, "{text}");
+    }
+}
+
+#[test]
+fn unknown_keys_and_wrong_types_are_refused() {
+    assert!(field_of("[relay]\nport_mn = 1").contains("unknown field"));
+    assert!(field_of("[server]\nio = \"epoll\"").starts_with("toml:"));
+    assert!(field_of("[auth]\nrealm = 5").starts_with("toml:"));
+}
+
+#[test]
+fn load_reads_a_file_and_names_a_missing_one() {
+    let dir = std::env::temp_dir().join(format!("uturn-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("uturn.toml");
+    std::fs::write(&path, "[auth]\nrealm = \"example.org\"\n").unwrap();
+    assert_eq!(Config::load(&path).unwrap().auth.realm, "example.org");
+    let missing = dir.join("missing.toml");
+    let error = Config::load(&missing).unwrap_err();
+    assert!(error.to_string().contains("missing.toml"), "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_users_file_is_read_into_the_user_table() {
+    let dir = std::env::temp_dir().join(format!("uturn-users-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("users");
+    std::fs::write(
+        &path,
+        "# users\nalice:pw\nbob:key=0123456789abcdef0123456789abcdef\n",
+    )
+    .unwrap();
+    let mut config = Config::default();
+    config.auth.users_file = Some(path.clone());
+    let table = uturn_control::UserTable::from_config(&config.auth).unwrap();
+    assert_eq!(table.len(), 2);
+    std::fs::write(&path, "broken line\n").unwrap();
+    let error = uturn_control::UserTable::from_config(&config.auth).unwrap_err();
+    assert!(error.to_string().contains("line 1"), "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
