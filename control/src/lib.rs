@@ -78,6 +78,7 @@ pub mod config;
 pub mod engine;
 pub mod policy;
 pub mod ports;
+pub mod shell;
 mod timers;
 
 use std::net::SocketAddr;

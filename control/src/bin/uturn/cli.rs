@@ -1,0 +1,203 @@
+//! Command-line flags, and how they override the configuration file.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use uturn_control::Config;
+use uturn_control::config::{IoBackend, UserConfig};
+
+/// uturn: a TURN/STUN relay server (RFC 8489, RFC 8656).
+///
+/// With no flags and no config file it serves UDP 0.0.0.0:3478 with a `demo` user whose
+/// password is printed at start-up. Flags override the config file.
+#[derive(Debug, Parser)]
+#[command(name = "uturn", version, about, long_about = None)]
+pub(crate) struct Cli {
+    /// TOML configuration file (see uturn.example.toml for every setting and its default).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+
+    /// UDP listener address, repeatable (replaces `server.listen`), e.g. 0.0.0.0:3478 or
+    /// [::]:3478. Port 0 takes a port from the OS.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub(crate) listen: Vec<SocketAddr>,
+
+    /// IP address that relay sockets bind to, repeatable, IPv4 and/or IPv6 (replaces
+    /// `relay.relay_ips`).
+    #[arg(long = "relay-ip", value_name = "IP")]
+    pub(crate) relay_ip: Vec<IpAddr>,
+
+    /// Advertise PUBLIC instead of the relay IP PRIVATE (static NAT, dual NIC), repeatable;
+    /// a bare PUBLIC maps the only relay IP of its family.
+    #[arg(long = "external-ip", value_name = "PUBLIC[/PRIVATE]")]
+    pub(crate) external_ip: Vec<String>,
+
+    /// Relay port range, e.g. 49152-65535 (RFC 8656) or 24000-29999 (Cisco Expressway).
+    #[arg(long, value_name = "LOW-HIGH", value_parser = parse_port_range)]
+    pub(crate) ports: Option<(u16, u16)>,
+
+    /// Authentication realm (`auth.realm`).
+    #[arg(long)]
+    pub(crate) realm: Option<String>,
+
+    /// A long-term credential user, repeatable.
+    #[arg(long, value_name = "NAME:PASSWORD", value_parser = parse_user)]
+    pub(crate) user: Vec<(String, String)>,
+
+    /// TURN REST shared secret, repeatable (several are accepted at once, for rotation).
+    #[arg(long = "auth-secret", value_name = "SECRET")]
+    pub(crate) auth_secret: Vec<String>,
+
+    /// Let clients relay to loopback peers (labs and tests only; off by default).
+    #[arg(long = "allow-loopback-peers")]
+    pub(crate) allow_loopback_peers: bool,
+
+    /// Data-plane shards (threads); 0 means one per core this process may use.
+    #[arg(long, value_name = "N")]
+    pub(crate) threads: Option<u16>,
+
+    /// Data-plane I/O backend.
+    #[arg(long, value_enum, value_name = "BACKEND")]
+    pub(crate) io: Option<IoFlag>,
+}
+
+/// `--io` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum IoFlag {
+    /// io_uring when the kernel allows it, else recvmmsg/sendmmsg.
+    Auto,
+    /// io_uring only; fail if unavailable.
+    Uring,
+    /// recvmmsg/sendmmsg batching.
+    Mmsg,
+}
+
+impl Cli {
+    /// The configuration: the file (or the defaults), then every flag given on top.
+    pub(crate) fn apply(&self, mut config: Config) -> Config {
+        if !self.listen.is_empty() {
+            config.server.listen.clone_from(&self.listen);
+        }
+        if !self.relay_ip.is_empty() {
+            config.relay.relay_ips.clone_from(&self.relay_ip);
+        }
+        config
+            .relay
+            .external_ips
+            .extend(self.external_ip.iter().cloned());
+        if let Some((low, high)) = self.ports {
+            config.relay.port_min = low;
+            config.relay.port_max = high;
+        }
+        if let Some(realm) = &self.realm {
+            config.auth.realm.clone_from(realm);
+        }
+        config
+            .auth
+            .users
+            .extend(self.user.iter().map(|(name, password)| UserConfig {
+                username: name.clone(),
+                password: Some(password.clone()),
+                key: None,
+            }));
+        config.auth.secrets.extend(self.auth_secret.iter().cloned());
+        if self.allow_loopback_peers {
+            config.peers.allow_loopback = true;
+        }
+        if let Some(threads) = self.threads {
+            config.server.threads = threads;
+        }
+        if let Some(io) = self.io {
+            config.server.io = match io {
+                IoFlag::Auto => IoBackend::Auto,
+                IoFlag::Uring => IoBackend::Uring,
+                IoFlag::Mmsg => IoBackend::Mmsg,
+            };
+        }
+        config
+    }
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (low, high) = s
+        .split_once('-')
+        .ok_or_else(|| format!("expected LOW-HIGH, got {s:?}"))?;
+    let low: u16 = low
+        .trim()
+        .parse()
+        .map_err(|_| format!("{low:?} is not a port number"))?;
+    let high: u16 = high
+        .trim()
+        .parse()
+        .map_err(|_| format!("{high:?} is not a port number"))?;
+    if low == 0 || low > high {
+        return Err(format!("need 1 <= LOW <= HIGH, got {low}-{high}"));
+    }
+    Ok((low, high))
+}
+
+fn parse_user(s: &str) -> Result<(String, String), String> {
+    match s.split_once(':') {
+        Some((name, password)) if !name.is_empty() && !password.is_empty() => {
+            Ok((name.to_owned(), password.to_owned()))
+        }
+        _ => Err(format!("expected NAME:PASSWORD, got {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_add_to_its_lists() {
+        let cli = Cli::parse_from([
+            "uturn",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "[::1]:0",
+            "--ports",
+            "24000-29999",
+            "--user",
+            "alice:pw:with:colons",
+            "--auth-secret",
+            "s1",
+            "--io",
+            "mmsg",
+            "--threads",
+            "3",
+            "--allow-loopback-peers",
+        ]);
+        let config = cli.apply(Config::default());
+        assert_eq!(config.server.listen.len(), 2);
+        assert_eq!(
+            (config.relay.port_min, config.relay.port_max),
+            (24000, 29999)
+        );
+        assert_eq!(config.auth.users[0].username, "alice");
+        assert_eq!(
+            config.auth.users[0].password.as_deref(),
+            Some("pw:with:colons")
+        );
+        assert_eq!(config.auth.secrets, vec!["s1".to_owned()]);
+        assert_eq!(config.server.io, IoBackend::Mmsg);
+        assert_eq!(config.server.threads, 3);
+        assert!(config.peers.allow_loopback);
+    }
+
+    #[test]
+    fn malformed_flags_are_refused_with_the_expected_form() {
+        assert!(parse_port_range("30000").unwrap_err().contains("LOW-HIGH"));
+        assert!(parse_port_range("500-100").is_err());
+        assert!(parse_port_range("0-100").is_err());
+        assert!(
+            parse_user("nopassword")
+                .unwrap_err()
+                .contains("NAME:PASSWORD")
+        );
+        assert!(Cli::try_parse_from(["uturn", "--io", "epoll"]).is_err());
+        assert!(Cli::try_parse_from(["uturn", "--listen", "localhost"]).is_err());
+    }
+}

@@ -1,0 +1,432 @@
+//! The control thread: the I/O shell around the sans-IO [`Engine`].
+//!
+//! It owns the engine and the handle to the data plane, and runs one loop:
+//!
+//! ```text
+//! wait (bounded by engine.poll_timeout()) for: a shard message | a stop/reload signal
+//!   shard Request  ──► engine.handle_message(now, wall clock, shard, 5-tuple, bytes)
+//!   timer due      ──► engine.handle_timeout(now)
+//! drain engine.poll_output():
+//!   BindRelay  ──► bind the relay sockets here ──► engine.handle_relay_bound(...)
+//!   Table      ──► ShardCommand to the owning shard (OpenAllocation carries the sockets)
+//!   Transmit   ──► ShardCommand::Transmit to the shard that owns the 5-tuple
+//!   Event      ──► a log line (metrics arrive with the operations issue)
+//! ```
+//!
+//! Shards never call the engine: they send it bytes and apply what it decides. Commands to one
+//! shard travel in one FIFO channel, so `OpenAllocation` always reaches the shard before the
+//! Allocate success response that the shard then sends.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, select};
+use hashbrown::HashMap;
+use rand::RngCore;
+use tracing::{debug, error, info, warn};
+use uturn_dataplane::{
+    AllocationId as ShardAllocationId, Counters, DataPlane, RelaySocket, ShardCommand,
+    ShardId as DataPlaneShardId, ToControl,
+};
+use uturn_proto::ChannelNumber;
+
+use crate::engine::{BindFailed, Engine, Event, Output, TableChange};
+use crate::{
+    AllocationId, AuthFailure, BindToken, Config, FiveTuple, ShardId, Transport, UserTable,
+};
+
+/// The longest the loop sleeps without looking at the engine's timers again; a bound, so a
+/// clock that jumps or a lost wake-up costs at most this much lateness.
+const IDLE_WAKEUP_MAX: Duration = Duration::from_millis(250);
+
+/// Outputs executed per loop turn before the loop looks at its inputs again. A bound on the
+/// work per wake-up; the engine keeps the rest queued.
+const OUTPUTS_PER_TURN_MAX: usize = 4096;
+
+/// What the outside world asks of the control thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Stop: close the shards and return.
+    Stop,
+    /// Reload what can change while running (the users file).
+    Reload,
+}
+
+/// The control thread's state: the engine plus what the shell must remember for it.
+pub struct ControlThread<R: RngCore> {
+    engine: Engine<R>,
+    dataplane: DataPlane,
+    from_shards: Receiver<ToControl>,
+    signals: Receiver<Signal>,
+    /// Relay sockets bound for an `Output::BindRelay`, until `OpenAllocation` takes them.
+    bound: HashMap<BindToken, Vec<RelaySocket>>,
+    /// Which shard owns each allocation, for log lines.
+    owners: HashMap<AllocationId, ShardId>,
+    /// The latest counters of each shard (cumulative).
+    counters: Vec<Option<Counters>>,
+    config: Config,
+    users_file: Option<PathBuf>,
+}
+
+impl<R: RngCore> ControlThread<R> {
+    /// Builds the engine for `dataplane`'s shard count.
+    pub fn new(
+        config: Config,
+        users: UserTable,
+        dataplane: DataPlane,
+        from_shards: Receiver<ToControl>,
+        signals: Receiver<Signal>,
+        rng: R,
+    ) -> Result<Self, crate::EngineError> {
+        let shard_count = u16::try_from(dataplane.shard_count()).unwrap_or(u16::MAX);
+        let engine = Engine::new(&config, users, shard_count, Instant::now(), rng)?;
+        let counters = (0..dataplane.shard_count()).map(|_| None).collect();
+        Ok(Self {
+            engine,
+            dataplane,
+            from_shards,
+            signals,
+            bound: HashMap::new(),
+            owners: HashMap::new(),
+            counters,
+            users_file: config.auth.users_file.clone(),
+            config,
+        })
+    }
+
+    /// Runs until [`Signal::Stop`] (or until every shard is gone), then shuts the data plane
+    /// down.
+    pub fn run(mut self) {
+        loop {
+            let now = Instant::now();
+            let wait = self
+                .engine
+                .poll_timeout()
+                .map_or(IDLE_WAKEUP_MAX, |t| t.saturating_duration_since(now))
+                .min(IDLE_WAKEUP_MAX);
+            let mut stop = false;
+            select! {
+                recv(self.from_shards) -> message => match message {
+                    Ok(message) => self.handle_shard_message(message),
+                    Err(_) => {
+                        error!("every shard has stopped; the control thread stops too");
+                        stop = true;
+                    }
+                },
+                recv(self.signals) -> signal => match signal {
+                    Ok(Signal::Reload) => self.reload(),
+                    Ok(Signal::Stop) | Err(_) => stop = true,
+                },
+                default(wait) => {}
+            }
+            if stop {
+                break;
+            }
+            // Timers are checked after every input, not only on idle wake-ups, so a busy
+            // server still expires things on time.
+            let now = Instant::now();
+            if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+                self.engine.handle_timeout(now);
+            }
+            self.drain_outputs();
+        }
+        info!("stopping: closing listeners and relay sockets");
+        self.dataplane.shutdown();
+    }
+
+    fn handle_shard_message(&mut self, message: ToControl) {
+        match message {
+            ToControl::Request {
+                shard,
+                server,
+                client,
+                bytes,
+            } => {
+                let five_tuple = FiveTuple {
+                    transport: Transport::Udp,
+                    client,
+                    server,
+                };
+                self.engine.handle_message(
+                    Instant::now(),
+                    SystemTime::now(),
+                    ShardId(shard.0),
+                    five_tuple,
+                    &bytes,
+                );
+            }
+            ToControl::Counters(counters) => {
+                let index = usize::from(counters.shard.0);
+                if let Some(slot) = self.counters.get_mut(index) {
+                    *slot = Some(counters);
+                }
+            }
+            other => debug!(?other, "unhandled message from a shard"),
+        }
+    }
+
+    fn drain_outputs(&mut self) {
+        for _ in 0..OUTPUTS_PER_TURN_MAX {
+            let Some(output) = self.engine.poll_output() else {
+                return;
+            };
+            match output {
+                Output::Transmit { shard, to, bytes } => self.send(
+                    shard,
+                    ShardCommand::Transmit {
+                        server: to.server,
+                        to: to.client,
+                        bytes,
+                    },
+                ),
+                Output::BindRelay {
+                    token,
+                    shard: _,
+                    addrs,
+                } => {
+                    let result = self.bind_relay(token, &addrs);
+                    self.engine
+                        .handle_relay_bound(Instant::now(), token, result);
+                }
+                Output::Table { shard, change } => self.apply_table_change(shard, change),
+                Output::Event(event) => self.log_event(event),
+            }
+        }
+    }
+
+    /// Binds one UDP socket per address; all or nothing.
+    fn bind_relay(&mut self, token: BindToken, addrs: &[SocketAddr]) -> Result<(), BindFailed> {
+        let mut sockets = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            match UdpSocket::bind(addr) {
+                Ok(socket) => sockets.push(RelaySocket {
+                    socket,
+                    addr: *addr,
+                }),
+                Err(e) => {
+                    debug!(%addr, error = %e, "relay port unavailable");
+                    return Err(BindFailed);
+                }
+            }
+        }
+        self.bound.insert(token, sockets);
+        Ok(())
+    }
+
+    fn apply_table_change(&mut self, shard: ShardId, change: TableChange) {
+        let command = match change {
+            TableChange::OpenAllocation {
+                alloc,
+                token,
+                client,
+                relays,
+                dont_fragment,
+            } => {
+                let Some(sockets) = self.bound.remove(&token) else {
+                    error!(?token, "OpenAllocation without bound sockets (engine bug)");
+                    return;
+                };
+                debug_assert_eq!(sockets.len(), relays.len());
+                self.owners.insert(alloc, shard);
+                ShardCommand::OpenAllocation {
+                    alloc: ShardAllocationId(alloc.0),
+                    client_server: client.server,
+                    client: client.client,
+                    relays: sockets,
+                    dont_fragment,
+                }
+            }
+            TableChange::SetPermission { alloc, peer_ip } => ShardCommand::SetPermission {
+                alloc: ShardAllocationId(alloc.0),
+                peer_ip,
+            },
+            TableChange::RemovePermission { alloc, peer_ip } => ShardCommand::RemovePermission {
+                alloc: ShardAllocationId(alloc.0),
+                peer_ip,
+            },
+            TableChange::BindChannel {
+                alloc,
+                channel,
+                peer,
+            } => {
+                let Some(channel) = ChannelNumber::new_rfc5766(channel) else {
+                    error!(
+                        channel,
+                        "engine bound an invalid channel number (engine bug)"
+                    );
+                    return;
+                };
+                ShardCommand::BindChannel {
+                    alloc: ShardAllocationId(alloc.0),
+                    channel,
+                    peer,
+                }
+            }
+            TableChange::UnbindChannel { alloc, channel } => {
+                let Some(channel) = ChannelNumber::new_rfc5766(channel) else {
+                    return;
+                };
+                ShardCommand::UnbindChannel {
+                    alloc: ShardAllocationId(alloc.0),
+                    channel,
+                }
+            }
+            TableChange::RemoveAllocation { alloc } => {
+                self.owners.remove(&alloc);
+                ShardCommand::RemoveAllocation {
+                    alloc: ShardAllocationId(alloc.0),
+                }
+            }
+        };
+        self.send(shard, command);
+    }
+
+    fn send(&self, shard: ShardId, command: ShardCommand) {
+        if let Err(e) = self.dataplane.send(DataPlaneShardId(shard.0), command) {
+            warn!(shard = shard.0, error = %e, "command to shard lost");
+        }
+    }
+
+    fn log_event(&self, event: Event) {
+        match event {
+            Event::AllocationCreated {
+                alloc,
+                client,
+                user,
+                relays,
+                lifetime_secs,
+            } => {
+                let shard = self.owners.get(&alloc).map_or(-1, |s| i32::from(s.0));
+                let relays: Vec<String> = relays.iter().map(|r| r.advertised.to_string()).collect();
+                info!(
+                    alloc = alloc.0,
+                    shard,
+                    client = %client.client,
+                    transport = ?client.transport,
+                    user = %user,
+                    relays = %relays.join(","),
+                    lifetime_secs,
+                    "allocation created"
+                );
+            }
+            Event::AuthFailed {
+                client,
+                username,
+                reason,
+                code,
+            } => {
+                // A request without credentials is the first half of every handshake, not a
+                // failure worth an operator's attention.
+                if reason == AuthFailure::NoCredentials {
+                    debug!(client = %client.client, code, "challenged (no credentials yet)");
+                    return;
+                }
+                // Operators debug "ICE failure (unauthorized - check credentials)" from this
+                // line; the reason names the cause (unknown user, bad integrity, stale nonce,
+                // expired REST credential, realm mismatch).
+                info!(
+                    client = %client.client,
+                    username = username.as_deref().unwrap_or("-"),
+                    reason = reason.as_str(),
+                    code,
+                    "authentication failed"
+                );
+            }
+            Event::AllocationDeleted { alloc } => info!(alloc = alloc.0, "allocation deleted"),
+            Event::AllocationExpired { alloc } => info!(alloc = alloc.0, "allocation expired"),
+            Event::RelayBindFailed { token, retrying } => {
+                warn!(token = token.0, retrying, "could not bind a relay port");
+            }
+            other => debug!(event = ?other),
+        }
+    }
+
+    fn reload(&mut self) {
+        let Some(path) = &self.users_file else {
+            info!("reload requested; no users file configured, nothing to reload");
+            return;
+        };
+        let mut auth = self.config.auth.clone();
+        auth.users_file = Some(path.clone());
+        match UserTable::from_config(&auth).map(|users| self.engine.reload_users(users)) {
+            Ok(Ok(())) => info!(path = %path.display(), "users file reloaded"),
+            Ok(Err(e)) => error!(error = %e, "users file not reloaded; old users kept"),
+            Err(e) => error!(error = %e, "users file not reloaded; old users kept"),
+        }
+    }
+}
+
+/// The relay IPs to use when none are configured: the listeners' own IPs when they are
+/// specific, else the host's first global IPv4 and IPv6 interface addresses (loopback as the
+/// last resort, with a warning).
+pub fn default_relay_ips(listen: &[SocketAddr], interfaces: &[IpAddr]) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for addr in listen {
+        let ip = addr.ip();
+        if !ip.is_unspecified() && !ips.iter().any(|i| i.is_ipv4() == ip.is_ipv4()) {
+            ips.push(ip);
+        }
+    }
+    let wildcard_v4 = listen
+        .iter()
+        .any(|a| a.is_ipv4() && a.ip().is_unspecified());
+    let wildcard_v6 = listen
+        .iter()
+        .any(|a| a.is_ipv6() && a.ip().is_unspecified());
+    let usable = |ip: &&IpAddr| match ip {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80
+        }
+    };
+    if wildcard_v4 && !ips.iter().any(IpAddr::is_ipv4) {
+        if let Some(ip) = interfaces.iter().filter(|i| i.is_ipv4()).find(usable) {
+            ips.push(*ip);
+        }
+    }
+    if wildcard_v6 && !ips.iter().any(IpAddr::is_ipv6) {
+        if let Some(ip) = interfaces.iter().filter(|i| i.is_ipv6()).find(usable) {
+            ips.push(*ip);
+        }
+    }
+    ips
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specific_listen_addresses_become_the_relay_ips() {
+        let listen = [
+            "127.0.0.1:3478".parse().unwrap(),
+            "[::1]:3478".parse().unwrap(),
+        ];
+        let ips = default_relay_ips(&listen, &[]);
+        assert_eq!(
+            ips,
+            vec![
+                "127.0.0.1".parse::<IpAddr>().unwrap(),
+                "::1".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wildcard_listener_relays_on_the_first_global_interface_address() {
+        let listen = ["0.0.0.0:3478".parse().unwrap()];
+        let interfaces: Vec<IpAddr> = ["127.0.0.1", "169.254.3.3", "192.0.2.7", "192.0.2.8"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(default_relay_ips(&listen, &interfaces), vec![interfaces[2]]);
+    }
+
+    #[test]
+    fn a_wildcard_listener_with_no_usable_interface_gets_no_relay_ip() {
+        let listen = ["[::]:3478".parse().unwrap()];
+        let interfaces: Vec<IpAddr> = vec!["::1".parse().unwrap(), "fe80::1".parse().unwrap()];
+        assert!(default_relay_ips(&listen, &interfaces).is_empty());
+    }
+}

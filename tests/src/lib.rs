@@ -1,0 +1,682 @@
+//! End-to-end harness for uturn: starts the real `uturn` binary on loopback and talks to it as a
+//! TURN client would.
+//!
+//! Data flow in a test: [`Uturn::start`] builds (once per test process) and spawns the binary
+//! with the test's flags, reads its standard output until the line `uturn is ready`, and learns
+//! the listener addresses the OS gave it (`--listen 127.0.0.1:0`). A [`TurnClient`] then runs
+//! the RFC 8656 exchanges over a UDP socket, building and parsing every message with
+//! `uturn-proto`; an [`EchoPeer`] plays the remote peer and sends back what it receives.
+//!
+//! Nothing here sleeps for a fixed time: every wait is a receive with a deadline, and every loop
+//! is bounded in count and time. All traffic stays on 127.0.0.1 and ::1.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use uturn_proto::{
+    Attribute, ChannelData, ChannelNumber, Class, ErrorCode, Message, MessageBuilder, Method,
+    PacketKind, Protocol, TransactionId, classify, long_term_key_md5, write_channel_data,
+};
+
+/// How long a test waits for any single answer before it calls the answer lost.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The two data-plane backends every end-to-end test runs on.
+pub const BACKENDS: [&str; 2] = ["uring", "mmsg"];
+
+/// A running `uturn` process, killed when dropped.
+pub struct Uturn {
+    child: Child,
+    /// The UDP listener addresses the server reported, in the order of `--listen`.
+    pub listeners: Vec<SocketAddr>,
+    /// Everything the server printed on standard output before it was ready.
+    pub banner: Vec<String>,
+    stderr_log: Arc<Mutex<String>>,
+    stderr_thread: Option<JoinHandle<()>>,
+}
+
+impl Uturn {
+    /// Starts `uturn` with `args` and waits (at most 30 s) until it prints `uturn is ready`.
+    ///
+    /// # Panics
+    ///
+    /// When the binary cannot be built or started, or exits before it is ready: the test
+    /// cannot go on, and the panic message carries the server's log.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(uturn_binary())
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", uturn_binary().display()));
+        let stderr_log = Arc::new(Mutex::new(String::new()));
+        let stderr_thread = child
+            .stderr
+            .take()
+            .map(|stderr| spawn_log_collector(stderr, Arc::clone(&stderr_log)));
+        let stdout = child.stdout.take().expect("stdout was piped");
+        // Read stdout on its own thread so the wait below has a deadline even if the server
+        // hangs before printing anything; the thread then keeps draining the pipe, so the
+        // server never blocks on a full pipe.
+        let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = line_tx.send(line);
+            }
+        });
+        let mut listeners = Vec::new();
+        let mut banner = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = line_rx.recv_timeout(remaining) else {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                let log = stderr_log.lock().map(|l| l.clone()).unwrap_or_default();
+                panic!("uturn was not ready within 30 s ({status:?}); its log:\n{log}");
+            };
+            if let Some(addr) = line.strip_prefix("listening on udp ") {
+                listeners.push(addr.trim().parse().expect("listener address"));
+            }
+            if line.trim() == "uturn is ready" {
+                break;
+            }
+            banner.push(line);
+        }
+        Self {
+            child,
+            listeners,
+            banner,
+            stderr_log,
+            stderr_thread,
+        }
+    }
+
+    /// The first listener of the given family.
+    ///
+    /// # Panics
+    ///
+    /// When the server has no listener of that family (a bug in the test's arguments).
+    pub fn listener(&self, ipv6: bool) -> SocketAddr {
+        *self
+            .listeners
+            .iter()
+            .find(|a| a.is_ipv6() == ipv6)
+            .expect("a listener of that family")
+    }
+
+    /// What the server has written to standard error so far.
+    pub fn log(&self) -> String {
+        self.stderr_log
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status; `None` if it had to be killed.
+    pub fn terminate(mut self) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Uturn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(t) = self.stderr_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn_log_collector(mut stderr: ChildStderr, log: Arc<Mutex<String>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut l) = log.lock() {
+                l.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    })
+}
+
+/// The `uturn` binary under test: `$UTURN_BIN`, or the workspace's own, built once per test
+/// process with the same profile as the tests (a no-op when it is up to date, as it is under
+/// `cargo test --workspace`, which builds it for `uturn-control`'s tests).
+pub fn uturn_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("UTURN_BIN") {
+            return PathBuf::from(bin);
+        }
+        // The test executable lives in <target>/<profile>/deps/.
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("<target>/<profile>/deps layout")
+            .to_path_buf();
+        let target_dir = profile_dir.parent().expect("<target> dir").to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args(["build", "--quiet", "-p", "uturn-control", "--bin", "uturn"])
+            .arg("--target-dir")
+            .arg(&target_dir);
+        if release {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .expect("run cargo build for the uturn binary");
+        assert!(status.success(), "cargo build --bin uturn failed");
+        profile_dir.join("uturn")
+    })
+    .clone()
+}
+
+/// A response (or indication) received by a [`TurnClient`], owned.
+#[derive(Debug, Clone)]
+pub struct Received {
+    bytes: Vec<u8>,
+}
+
+impl Received {
+    /// The parsed message.
+    ///
+    /// # Panics
+    ///
+    /// When the server sent a malformed STUN message, which is a test failure.
+    pub fn message(&self) -> Message<'_> {
+        Message::parse(&self.bytes).expect("the server sends well-formed STUN")
+    }
+
+    /// The ERROR-CODE number of an error response, `None` for a success.
+    pub fn error_code(&self) -> Option<u16> {
+        let msg = self.message();
+        match msg.class() {
+            Class::ErrorResponse => msg.error_code().ok().flatten().map(|e| e.code.0),
+            _ => None,
+        }
+    }
+}
+
+/// What a client receives from the relay besides responses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relayed {
+    /// A ChannelData message.
+    ChannelData {
+        /// The channel number.
+        channel: u16,
+        /// The application data.
+        payload: Vec<u8>,
+    },
+    /// A Data indication.
+    Data {
+        /// XOR-PEER-ADDRESS: who sent it.
+        peer: SocketAddr,
+        /// The DATA attribute.
+        payload: Vec<u8>,
+    },
+}
+
+/// The result of a successful Allocate.
+#[derive(Debug, Clone)]
+pub struct Allocation {
+    /// Every XOR-RELAYED-ADDRESS (two for a dual-stack allocation).
+    pub relayed: Vec<SocketAddr>,
+    /// XOR-MAPPED-ADDRESS: the client's address as the server saw it.
+    pub mapped: SocketAddr,
+    /// LIFETIME granted, in seconds.
+    pub lifetime_secs: u32,
+    /// RESERVATION-TOKEN, when EVEN-PORT asked for one.
+    pub reservation_token: Option<[u8; 8]>,
+}
+
+/// A TURN client over UDP with long-term credentials.
+pub struct TurnClient {
+    socket: UdpSocket,
+    server: SocketAddr,
+    username: String,
+    password: String,
+    realm: Option<String>,
+    nonce: Option<String>,
+    key: Option<[u8; 16]>,
+    next_tid: u64,
+    /// Relayed data that arrived while the client waited for a response.
+    pending: Vec<Relayed>,
+}
+
+impl TurnClient {
+    /// A client on a fresh loopback socket of the server's family.
+    pub fn new(server: SocketAddr, username: &str, password: &str) -> Self {
+        let socket = UdpSocket::bind(loopback(server.is_ipv6())).expect("bind client socket");
+        socket
+            .connect(server)
+            .expect("connect client socket to the server");
+        Self {
+            socket,
+            server,
+            username: username.to_owned(),
+            password: password.to_owned(),
+            realm: None,
+            nonce: None,
+            key: None,
+            next_tid: 1,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The client's own address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.socket.local_addr().expect("client socket address")
+    }
+
+    /// The server this client talks to.
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    fn fresh_tid(&mut self) -> TransactionId {
+        self.next_tid += 1;
+        let mut id = [0u8; 12];
+        id[..8].copy_from_slice(&self.next_tid.to_be_bytes());
+        id[8..].copy_from_slice(&std::process::id().to_be_bytes());
+        TransactionId(id)
+    }
+
+    /// Sends a request with `attrs`, authenticated when the client knows realm and nonce, and
+    /// returns the response. A 401 or 438 challenge is answered once, with the new nonce.
+    ///
+    /// # Panics
+    ///
+    /// When no response arrives within [`ANSWER_TIMEOUT`] (after retransmissions).
+    pub fn request(&mut self, method: Method, attrs: &[Attribute<'_>]) -> Received {
+        for _ in 0..3 {
+            let tid = self.fresh_tid();
+            let bytes = self.build_request(method, tid, attrs);
+            let response = self.transact(tid, &bytes);
+            let code = response.error_code();
+            if code == Some(401) || code == Some(438) {
+                let msg = response.message();
+                let realm = msg.realm().ok().flatten().map(str::to_owned);
+                let nonce = msg.nonce().ok().flatten().map(str::to_owned);
+                // A 401 to a request that already carried integrity means wrong credentials:
+                // hand it to the test instead of looping.
+                if code == Some(401) && self.key.is_some() && nonce == self.nonce {
+                    return response;
+                }
+                if let (Some(realm), Some(nonce)) = (realm, nonce) {
+                    self.key = Some(
+                        long_term_key_md5(&self.username, &realm, &self.password)
+                            .expect("test credentials are valid OpaqueString"),
+                    );
+                    self.realm = Some(realm);
+                    self.nonce = Some(nonce);
+                    continue;
+                }
+            }
+            return response;
+        }
+        panic!("server kept challenging a {method:?} request");
+    }
+
+    /// Builds a request; public so tests can send variations (retransmissions, raw bytes).
+    pub fn build_request(
+        &self,
+        method: Method,
+        tid: TransactionId,
+        attrs: &[Attribute<'_>],
+    ) -> Vec<u8> {
+        let mut buf = vec![0u8; 1500];
+        let mut b = MessageBuilder::new(&mut buf, Class::Request, method, tid);
+        for a in attrs {
+            b.attribute(a).expect("request fits in 1500 bytes");
+        }
+        if let (Some(realm), Some(nonce), Some(key)) = (&self.realm, &self.nonce, &self.key) {
+            b.attribute(&Attribute::Username(&self.username))
+                .and_then(|b| b.attribute(&Attribute::Realm(realm)))
+                .and_then(|b| b.attribute(&Attribute::Nonce(nonce)))
+                .and_then(|b| b.message_integrity(key))
+                .expect("credentials fit");
+        }
+        b.fingerprint().expect("fingerprint fits");
+        let len = b.finish();
+        buf.truncate(len);
+        buf
+    }
+
+    /// Sends `bytes` (retransmitting on the RFC 8489 schedule, shortened) until a response
+    /// with transaction id `tid` arrives.
+    ///
+    /// # Panics
+    ///
+    /// When none arrives within [`ANSWER_TIMEOUT`].
+    pub fn transact(&mut self, tid: TransactionId, bytes: &[u8]) -> Received {
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let mut rto = Duration::from_millis(250);
+        while Instant::now() < deadline {
+            self.socket.send(bytes).expect("send request");
+            let resend_at = (Instant::now() + rto).min(deadline);
+            while let Some(datagram) = self.recv_raw_until(resend_at) {
+                match classify(&datagram) {
+                    PacketKind::Stun => {
+                        let Ok(msg) = Message::parse(&datagram) else {
+                            continue;
+                        };
+                        if msg.transaction_id() == tid
+                            && matches!(msg.class(), Class::SuccessResponse | Class::ErrorResponse)
+                        {
+                            return Received { bytes: datagram };
+                        }
+                        if let Some(r) = to_relayed(&datagram) {
+                            self.pending.push(r);
+                        }
+                    }
+                    _ => {
+                        if let Some(r) = to_relayed(&datagram) {
+                            self.pending.push(r);
+                        }
+                    }
+                }
+            }
+            rto *= 2;
+        }
+        panic!("no response from {} within {ANSWER_TIMEOUT:?}", self.server);
+    }
+
+    fn recv_raw_until(&self, deadline: Instant) -> Option<Vec<u8>> {
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        self.socket
+            .set_read_timeout(Some(deadline - now))
+            .expect("set read timeout");
+        let mut buf = vec![0u8; 65536];
+        match self.socket.recv(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                Some(buf)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Allocate with REQUESTED-TRANSPORT UDP and `extra` attributes; `Err(code)` on an error
+    /// response.
+    pub fn allocate(&mut self, extra: &[Attribute<'_>]) -> Result<Allocation, u16> {
+        let mut attrs = vec![Attribute::RequestedTransport(Protocol::UDP)];
+        attrs.extend_from_slice(extra);
+        let response = self.request(Method::ALLOCATE, &attrs);
+        if let Some(code) = response.error_code() {
+            return Err(code);
+        }
+        let msg = response.message();
+        assert_eq!(msg.class(), Class::SuccessResponse);
+        assert!(
+            msg.verify_integrity(&self.key.expect("authenticated"))
+                .is_ok(),
+            "the Allocate success response carries a valid MESSAGE-INTEGRITY"
+        );
+        let relayed = msg
+            .xor_relayed_addresses()
+            .map(|a| a.expect("valid XOR-RELAYED-ADDRESS"))
+            .collect();
+        Ok(Allocation {
+            relayed,
+            mapped: msg
+                .xor_mapped_address()
+                .expect("valid XOR-MAPPED-ADDRESS")
+                .expect("XOR-MAPPED-ADDRESS present"),
+            lifetime_secs: msg
+                .lifetime()
+                .expect("valid LIFETIME")
+                .expect("LIFETIME present"),
+            reservation_token: msg.reservation_token().ok().flatten().map(|t| t.0),
+        })
+    }
+
+    /// CreatePermission for every address in `peers`, in one request.
+    pub fn create_permission(&mut self, peers: &[SocketAddr]) -> Result<(), u16> {
+        let attrs: Vec<_> = peers
+            .iter()
+            .map(|p| Attribute::XorPeerAddress(*p))
+            .collect();
+        match self.request(Method::CREATE_PERMISSION, &attrs).error_code() {
+            None => Ok(()),
+            Some(code) => Err(code),
+        }
+    }
+
+    /// ChannelBind `channel` to `peer`.
+    pub fn channel_bind(&mut self, channel: u16, peer: SocketAddr) -> Result<(), u16> {
+        let number = ChannelNumber::new(channel).expect("test uses a valid channel");
+        let attrs = [
+            Attribute::ChannelNumber(number),
+            Attribute::XorPeerAddress(peer),
+        ];
+        match self.request(Method::CHANNEL_BIND, &attrs).error_code() {
+            None => Ok(()),
+            Some(code) => Err(code),
+        }
+    }
+
+    /// Refresh with LIFETIME `lifetime_secs`; returns the granted lifetime.
+    pub fn refresh(&mut self, lifetime_secs: u32) -> Result<u32, u16> {
+        let response = self.request(Method::REFRESH, &[Attribute::Lifetime(lifetime_secs)]);
+        if let Some(code) = response.error_code() {
+            return Err(code);
+        }
+        Ok(response
+            .message()
+            .lifetime()
+            .ok()
+            .flatten()
+            .expect("LIFETIME in the Refresh response"))
+    }
+
+    /// Sends a ChannelData message.
+    pub fn send_channel_data(&self, channel: u16, payload: &[u8]) {
+        let mut buf = vec![0u8; payload.len() + 8];
+        let number = ChannelNumber::new(channel).expect("valid channel");
+        let len = write_channel_data(&mut buf, number, payload, false).expect("buffer fits");
+        self.socket.send(&buf[..len]).expect("send ChannelData");
+    }
+
+    /// Sends a Send indication to `peer`.
+    pub fn send_indication(&mut self, peer: SocketAddr, payload: &[u8]) {
+        let tid = self.fresh_tid();
+        let mut buf = vec![0u8; payload.len() + 64];
+        let mut b = MessageBuilder::new(&mut buf, Class::Indication, Method::SEND, tid);
+        b.attribute(&Attribute::XorPeerAddress(peer))
+            .and_then(|b| b.attribute(&Attribute::Data(payload)))
+            .expect("buffer fits");
+        let len = b.finish();
+        self.socket.send(&buf[..len]).expect("send Send indication");
+    }
+
+    /// Sends raw bytes to the server.
+    pub fn send_raw(&self, bytes: &[u8]) {
+        self.socket.send(bytes).expect("send raw datagram");
+    }
+
+    /// The next relayed message (ChannelData or Data indication) within `timeout`.
+    pub fn recv_relayed(&mut self, timeout: Duration) -> Option<Relayed> {
+        if !self.pending.is_empty() {
+            return Some(self.pending.remove(0));
+        }
+        let deadline = Instant::now() + timeout;
+        while let Some(datagram) = self.recv_raw_until(deadline) {
+            if let Some(r) = to_relayed(&datagram) {
+                return Some(r);
+            }
+        }
+        None
+    }
+}
+
+fn to_relayed(datagram: &[u8]) -> Option<Relayed> {
+    match classify(datagram) {
+        PacketKind::ChannelData => {
+            let cd = ChannelData::parse(datagram).ok()?;
+            Some(Relayed::ChannelData {
+                channel: cd.channel().get(),
+                payload: cd.payload().to_vec(),
+            })
+        }
+        PacketKind::Stun => {
+            let msg = Message::parse(datagram).ok()?;
+            if msg.class() != Class::Indication || msg.method() != Method::DATA {
+                return None;
+            }
+            let peer = msg.xor_peer_addresses().next()?.ok()?;
+            let payload = msg.data().ok()??.to_vec();
+            Some(Relayed::Data { peer, payload })
+        }
+        _ => None,
+    }
+}
+
+/// The loopback address of a family with port 0.
+pub fn loopback(ipv6: bool) -> SocketAddr {
+    if ipv6 {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0)
+    } else {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
+    }
+}
+
+/// A datagram as a peer saw it: source address and bytes.
+pub type Datagram = (SocketAddr, Vec<u8>);
+
+/// A UDP peer on loopback that echoes every datagram to its sender, and records what it saw.
+pub struct EchoPeer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Datagram>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoPeer {
+    /// Starts an echo peer on loopback of the given family.
+    pub fn start(ipv6: bool) -> Self {
+        let socket = UdpSocket::bind(loopback(ipv6)).expect("bind echo peer");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("set read timeout");
+        let addr = socket.local_addr().expect("peer address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            let seen = Arc::clone(&seen);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                        // Record before echoing, so a client that got the echo finds the
+                        // datagram recorded.
+                        if let Ok(mut s) = seen.lock() {
+                            s.push((from, buf[..n].to_vec()));
+                        }
+                        let _ = socket.send_to(&buf[..n], from);
+                    }
+                }
+            })
+        };
+        Self {
+            addr,
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    /// Every datagram received so far, with its source address.
+    pub fn seen(&self) -> Vec<Datagram> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits (at most `timeout`) until `count` datagrams have arrived; returns how many did.
+    pub fn wait_for(&self, count: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.seen.lock().map(|s| s.len()).unwrap_or(0);
+            if n >= count || Instant::now() >= deadline {
+                return n;
+            }
+            std::thread::park_timeout(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for EchoPeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A plain UDP socket on loopback acting as a peer that sends first.
+pub fn peer_socket(ipv6: bool) -> UdpSocket {
+    let s = UdpSocket::bind(loopback(ipv6)).expect("bind peer socket");
+    s.set_read_timeout(Some(ANSWER_TIMEOUT))
+        .expect("set read timeout");
+    s
+}
+
+/// The standard flags of a test server: loopback listeners on both families with OS ports, both
+/// relay IPs, one user, loopback peers allowed, the given backend and shard count.
+pub fn standard_args(backend: &str, threads: usize) -> Vec<String> {
+    [
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        "[::1]:0",
+        "--relay-ip",
+        "127.0.0.1",
+        "--relay-ip",
+        "::1",
+        "--realm",
+        "e2e.test",
+        "--user",
+        "alice:wonderland",
+        "--allow-loopback-peers",
+        "--io",
+        backend,
+        "--threads",
+        &threads.to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+/// Error codes the tests compare against, re-exported for readability.
+pub const FORBIDDEN: u16 = ErrorCode::FORBIDDEN.0;
