@@ -76,9 +76,12 @@ pub mod allocation;
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod http;
+pub mod ops;
 pub mod policy;
 pub mod ports;
 pub mod shell;
+pub mod telemetry;
 mod timers;
 
 use std::net::SocketAddr;
@@ -88,7 +91,8 @@ pub use auth::credentials::{UserTable, UsersFileError, parse_users_file, read_us
 pub use auth::{AuthFailure, Authenticated, IntegrityKind};
 pub use config::{Config, ConfigError};
 pub use engine::{
-    AllocationInfo, BindFailed, DropReason, Engine, EngineError, Event, Output, TableChange,
+    AllocationInfo, AllocationSnapshot, BindFailed, DropReason, Engine, EngineError, Event, Output,
+    ReloadRefused, TableChange,
 };
 pub use policy::{PeerDenied, PeerPolicy};
 
