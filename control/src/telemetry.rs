@@ -83,6 +83,8 @@ const RETIRED_KEEP: std::time::Duration = std::time::Duration::from_secs(60);
 pub struct Telemetry {
     shards: Vec<ShardCounters>,
     allocations: HashMap<AllocationId, Tracked>,
+    /// Packets and bytes relayed since start, summed over every allocation.
+    relayed: AllocationCounters,
 }
 
 impl Telemetry {
@@ -144,7 +146,14 @@ impl Telemetry {
         Self {
             shards: vec![ShardCounters::default(); shard_count],
             allocations: HashMap::new(),
+            relayed: AllocationCounters::default(),
         }
+    }
+
+    /// Packets and bytes relayed since start, each way (what the `uturn_relayed_*` counters
+    /// say, summed over transports).
+    pub fn relayed(&self) -> AllocationCounters {
+        self.relayed
     }
 
     /// Counts one engine event.
@@ -232,6 +241,11 @@ impl Telemetry {
             tracked.shard = Some(report.shard.0);
             let t = transport_label(tracked.transport);
             let last = tracked.last;
+            let total = &mut self.relayed;
+            total.to_peer_packets += delta(counters.to_peer_packets, last.to_peer_packets);
+            total.to_peer_bytes += delta(counters.to_peer_bytes, last.to_peer_bytes);
+            total.to_client_packets += delta(counters.to_client_packets, last.to_client_packets);
+            total.to_client_bytes += delta(counters.to_client_bytes, last.to_client_bytes);
             counter!("uturn_relayed_packets_total", "direction" => "to_peer", "transport" => t)
                 .increment(delta(counters.to_peer_packets, last.to_peer_packets));
             counter!("uturn_relayed_bytes_total", "direction" => "to_peer", "transport" => t)
@@ -297,5 +311,91 @@ pub fn transport_label(transport: Transport) -> &'static str {
         Transport::Udp => "udp",
         Transport::Tcp => "tcp",
         Transport::Tls => "tls",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use uturn_dataplane::{
+        AllocationCounters, AllocationId as ShardAllocationId, Counters, ShardId,
+    };
+
+    use super::*;
+    use crate::{FiveTuple, Transport};
+
+    fn report(shard: u16, allocations: &[(u64, u64)]) -> Counters {
+        Counters {
+            shard: ShardId(shard),
+            shard_counters: ShardCounters::default(),
+            allocations: allocations
+                .iter()
+                .map(|(id, packets)| {
+                    let counters = AllocationCounters {
+                        to_peer_packets: *packets,
+                        to_peer_bytes: packets * 100,
+                        to_client_packets: *packets,
+                        to_client_bytes: packets * 100,
+                    };
+                    (ShardAllocationId(*id), counters)
+                })
+                .collect(),
+        }
+    }
+
+    fn created(alloc: u64) -> Event {
+        Event::AllocationCreated {
+            alloc: AllocationId(alloc),
+            client: FiveTuple {
+                transport: Transport::Udp,
+                client: "198.51.100.1:5000".parse().unwrap(),
+                server: "192.0.2.1:3478".parse().unwrap(),
+            },
+            user: "alice".into(),
+            relays: Vec::new(),
+            lifetime_secs: 600,
+        }
+    }
+
+    /// Cumulative reports become exact totals: a removed allocation's final report counts once,
+    /// even when the other shard reports in between and when it lived between two reports.
+    #[test]
+    fn cumulative_reports_count_each_packet_once_across_shards() {
+        let now = Instant::now();
+        let mut t = Telemetry::new(2, 0.0);
+        t.on_event(&created(1), now);
+        t.on_counters(&report(0, &[(1, 10)]));
+        t.on_counters(&report(1, &[]));
+        t.on_counters(&report(0, &[(1, 15)]));
+        assert_eq!(t.relayed().to_peer_packets, 15);
+        assert_eq!(t.allocation_counters(AllocationId(1)).to_client_bytes, 1500);
+
+        // Removed: shard 1's report does not name it, which must not forget it yet.
+        t.on_event(
+            &Event::AllocationExpired {
+                alloc: AllocationId(1),
+            },
+            now,
+        );
+        t.on_counters(&report(1, &[]));
+        t.on_counters(&report(0, &[(1, 18)])); // the final values
+        t.on_counters(&report(0, &[])); // gone from shard 0: forgotten
+        assert_eq!(t.relayed().to_peer_packets, 18);
+        assert!(t.allocations.is_empty());
+
+        // Lived and ended between two reports: its final values still count, once.
+        t.on_event(&created(2), now);
+        t.on_event(
+            &Event::AllocationDeleted {
+                alloc: AllocationId(2),
+            },
+            now,
+        );
+        t.on_counters(&report(1, &[(2, 4)]));
+        t.on_counters(&report(1, &[]));
+        assert_eq!(t.relayed().to_peer_packets, 22);
+        assert_eq!(t.relayed().to_client_bytes, 2200);
+        assert!(t.allocations.is_empty());
     }
 }

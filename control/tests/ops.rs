@@ -187,3 +187,25 @@ fn a_reloaded_peer_policy_applies_to_new_permissions() {
     let allowed = h.request(&client, Method::CREATE_PERMISSION, 3, &loopback);
     assert_eq!(allowed.code(), None);
 }
+
+/// The configuration the .deb installs is valid, and its ops settings are the safe ones.
+#[test]
+fn the_packaged_config_is_valid() {
+    let config =
+        uturn_control::Config::from_toml_str(include_str!("../../scripts/deploy/uturn.toml"))
+            .unwrap();
+    assert!(config.ops.http_listen.ip().is_loopback());
+    assert_eq!(config.ops.log_format, uturn_control::ops::LogFormat::Json);
+    let unit = include_str!("../../scripts/deploy/uturn.service");
+    let nofile: u32 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("LimitNOFILE in the unit");
+    // One relay socket per family per allocation over the whole port range, plus headroom.
+    let ports = u32::from(config.relay.port_max - config.relay.port_min) + 1;
+    assert!(
+        nofile >= 2 * ports + 1024,
+        "LimitNOFILE={nofile} for {ports} ports"
+    );
+}

@@ -466,3 +466,47 @@ fn metric_names(expr: &str) -> Vec<String> {
     }
     names
 }
+
+/// The systemd unit starts uturn with flags the binary has.
+#[test]
+fn the_systemd_unit_uses_real_flags() {
+    let unit = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/deploy/uturn.service"),
+    )
+    .expect("read the unit");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let help = Command::new(uturn_binary())
+        .arg("--help")
+        .output()
+        .expect("uturn --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
+        assert!(help.contains(flag), "{flag} is not a uturn flag");
+    }
+    assert!(unit.contains("AmbientCapabilities=CAP_NET_BIND_SERVICE"));
+    assert!(unit.contains("User=uturn"));
+}
+
+/// `--log-format json` writes one JSON object per line.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let server = start("mmsg", &["--log-format", "json"]);
+    let mut client = TurnClient::new(server.listener(false), "alice", "wonderland");
+    client.allocate(&[]).unwrap();
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    while !server.log().contains("allocation created") && Instant::now() < deadline {
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    let log = server.log();
+    let created = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(json)
+        .find(|line| line["fields"]["message"] == "allocation created")
+        .unwrap_or_else(|| panic!("no allocation line in {log}"));
+    assert_eq!(created["fields"]["user"], "alice");
+    assert_eq!(created["fields"]["client"], client.local_addr().to_string());
+}

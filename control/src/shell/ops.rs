@@ -181,6 +181,7 @@ impl<R: RngCore> ControlThread<R> {
             "allocations": self.engine.allocation_count(),
             "permissions": permissions,
             "channels": channels,
+            "relayed": relayed_json(self.ops.telemetry.relayed()),
         }))
     }
 
@@ -222,8 +223,8 @@ impl<R: RngCore> ControlThread<R> {
                     "channels": a.channels.iter().map(|(n, peer, at)| json!({
                         "channel": n, "peer": peer.to_string(), "expires": unix(*at),
                     })).collect::<Vec<_>>(),
-                    "to_peer": { "packets": counters.to_peer_packets, "bytes": counters.to_peer_bytes },
-                    "to_client": { "packets": counters.to_client_packets, "bytes": counters.to_client_bytes },
+                    "to_peer": relayed_json(counters)["to_peer"],
+                    "to_client": relayed_json(counters)["to_client"],
                     "requests": a.requests,
                     "errors": a.errors,
                 })
@@ -429,6 +430,13 @@ impl<R: RngCore> ControlThread<R> {
         }
         self.ops.limiter.summarise(now);
     }
+}
+
+fn relayed_json(c: uturn_dataplane::AllocationCounters) -> Value {
+    json!({
+        "to_peer": { "packets": c.to_peer_packets, "bytes": c.to_peer_bytes },
+        "to_client": { "packets": c.to_client_packets, "bytes": c.to_client_bytes },
+    })
 }
 
 fn ok(body: Value) -> AdminReply {
