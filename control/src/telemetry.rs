@@ -280,6 +280,14 @@ impl Telemetry {
             .unwrap_or_default()
     }
 
+    /// Sets the number of open TCP or TLS client connections of one shard (for the stream
+    /// transports, which report them with their counters).
+    #[allow(clippy::cast_precision_loss)] // a connection count, far below 2^52
+    pub fn set_connections(&self, shard: usize, transport: Transport, open: u64) {
+        gauge!("uturn_connections", "shard" => shard.to_string(), "transport" => transport_label(transport))
+            .set(open as f64);
+    }
+
     /// Sets the per-shard gauges from the engine's view of its allocations.
     pub fn set_gauges<'a>(
         &self,

@@ -19,6 +19,10 @@ use crate::{AllocationId, AuthFailure, Config, PeerPolicy, UserTable};
 pub type Reloader = Box<dyn FnMut() -> Result<Config, String> + Send>;
 /// Applies a new log filter.
 pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send>;
+/// Loads and swaps what another part of the process reloads (TLS certificates): called with
+/// the new configuration after every check passed and before the engine's part is applied; an
+/// `Err` refuses the whole reload, so it must leave the old state in place when it fails.
+pub type ReloadHook = Box<dyn FnMut(&Config) -> Result<&'static str, String> + Send>;
 
 /// How often the per-shard gauges are recomputed from the engine at most (O(allocations)).
 const GAUGES_INTERVAL: Duration = Duration::from_millis(100);
@@ -42,6 +46,8 @@ pub struct OpsHooks {
     pub reloader: Option<Reloader>,
     /// Applies a new log filter on reload.
     pub log_level: Option<LogLevelSetter>,
+    /// Further reload steps (the TLS transport's certificates).
+    pub reload_hooks: Vec<ReloadHook>,
 }
 
 impl std::fmt::Debug for OpsHooks {
@@ -69,6 +75,7 @@ pub(super) struct OpsState {
     listeners: Vec<(&'static str, SocketAddr)>,
     reloader: Option<Reloader>,
     log_level: Option<LogLevelSetter>,
+    reload_hooks: Vec<ReloadHook>,
     started: Instant,
     gauges_at: Instant,
     gauges_dirty: bool,
@@ -88,6 +95,7 @@ impl OpsState {
             listeners: Vec::new(),
             reloader: None,
             log_level: None,
+            reload_hooks: Vec::new(),
             started: now,
             gauges_at: now,
             gauges_dirty: true,
@@ -110,6 +118,7 @@ impl<R: RngCore> ControlThread<R> {
         self.ops.listeners = hooks.listeners;
         self.ops.reloader = hooks.reloader;
         self.ops.log_level = hooks.log_level;
+        self.ops.reload_hooks = hooks.reload_hooks;
         self.ops.readiness.set_ready();
         self
     }
@@ -263,14 +272,26 @@ impl<R: RngCore> ControlThread<R> {
         if config.auth.realm != self.config.auth.realm {
             return Err("auth.realm cannot change while running (restart uturn)".into());
         }
-        // Everything is checked; now apply.
+        if config.auth.secrets.is_empty() != self.config.auth.secrets.is_empty() {
+            return Err(
+                "auth.secrets: switching TURN REST credentials on or off needs a \
+                        restart (issued nonces announce USERHASH only without them)"
+                    .into(),
+            );
+        }
+        // Everything uturn can check is checked; the hooks load their part (and keep the old
+        // one when they fail), then the engine's part, which cannot fail any more, is applied.
+        let mut applied = Vec::new();
+        for hook in &mut self.ops.reload_hooks {
+            applied.push(hook(&config)?);
+        }
         self.engine
             .reload_secrets(&config.auth)
             .map_err(|e| e.to_string())?;
         self.engine.reload_users(users).map_err(|e| e.to_string())?;
         self.engine
             .set_peer_policy(PeerPolicy::from_config(&config.peers));
-        let mut applied = vec!["users", "secrets", "peers"];
+        applied.extend(["users", "secrets", "peers"]);
         if config.ops.log_level != self.config.ops.log_level
             && let Some(set) = &self.ops.log_level
         {

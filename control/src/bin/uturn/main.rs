@@ -224,6 +224,7 @@ fn run(
                 .map_err(|e| format!("{e:#}"))
         })),
         log_level: Some(log_level),
+        reload_hooks: Vec::new(),
     });
     println!("uturn is ready");
     info!("uturn is ready");
