@@ -85,6 +85,8 @@ pub struct Telemetry {
     allocations: HashMap<AllocationId, Tracked>,
     /// Packets and bytes relayed since start, summed over every allocation.
     relayed: AllocationCounters,
+    /// Allocations the engine removed whose final report may still come.
+    retired: hashbrown::HashSet<AllocationId>,
 }
 
 impl Telemetry {
@@ -147,6 +149,7 @@ impl Telemetry {
             shards: vec![ShardCounters::default(); shard_count],
             allocations: HashMap::new(),
             relayed: AllocationCounters::default(),
+            retired: hashbrown::HashSet::new(),
         }
     }
 
@@ -184,6 +187,7 @@ impl Telemetry {
             | Event::AllocationRevoked { alloc } => {
                 if let Some(tracked) = self.allocations.get_mut(alloc) {
                     tracked.retired = Some(now);
+                    self.retired.insert(*alloc);
                     let lived = now.saturating_duration_since(tracked.created_at);
                     histogram!("uturn_allocation_lifetime_seconds").record(lived.as_secs_f64());
                 }
@@ -227,6 +231,7 @@ impl Telemetry {
             .set(now.completions_per_turn_max as f64);
         *previous = now;
 
+        let mut by_transport = [AllocationCounters::default(); 3];
         for (alloc, counters) in &report.allocations {
             let alloc = AllocationId(alloc.0);
             // An allocation the control thread no longer tracks (it lived and ended between two
@@ -239,36 +244,58 @@ impl Telemetry {
                 retired: Some(Instant::now()),
             });
             tracked.shard = Some(report.shard.0);
-            let t = transport_label(tracked.transport);
+            if tracked.retired.is_some() {
+                self.retired.insert(alloc);
+            }
             let last = tracked.last;
-            let total = &mut self.relayed;
-            total.to_peer_packets += delta(counters.to_peer_packets, last.to_peer_packets);
-            total.to_peer_bytes += delta(counters.to_peer_bytes, last.to_peer_bytes);
-            total.to_client_packets += delta(counters.to_client_packets, last.to_client_packets);
-            total.to_client_bytes += delta(counters.to_client_bytes, last.to_client_bytes);
-            counter!("uturn_relayed_packets_total", "direction" => "to_peer", "transport" => t)
-                .increment(delta(counters.to_peer_packets, last.to_peer_packets));
-            counter!("uturn_relayed_bytes_total", "direction" => "to_peer", "transport" => t)
-                .increment(delta(counters.to_peer_bytes, last.to_peer_bytes));
-            counter!("uturn_relayed_packets_total", "direction" => "to_client", "transport" => t)
-                .increment(delta(counters.to_client_packets, last.to_client_packets));
-            counter!("uturn_relayed_bytes_total", "direction" => "to_client", "transport" => t)
-                .increment(delta(counters.to_client_bytes, last.to_client_bytes));
+            let moved = AllocationCounters {
+                to_peer_packets: delta(counters.to_peer_packets, last.to_peer_packets),
+                to_peer_bytes: delta(counters.to_peer_bytes, last.to_peer_bytes),
+                to_client_packets: delta(counters.to_client_packets, last.to_client_packets),
+                to_client_bytes: delta(counters.to_client_bytes, last.to_client_bytes),
+            };
+            add(&mut by_transport[transport_index(tracked.transport)], moved);
+            add(&mut self.relayed, moved);
             tracked.last = *counters;
+        }
+        // One registry update per series and report, not per allocation.
+        for transport in [Transport::Udp, Transport::Tcp, Transport::Tls] {
+            let moved = by_transport[transport_index(transport)];
+            if moved == AllocationCounters::default() {
+                continue;
+            }
+            let t = transport_label(transport);
+            counter!("uturn_relayed_packets_total", "direction" => "to_peer", "transport" => t)
+                .increment(moved.to_peer_packets);
+            counter!("uturn_relayed_bytes_total", "direction" => "to_peer", "transport" => t)
+                .increment(moved.to_peer_bytes);
+            counter!("uturn_relayed_packets_total", "direction" => "to_client", "transport" => t)
+                .increment(moved.to_client_packets);
+            counter!("uturn_relayed_bytes_total", "direction" => "to_client", "transport" => t)
+                .increment(moved.to_client_bytes);
         }
         // A retired allocation that its own shard no longer reports has had its final counters
         // counted (a shard reports a removed allocation once, with its final values).
+        if self.retired.is_empty() {
+            return;
+        }
         let reported: hashbrown::HashSet<u64> =
             report.allocations.iter().map(|(a, _)| a.0).collect();
         let shard = report.shard.0;
         let now = Instant::now();
-        self.allocations.retain(|alloc, tracked| {
-            let Some(retired) = tracked.retired else {
-                return true;
+        let allocations = &mut self.allocations;
+        self.retired.retain(|alloc| {
+            let Some(tracked) = allocations.get(alloc) else {
+                return false;
             };
+            let retired = tracked.retired.unwrap_or(now);
             let final_counted = tracked.shard == Some(shard) && !reported.contains(&alloc.0);
             let lost = now.saturating_duration_since(retired) > RETIRED_KEEP;
-            !(final_counted || lost)
+            if final_counted || lost {
+                allocations.remove(alloc);
+                return false;
+            }
+            true
         });
     }
 
@@ -310,6 +337,21 @@ impl Telemetry {
             gauge!("uturn_channels", "shard" => s).set(channels as f64);
         }
         gauge!("uturn_draining").set(if draining { 1.0 } else { 0.0 });
+    }
+}
+
+fn add(total: &mut AllocationCounters, moved: AllocationCounters) {
+    total.to_peer_packets += moved.to_peer_packets;
+    total.to_peer_bytes += moved.to_peer_bytes;
+    total.to_client_packets += moved.to_client_packets;
+    total.to_client_bytes += moved.to_client_bytes;
+}
+
+fn transport_index(transport: Transport) -> usize {
+    match transport {
+        Transport::Udp => 0,
+        Transport::Tcp => 1,
+        Transport::Tls => 2,
     }
 }
 
@@ -391,6 +433,7 @@ mod tests {
         t.on_counters(&report(0, &[])); // gone from shard 0: forgotten
         assert_eq!(t.relayed().to_peer_packets, 18);
         assert!(t.allocations.is_empty());
+        assert!(t.retired.is_empty());
 
         // Lived and ended between two reports: its final values still count, once.
         t.on_event(&created(2), now);

@@ -510,3 +510,43 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(created["fields"]["user"], "alice");
     assert_eq!(created["fields"]["client"], client.local_addr().to_string());
 }
+
+/// A reload applies a new log level from the config file.
+#[test]
+fn a_reload_applies_the_log_level() {
+    let dir = temp_dir("loglevel");
+    let config = dir.join("uturn.toml");
+    let write = |level: &str| {
+        std::fs::write(
+            &config,
+            format!("[auth]\nrealm = \"e2e.test\"\n[ops]\nlog_level = \"{level}\"\n"),
+        )
+        .unwrap();
+    };
+    write("info");
+    let server = start("mmsg", &["--config", config.to_str().unwrap()]);
+    write("warn");
+    let (status, body) = server.http("POST", "/api/v1/reload", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("log_level"), "{body}");
+    let mut quiet = TurnClient::new(server.listener(false), "alice", "wonderland");
+    quiet.allocate(&[]).unwrap();
+    let mut loud = TurnClient::new(server.listener(false), "alice", "wrong");
+    assert_eq!(loud.allocate(&[]).map(|_| ()), Err(401));
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    while !server.log().contains("failed MESSAGE-INTEGRITY") && Instant::now() < deadline {
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    let log = server.log();
+    assert!(
+        log.contains("failed MESSAGE-INTEGRITY"),
+        "warnings still logged: {log}"
+    );
+    let quiet_line = format!("client={}", quiet.local_addr());
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("allocation created") && l.contains(&quiet_line)),
+        "info lines are filtered after the reload: {log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
