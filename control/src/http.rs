@@ -274,7 +274,7 @@ impl Handler {
                 client: query_param(query, "client"),
             },
             (Method::Delete, p) if p.starts_with("/api/v1/allocations/") => {
-                let id = &p["/api/v1/allocations/".len()..];
+                let id = p.strip_prefix("/api/v1/allocations/").unwrap_or_default();
                 match id.parse::<u64>() {
                     Ok(id) => AdminRequest::DeleteAllocation(id),
                     Err(_) => {

@@ -387,6 +387,27 @@ fn the_bearer_token_is_enforced() {
     );
 }
 
+/// An HTTP port already in use is a clear start-up error, not a server without metrics.
+#[test]
+fn a_taken_http_port_is_a_clear_start_up_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a TCP port");
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = Command::new(uturn_binary())
+        .args(["--listen", "127.0.0.1:0", "--relay-ip", "127.0.0.1"])
+        .args(["--user", "a:b", "--http", &addr])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run uturn");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen for HTTP on {addr}")) && stderr.contains("--http"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains("uturn is ready"), "{stdout}");
+}
+
 /// Every metric the Grafana dashboard queries is one uturn exports.
 #[test]
 fn the_dashboard_queries_only_exported_metrics() {
