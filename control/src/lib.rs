@@ -67,6 +67,11 @@
 //!   answered 400.
 //! - TURN REST users count against `allocations_per_user` by their user part, not by the whole
 //!   `expiry:user` username.
+//! - While draining ([`Engine::set_draining`]) an authenticated Allocate that passed the 437
+//!   check is answered 300 (Try Alternate) with the ALTERNATE-SERVER of the client's family from
+//!   `ops.alternate_servers`, or 508 when there is none; Refresh, CreatePermission and
+//!   ChannelBind on existing allocations are unaffected. The 300 carries MESSAGE-INTEGRITY, as
+//!   RFC 8489 §10 asks of a redirect sent after authentication.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
