@@ -63,7 +63,7 @@ trap cleanup EXIT
 
 # uturn: one shard, pinned. It prints its listener and "uturn is ready".
 taskset -c "$SERVER_CPU" "$UTURN" --listen 127.0.0.1:0 --relay-ip 127.0.0.1 --user "$USER_PASS" \
-    --allow-loopback-peers --threads 1 --io "$IO" --ports 10000-19999 \
+    --allow-loopback-peers --threads 1 --io "$IO" --ports 10000-19999 --http 127.0.0.1:0 \
     >"$OUT/logs/uturn.out" 2>"$OUT/logs/uturn.err" &
 UTURN_PID=$!
 PIDS+=("$UTURN_PID")

@@ -66,7 +66,7 @@ TOML
 "$bin" --config "$work/uturn.toml" --listen "127.0.0.1:$turn_port" --listen "[::1]:$turn_port" \
   --relay-ip 127.0.0.1 --relay-ip ::1 --ports 40000-44999 --realm interop.test \
   --user interop:interop-password --auth-secret "$secret" --allow-loopback-peers \
-  --io "$backend" --threads 2 >"$work/uturn.log" 2>&1 &
+  --io "$backend" --threads 2 --http 127.0.0.1:0 >"$work/uturn.log" 2>&1 &
 uturn_pid=$!
 pids+=($uturn_pid)
 

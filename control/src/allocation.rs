@@ -50,6 +50,11 @@ pub(crate) struct Allocation {
     /// response, to answer a retransmitted Allocate identically.
     pub(crate) allocate_transaction: TransactionId,
     pub(crate) allocate_response: Vec<u8>,
+    /// When it was created (for the admin API and the lifetime histogram).
+    pub(crate) created_at: std::time::Instant,
+    /// Requests answered on its 5-tuple since it was created, and how many were errors.
+    pub(crate) requests: u64,
+    pub(crate) errors: u64,
 }
 
 impl Allocation {

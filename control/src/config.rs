@@ -40,6 +40,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[peers]`: peer address policy.
     pub peers: PeersConfig,
+    /// `[ops]`: HTTP listener, token, logs, drain alternates.
+    pub ops: crate::ops::OpsConfig,
 }
 
 /// `[server]`.
@@ -222,6 +224,7 @@ impl Config {
     /// Checks the values that types alone cannot: ranges, exclusive options, address mapping.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field: &'static str, reason: String| ConfigError::Invalid { field, reason };
+        self.ops.validate()?;
         if self.server.listen.is_empty() {
             return Err(invalid(
                 "server.listen",

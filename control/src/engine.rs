@@ -171,6 +171,11 @@ pub enum Event {
         /// The allocation.
         alloc: AllocationId,
     },
+    /// An operator ended the allocation ([`Engine::delete_allocation`]).
+    AllocationRevoked {
+        /// The allocation.
+        alloc: AllocationId,
+    },
     /// The allocation's lifetime ran out.
     AllocationExpired {
         /// The allocation.
@@ -287,6 +292,39 @@ pub struct AllocationInfo<'a> {
     pub channels: usize,
 }
 
+/// One allocation in full, as the admin API shows it (owned, so it can leave the control
+/// thread).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationSnapshot {
+    /// The allocation.
+    pub id: AllocationId,
+    /// The client 5-tuple.
+    pub client: FiveTuple,
+    /// The shard that owns it.
+    pub shard: ShardId,
+    /// The authenticated user.
+    pub user: String,
+    /// Its relayed addresses.
+    pub relays: Vec<RelayAddress>,
+    /// When it was created.
+    pub created_at: Instant,
+    /// When it expires unless refreshed.
+    pub expires_at: Instant,
+    /// Permissions: peer IP and expiry, sorted by IP.
+    pub permissions: Vec<(IpAddr, Instant)>,
+    /// Channel bindings: number, peer and expiry, sorted by number.
+    pub channels: Vec<(u16, SocketAddr, Instant)>,
+    /// Requests answered on its 5-tuple (the Allocate included).
+    pub requests: u64,
+    /// Of those, error responses.
+    pub errors: u64,
+}
+
+/// Why a reload was refused; the old configuration stays.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ReloadRefused(pub &'static str);
+
 /// An engine that cannot be built from the configuration.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -319,6 +357,8 @@ struct Settings {
     reservation_lifetime: Duration,
     allocations_per_user: u32,
     allocations_total: u32,
+    /// Alternate servers for 300 (Try Alternate) while draining, from `ops.alternate_servers`.
+    alternate_servers: Vec<SocketAddr>,
     permissions_per_allocation: u32,
     channels_per_allocation: u32,
     accept_rfc5766_channel_numbers: bool,
@@ -423,6 +463,8 @@ pub struct Engine<R: RngCore> {
     next_allocation: u64,
     next_token: u64,
     scratch: Vec<u8>,
+    /// Draining: new Allocates are refused (300 or 508), existing allocations run on.
+    draining: bool,
 }
 
 impl<R: RngCore> std::fmt::Debug for Engine<R> {
@@ -478,6 +520,7 @@ impl<R: RngCore> Engine<R> {
             reservation_lifetime: secs(relay.reservation_lifetime_secs),
             allocations_per_user: limits.allocations_per_user,
             allocations_total: limits.allocations_total,
+            alternate_servers: config.ops.alternate_servers.clone(),
             permissions_per_allocation: limits.permissions_per_allocation,
             channels_per_allocation: limits.channels_per_allocation,
             accept_rfc5766_channel_numbers: relay.accept_rfc5766_channel_numbers,
@@ -499,6 +542,7 @@ impl<R: RngCore> Engine<R> {
             next_allocation: 0,
             next_token: 0,
             scratch: vec![0; RESPONSE_LEN_MAX],
+            draining: false,
         })
     }
 
@@ -513,6 +557,86 @@ impl<R: RngCore> Engine<R> {
         }
         self.auth.replace_users(users);
         Ok(())
+    }
+
+    /// Replaces the TURN REST shared secrets (`auth.secrets`, `auth.rest_separator`,
+    /// `auth.rest_key_cache_entries`). Refused when it would switch REST credentials on or off.
+    pub fn reload_secrets(
+        &mut self,
+        auth: &crate::config::AuthConfig,
+    ) -> Result<(), ReloadRefused> {
+        self.auth.replace_secrets(auth).map_err(ReloadRefused)
+    }
+
+    /// Replaces the peer policy for new CreatePermission and ChannelBind requests; existing
+    /// permissions stay until they expire or are refreshed.
+    pub fn set_peer_policy(&mut self, policy: PeerPolicy) {
+        self.policy = policy;
+    }
+
+    /// Starts or stops draining. While draining every new Allocate is answered 300 (Try
+    /// Alternate) with ALTERNATE-SERVER when `ops.alternate_servers` has an address of the
+    /// client's family, else 508 (Insufficient Capacity); existing allocations, their
+    /// refreshes, permissions and channels carry on until they expire.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// Whether the engine is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Ends one allocation now, as an operator's decision: its shard is told to remove it
+    /// (`RemoveAllocation`) and [`Event::AllocationRevoked`] is emitted. Returns false when no
+    /// such allocation exists. `now` is unused today and kept for symmetry with the other
+    /// inputs.
+    pub fn delete_allocation(&mut self, now: Instant, alloc: AllocationId) -> bool {
+        let _ = now;
+        if !self.allocations.contains_key(&alloc) {
+            return false;
+        }
+        self.remove_allocation(alloc);
+        self.push_event(Event::AllocationRevoked { alloc });
+        true
+    }
+
+    /// Every allocation in full (permissions and channels with their expiry, request counts),
+    /// sorted by id.
+    pub fn allocation_snapshots(&self) -> Vec<AllocationSnapshot> {
+        let mut all: Vec<AllocationSnapshot> = self
+            .allocations
+            .iter()
+            .map(|(id, a)| {
+                let mut permissions: Vec<(IpAddr, Instant)> = a
+                    .permissions
+                    .iter()
+                    .map(|(ip, key)| (*ip, key.deadline()))
+                    .collect();
+                permissions.sort();
+                let mut channels: Vec<(u16, SocketAddr, Instant)> = a
+                    .channels
+                    .iter()
+                    .map(|(n, (peer, key))| (*n, *peer, key.deadline()))
+                    .collect();
+                channels.sort();
+                AllocationSnapshot {
+                    id: *id,
+                    client: a.five_tuple,
+                    shard: a.shard,
+                    user: a.auth.user().to_owned(),
+                    relays: a.relays.clone(),
+                    created_at: a.created_at,
+                    expires_at: a.expiry.deadline(),
+                    permissions,
+                    channels,
+                    requests: a.requests,
+                    errors: a.errors,
+                }
+            })
+            .collect();
+        all.sort_by_key(|a| a.id);
+        all
     }
 
     /// Number of allocations (not counting those waiting for their relay sockets).
@@ -847,6 +971,9 @@ impl<R: RngCore> Engine<R> {
                 channel_by_peer: HashMap::new(),
                 allocate_transaction: request.transaction,
                 allocate_response: response,
+                created_at: now,
+                requests: 1,
+                errors: 0,
             },
         );
     }
@@ -863,6 +990,24 @@ impl<R: RngCore> Engine<R> {
         //    If yes, the server rejects the request with a 437 (Allocation Mismatch) error."
         if self.slots.contains_key(&request.five_tuple) {
             return self.respond_error(request, 437, &[], auth_ref);
+        }
+        // Draining (operator's choice): send new clients elsewhere (RFC 8489 §10: 300 with
+        // ALTERNATE-SERVER, protected like any response to an authenticated request), or refuse
+        // them with 508 when no alternate of the client's family is configured.
+        if self.draining {
+            let client_v4 = request.five_tuple.client.is_ipv4();
+            let alternate = self
+                .settings
+                .alternate_servers
+                .iter()
+                .find(|a| a.is_ipv4() == client_v4)
+                .copied();
+            return match alternate {
+                Some(addr) => {
+                    self.respond_error(request, 300, &[Attribute::AlternateServer(addr)], auth_ref)
+                }
+                None => self.respond_error(request, 508, &[], auth_ref),
+            };
         }
         // 3. "If the REQUESTED-TRANSPORT attribute is not included or is malformed ... 400.
         //    ... specifies a protocol that is not supported by the server ... 442".
@@ -1471,6 +1616,12 @@ impl<R: RngCore> Engine<R> {
     }
 
     fn push_handled(&mut self, request: &RequestContext, code: Option<u16>) {
+        if let Some(Slot::Active(alloc)) = self.slots.get(&request.five_tuple)
+            && let Some(allocation) = self.allocations.get_mut(alloc)
+        {
+            allocation.requests += 1;
+            allocation.errors += u64::from(code.is_some());
+        }
         self.push_event(Event::RequestHandled {
             client: request.five_tuple,
             method: request.method,

@@ -67,6 +67,11 @@
 //!   answered 400.
 //! - TURN REST users count against `allocations_per_user` by their user part, not by the whole
 //!   `expiry:user` username.
+//! - While draining ([`Engine::set_draining`]) an authenticated Allocate that passed the 437
+//!   check is answered 300 (Try Alternate) with the ALTERNATE-SERVER of the client's family from
+//!   `ops.alternate_servers`, or 508 when there is none; Refresh, CreatePermission and
+//!   ChannelBind on existing allocations are unaffected. The 300 carries MESSAGE-INTEGRITY, as
+//!   RFC 8489 §10 asks of a redirect sent after authentication.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -76,9 +81,12 @@ pub mod allocation;
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod http;
+pub mod ops;
 pub mod policy;
 pub mod ports;
 pub mod shell;
+pub mod telemetry;
 mod timers;
 
 use std::net::SocketAddr;
@@ -88,7 +96,8 @@ pub use auth::credentials::{UserTable, UsersFileError, parse_users_file, read_us
 pub use auth::{AuthFailure, Authenticated, IntegrityKind};
 pub use config::{Config, ConfigError};
 pub use engine::{
-    AllocationInfo, BindFailed, DropReason, Engine, EngineError, Event, Output, TableChange,
+    AllocationInfo, AllocationSnapshot, BindFailed, DropReason, Engine, EngineError, Event, Output,
+    ReloadRefused, TableChange,
 };
 pub use policy::{PeerDenied, PeerPolicy};
 

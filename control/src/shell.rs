@@ -10,15 +10,17 @@
 //!   BindRelay  ──► bind the relay sockets here ──► engine.handle_relay_bound(...)
 //!   Table      ──► ShardCommand to the owning shard (OpenAllocation carries the sockets)
 //!   Transmit   ──► ShardCommand::Transmit to the shard that owns the 5-tuple
-//!   Event      ──► a log line (metrics arrive with the operations issue)
+//!   Event      ──► metrics and a log line (see `ops`)
+//! admin call (HTTP thread) ──► answered from the engine between two inputs
 //! ```
 //!
 //! Shards never call the engine: they send it bytes and apply what it decides. Commands to one
 //! shard travel in one FIFO channel, so `OpenAllocation` always reaches the shard before the
 //! Allocate success response that the shard then sends.
 
+mod ops;
+
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, select};
@@ -32,9 +34,9 @@ use uturn_dataplane::{
 use uturn_proto::ChannelNumber;
 
 use crate::engine::{BindFailed, Engine, Event, Output, TableChange};
-use crate::{
-    AllocationId, AuthFailure, BindToken, Config, FiveTuple, ShardId, Transport, UserTable,
-};
+use crate::{AllocationId, BindToken, Config, FiveTuple, ShardId, Transport, UserTable};
+
+pub use ops::{LogLevelSetter, OpsHooks, ReloadHook, Reloader};
 
 /// The longest the loop sleeps without looking at the engine's timers again; a bound, so a
 /// clock that jumps or a lost wake-up costs at most this much lateness.
@@ -49,8 +51,10 @@ const OUTPUTS_PER_TURN_MAX: usize = 4096;
 pub enum Signal {
     /// Stop: close the shards and return.
     Stop,
-    /// Reload what can change while running (the users file).
+    /// Reload what can change while running (users, REST secrets, peer policy, log level).
     Reload,
+    /// Start draining: refuse new allocations, let existing ones run on.
+    Drain,
 }
 
 /// The control thread's state: the engine plus what the shell must remember for it.
@@ -66,7 +70,7 @@ pub struct ControlThread<R: RngCore> {
     /// The latest counters of each shard (cumulative).
     counters: Vec<Option<Counters>>,
     config: Config,
-    users_file: Option<PathBuf>,
+    ops: ops::OpsState,
 }
 
 impl<R: RngCore> ControlThread<R> {
@@ -81,7 +85,7 @@ impl<R: RngCore> ControlThread<R> {
     ) -> Result<Self, crate::EngineError> {
         let shard_count = u16::try_from(dataplane.shard_count()).unwrap_or(u16::MAX);
         let engine = Engine::new(&config, users, shard_count, Instant::now(), rng)?;
-        let counters = (0..dataplane.shard_count()).map(|_| None).collect();
+        let counters: Vec<Option<Counters>> = (0..dataplane.shard_count()).map(|_| None).collect();
         Ok(Self {
             engine,
             dataplane,
@@ -89,8 +93,8 @@ impl<R: RngCore> ControlThread<R> {
             signals,
             bound: HashMap::new(),
             owners: HashMap::new(),
+            ops: ops::OpsState::new(counters.len(), Instant::now()),
             counters,
-            users_file: config.auth.users_file.clone(),
             config,
         })
     }
@@ -98,6 +102,7 @@ impl<R: RngCore> ControlThread<R> {
     /// Runs until [`Signal::Stop`] (or until every shard is gone), then shuts the data plane
     /// down.
     pub fn run(mut self) {
+        let admin = self.ops.admin();
         loop {
             let now = Instant::now();
             let wait = self
@@ -116,7 +121,11 @@ impl<R: RngCore> ControlThread<R> {
                 },
                 recv(self.signals) -> signal => match signal {
                     Ok(Signal::Reload) => self.reload(),
+                    Ok(Signal::Drain) => self.set_draining(true),
                     Ok(Signal::Stop) | Err(_) => stop = true,
+                },
+                recv(admin) -> call => if let Ok(call) = call {
+                    self.handle_admin(call);
                 },
                 default(wait) => {}
             }
@@ -130,6 +139,7 @@ impl<R: RngCore> ControlThread<R> {
                 self.engine.handle_timeout(now);
             }
             self.drain_outputs();
+            self.ops_tick();
         }
         info!("stopping: closing listeners and relay sockets");
         self.dataplane.shutdown();
@@ -157,6 +167,7 @@ impl<R: RngCore> ControlThread<R> {
                 );
             }
             ToControl::Counters(counters) => {
+                self.ops.telemetry.on_counters(&counters);
                 let index = usize::from(counters.shard.0);
                 if let Some(slot) = self.counters.get_mut(index) {
                     *slot = Some(counters);
@@ -190,7 +201,10 @@ impl<R: RngCore> ControlThread<R> {
                         .handle_relay_bound(Instant::now(), token, result);
                 }
                 Output::Table { shard, change } => self.apply_table_change(shard, change),
-                Output::Event(event) => self.log_event(event),
+                Output::Event(event) => {
+                    self.observe(&event);
+                    self.log_event(event);
+                }
             }
         }
     }
@@ -290,51 +304,14 @@ impl<R: RngCore> ControlThread<R> {
 
     fn log_event(&self, event: Event) {
         match event {
-            Event::AllocationCreated {
-                alloc,
-                client,
-                user,
-                relays,
-                lifetime_secs,
-            } => {
-                let shard = self.owners.get(&alloc).map_or(-1, |s| i32::from(s.0));
-                let relays: Vec<String> = relays.iter().map(|r| r.advertised.to_string()).collect();
-                info!(
-                    alloc = alloc.0,
-                    shard,
-                    client = %client.client,
-                    transport = ?client.transport,
-                    user = %user,
-                    relays = %relays.join(","),
-                    lifetime_secs,
-                    "allocation created"
-                );
-            }
-            Event::AuthFailed {
-                client,
-                username,
-                reason,
-                code,
-            } => {
-                // A request without credentials is the first half of every handshake, not a
-                // failure worth an operator's attention.
-                if reason == AuthFailure::NoCredentials {
-                    debug!(client = %client.client, code, "challenged (no credentials yet)");
-                    return;
-                }
-                // Operators debug "ICE failure (unauthorized - check credentials)" from this
-                // line; the reason names the cause (unknown user, bad integrity, stale nonce,
-                // expired REST credential, realm mismatch).
-                info!(
-                    client = %client.client,
-                    username = username.as_deref().unwrap_or("-"),
-                    reason = reason.as_str(),
-                    code,
-                    "authentication failed"
-                );
-            }
-            Event::AllocationDeleted { alloc } => info!(alloc = alloc.0, "allocation deleted"),
-            Event::AllocationExpired { alloc } => info!(alloc = alloc.0, "allocation expired"),
+            // Allocation lifecycle and authentication failures are logged by `ops::observe`
+            // (with user, client and relayed address, rate-limited).
+            Event::AllocationCreated { .. }
+            | Event::AllocationDeleted { .. }
+            | Event::AllocationExpired { .. }
+            | Event::AllocationRevoked { .. }
+            | Event::AuthFailed { .. }
+            | Event::PeerDenied { .. } => {}
             Event::RelayBindFailed { token, retrying } => {
                 warn!(token = token.0, retrying, "could not bind a relay port");
             }
@@ -343,17 +320,8 @@ impl<R: RngCore> ControlThread<R> {
     }
 
     fn reload(&mut self) {
-        let Some(path) = &self.users_file else {
-            info!("reload requested; no users file configured, nothing to reload");
-            return;
-        };
-        let mut auth = self.config.auth.clone();
-        auth.users_file = Some(path.clone());
-        match UserTable::from_config(&auth).map(|users| self.engine.reload_users(users)) {
-            Ok(Ok(())) => info!(path = %path.display(), "users file reloaded"),
-            Ok(Err(e)) => error!(error = %e, "users file not reloaded; old users kept"),
-            Err(e) => error!(error = %e, "users file not reloaded; old users kept"),
-        }
+        // The outcome is logged (and counted) by `reload_all`.
+        let _ = self.reload_all();
     }
 }
 

@@ -3,7 +3,9 @@
 //!
 //! Data flow in a test: [`Uturn::start`] builds (once per test process) and spawns the binary
 //! with the test's flags, reads its standard output until the line `uturn is ready`, and learns
-//! the listener addresses the OS gave it (`--listen 127.0.0.1:0`). A [`TurnClient`] then runs
+//! the listener addresses the OS gave it (`--listen 127.0.0.1:0`) and the HTTP listener's
+//! (`listening on http ADDR`; the harness passes `--http 127.0.0.1:0` unless the test gives
+//! `--http`). A [`TurnClient`] then runs
 //! the RFC 8656 exchanges over a UDP socket, building and parsing every message with
 //! `uturn-proto`; an [`EchoPeer`] plays the remote peer and sends back what it receives.
 //!
@@ -38,6 +40,8 @@ pub struct Uturn {
     pub listeners: Vec<SocketAddr>,
     /// Everything the server printed on standard output before it was ready.
     pub banner: Vec<String>,
+    /// The HTTP listener (metrics, health, admin API) the server reported.
+    pub http: Option<SocketAddr>,
     stderr_log: Arc<Mutex<String>>,
     stderr_thread: Option<JoinHandle<()>>,
 }
@@ -50,8 +54,13 @@ impl Uturn {
     /// When the binary cannot be built or started, or exits before it is ready: the test
     /// cannot go on, and the panic message carries the server's log.
     pub fn start(args: &[&str]) -> Self {
+        let mut args: Vec<&str> = args.to_vec();
+        // Tests run in parallel: never the default HTTP port.
+        if !args.contains(&"--http") {
+            args.extend(["--http", "127.0.0.1:0"]);
+        }
         let mut child = Command::new(uturn_binary())
-            .args(args)
+            .args(&args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -74,6 +83,7 @@ impl Uturn {
             }
         });
         let mut listeners = Vec::new();
+        let mut http = None;
         let mut banner = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -87,6 +97,9 @@ impl Uturn {
             if let Some(addr) = line.strip_prefix("listening on udp ") {
                 listeners.push(addr.trim().parse().expect("listener address"));
             }
+            if let Some(addr) = line.strip_prefix("listening on http ") {
+                http = Some(addr.trim().parse().expect("HTTP listener address"));
+            }
             if line.trim() == "uturn is ready" {
                 break;
             }
@@ -96,6 +109,7 @@ impl Uturn {
             child,
             listeners,
             banner,
+            http,
             stderr_log,
             stderr_thread,
         }
@@ -112,6 +126,66 @@ impl Uturn {
             .iter()
             .find(|a| a.is_ipv6() == ipv6)
             .expect("a listener of that family")
+    }
+
+    /// The process id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`HUP`, `USR1`, ...) to the server.
+    ///
+    /// # Panics
+    ///
+    /// When `kill` cannot be run.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// One HTTP/1.1 request to the server's HTTP listener; returns the status and body.
+    ///
+    /// # Panics
+    ///
+    /// When the server has no HTTP listener or does not answer within [`ANSWER_TIMEOUT`].
+    pub fn http(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        let addr = self.http.expect("the server reported an HTTP listener");
+        http_request(addr, method, path, token)
+    }
+
+    /// `/metrics` parsed into `name{labels}` → value (see [`parse_metrics`]).
+    pub fn metrics(&self) -> Vec<(String, f64)> {
+        let (status, body) = self.http("GET", "/metrics", None);
+        assert_eq!(status, 200, "GET /metrics: {body}");
+        parse_metrics(&body)
+    }
+
+    /// The sum of every sample of metric `name` whose labels contain all of `labels`
+    /// (`("direction", "to_peer")`, ...).
+    pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics(), name, labels)
+    }
+
+    /// Polls `/metrics` until `metric_sum(name, labels) == expected` or `timeout` passes;
+    /// returns the last value seen.
+    pub fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        expected: f64,
+        timeout: Duration,
+    ) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.metric_sum(name, labels);
+            if (value - expected).abs() < f64::EPSILON || Instant::now() >= deadline {
+                return value;
+            }
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
     }
 
     /// What the server has written to standard error so far.
@@ -145,6 +219,69 @@ impl Drop for Uturn {
             let _ = t.join();
         }
     }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns the status and body.
+///
+/// # Panics
+///
+/// When the server does not answer within [`ANSWER_TIMEOUT`] or answers something that is not
+/// HTTP.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    use std::io::Write as _;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, ANSWER_TIMEOUT).expect("connect to HTTP");
+    stream
+        .set_read_timeout(Some(ANSWER_TIMEOUT))
+        .expect("set read timeout");
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).expect("send request");
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .expect("read HTTP response");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head and body");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("HTTP status code");
+    (status, body.to_owned())
+}
+
+/// Prometheus text format into `(name{labels}, value)` pairs (comments skipped).
+pub fn parse_metrics(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum over the samples of `name` whose labels include every `(key, value)` of `labels`.
+pub fn metric_sum(samples: &[(String, f64)], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(series, _)| {
+            let (n, rest) = series.split_once('{').unwrap_or((series.as_str(), ""));
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, v)| v)
+        .sum()
 }
 
 fn spawn_log_collector(mut stderr: ChildStderr, log: Arc<Mutex<String>>) -> JoinHandle<()> {
@@ -323,9 +460,10 @@ impl TurnClient {
                 let msg = response.message();
                 let realm = msg.realm().ok().flatten().map(str::to_owned);
                 let nonce = msg.nonce().ok().flatten().map(str::to_owned);
-                // A 401 to a request that already carried integrity means wrong credentials:
-                // hand it to the test instead of looping.
-                if code == Some(401) && self.key.is_some() && nonce == self.nonce {
+                // A 401 to a request that already carried integrity means wrong credentials
+                // (the server may issue a fresh nonce with it): hand it to the test instead of
+                // looping.
+                if code == Some(401) && self.key.is_some() {
                     return response;
                 }
                 if let (Some(realm), Some(nonce)) = (realm, nonce) {

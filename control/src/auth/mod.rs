@@ -161,6 +161,22 @@ impl Authenticator {
         self.users = users;
     }
 
+    /// Replaces the TURN REST secrets. Refused when it would switch REST credentials on or
+    /// off: the nonce cookie announces USERHASH only without them, and nonces already issued
+    /// carry that announcement.
+    pub(crate) fn replace_secrets(
+        &mut self,
+        auth: &crate::config::AuthConfig,
+    ) -> Result<(), &'static str> {
+        let rest = RestSecrets::new(auth);
+        if rest.is_enabled() != self.rest.is_enabled() {
+            return Err("switching TURN REST secrets on or off needs a restart \
+                        (issued nonces announce USERHASH only without them)");
+        }
+        self.rest = rest;
+        Ok(())
+    }
+
     /// RFC 8489 §9.2.4, in order.
     pub(crate) fn authenticate(
         &mut self,

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 use uturn_control::Config;
 use uturn_control::config::{IoBackend, UserConfig};
+use uturn_control::ops::LogFormat;
 
 /// uturn: a TURN/STUN relay server (RFC 8489, RFC 8656).
 ///
 /// With no flags and no config file it serves UDP 0.0.0.0:3478 with a `demo` user whose
 /// password is printed at start-up. Flags override the config file.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "uturn", version, about, long_about = None)]
 pub(crate) struct Cli {
     /// TOML configuration file (see uturn.example.toml for every setting and its default).
@@ -60,6 +61,36 @@ pub(crate) struct Cli {
     /// Data-plane I/O backend.
     #[arg(long, value_enum, value_name = "BACKEND")]
     pub(crate) io: Option<IoFlag>,
+
+    /// HTTP listener for /metrics, /healthz, /readyz and the admin API /api/v1 (`ops.http_listen`,
+    /// default 127.0.0.1:9641). A non-loopback address needs --http-token.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub(crate) http: Option<SocketAddr>,
+
+    /// Bearer token the HTTP API requires (`ops.http_token`); /healthz and /readyz stay open.
+    #[arg(long = "http-token", value_name = "TOKEN")]
+    pub(crate) http_token: Option<String>,
+
+    /// Log format on standard error (`ops.log_format`).
+    #[arg(long = "log-format", value_enum, value_name = "FORMAT")]
+    pub(crate) log_format: Option<LogFormatFlag>,
+
+    /// Where draining sends new clients (300 Try Alternate), repeatable (`ops.alternate_servers`).
+    #[arg(long = "alternate-server", value_name = "ADDR:PORT")]
+    pub(crate) alternate_server: Vec<SocketAddr>,
+
+    /// How often shards publish their counters, milliseconds (`ops.counters_interval_ms`).
+    #[arg(long = "counters-interval-ms", value_name = "MS")]
+    pub(crate) counters_interval_ms: Option<u32>,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormatFlag {
+    /// One human-readable line per event.
+    Human,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `--io` values.
@@ -107,6 +138,25 @@ impl Cli {
         }
         if let Some(threads) = self.threads {
             config.server.threads = threads;
+        }
+        if let Some(http) = self.http {
+            config.ops.http_listen = http;
+        }
+        if let Some(token) = &self.http_token {
+            config.ops.http_token = Some(token.clone());
+        }
+        if let Some(format) = self.log_format {
+            config.ops.log_format = match format {
+                LogFormatFlag::Human => LogFormat::Human,
+                LogFormatFlag::Json => LogFormat::Json,
+            };
+        }
+        config
+            .ops
+            .alternate_servers
+            .extend(self.alternate_server.iter().copied());
+        if let Some(ms) = self.counters_interval_ms {
+            config.ops.counters_interval_ms = ms;
         }
         if let Some(io) = self.io {
             config.server.io = match io {

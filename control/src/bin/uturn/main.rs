@@ -2,8 +2,9 @@
 //!
 //! Start-up order: parse flags, load and validate the config (a bad flag or field is one line
 //! on standard error and exit code 2), start the data plane (listeners bound, shards running),
-//! print the listeners and `uturn is ready`, then run the control thread until SIGINT or
-//! SIGTERM. SIGHUP reloads the users file.
+//! start the HTTP listener (metrics, health, admin API), print the listeners and
+//! `uturn is ready`, then run the control thread until SIGINT or SIGTERM. SIGHUP reloads users,
+//! REST secrets, peer policy and log level; SIGUSR1 starts draining.
 #![forbid(unsafe_code)]
 
 mod cli;
@@ -17,11 +18,15 @@ use clap::Parser as _;
 use crossbeam_channel::bounded;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _, reload};
 use uturn_control::config::{IoBackend, UserConfig};
-use uturn_control::shell::{ControlThread, Signal, default_relay_ips};
+use uturn_control::http::{HttpServer, Readiness};
+use uturn_control::ops::LogFormat;
+use uturn_control::shell::{ControlThread, LogLevelSetter, OpsHooks, Signal, default_relay_ips};
 use uturn_control::{Config, UserTable};
 use uturn_dataplane::{BackendChoice, DataPlane, DataPlaneConfig};
 
@@ -33,22 +38,15 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-
-    let (config, demo_password) = match load_config(&cli) {
+    let (config, demo_password) = match load_config(&cli, None) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("uturn: {e:#}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match run(config, demo_password.as_deref()) {
+    let log_level = init_logging(&config);
+    match run(cli, config, demo_password, log_level) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("uturn: {e:#}");
@@ -57,9 +55,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to standard error in the configured format; `RUST_LOG` wins over `ops.log_level` at
+/// start-up. Returns the setter that a reload uses to change the filter.
+fn init_logging(config: &Config) -> LogLevelSetter {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.ops.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match config.ops.log_format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Human => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    Box::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| format!("ops.log_level: {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
+}
+
 /// The config file (or defaults) with the flags on top, completed and validated. Returns the
-/// generated demo password when no credentials were configured at all.
-fn load_config(cli: &cli::Cli) -> anyhow::Result<(Config, Option<String>)> {
+/// generated demo password when no credentials were configured at all (`demo` reuses one
+/// generated before, so a reload keeps the demo user's password).
+fn load_config(cli: &cli::Cli, demo: Option<&str>) -> anyhow::Result<(Config, Option<String>)> {
     let file = match &cli.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -83,11 +101,16 @@ fn load_config(cli: &cli::Cli) -> anyhow::Result<(Config, Option<String>)> {
         && config.auth.users_file.is_none()
         && config.auth.secrets.is_empty()
     {
-        let password: String = rand::rng()
-            .sample_iter(rand::distr::Alphanumeric)
-            .take(20)
-            .map(char::from)
-            .collect();
+        let password: String = demo.map_or_else(
+            || {
+                rand::rng()
+                    .sample_iter(rand::distr::Alphanumeric)
+                    .take(20)
+                    .map(char::from)
+                    .collect()
+            },
+            str::to_owned,
+        );
         config.auth.users.push(UserConfig {
             username: "demo".to_owned(),
             password: Some(password.clone()),
@@ -99,7 +122,12 @@ fn load_config(cli: &cli::Cli) -> anyhow::Result<(Config, Option<String>)> {
     Ok((config, demo_password))
 }
 
-fn run(config: Config, demo_password: Option<&str>) -> anyhow::Result<()> {
+fn run(
+    cli: cli::Cli,
+    config: Config,
+    demo_password: Option<String>,
+    log_level: LogLevelSetter,
+) -> anyhow::Result<()> {
     raise_open_file_limit();
     let users = UserTable::from_config(&config.auth)?;
     let (dataplane, from_shards) =
@@ -124,12 +152,21 @@ fn run(config: Config, demo_password: Option<&str>) -> anyhow::Result<()> {
         "relay configured"
     );
 
+    let readiness = Readiness::default();
+    let (http, admin) = HttpServer::start(
+        config.ops.http_listen,
+        config.ops.http_token.clone(),
+        readiness.clone(),
+    )?;
+
     // Machine-readable lines on stdout: tests and scripts wait for `uturn is ready`.
     let listeners = dataplane.listener_addrs().to_vec();
     for addr in &listeners {
         println!("listening on udp {addr}");
     }
-    if let Some(password) = demo_password {
+    println!("listening on http {}", http.local_addr());
+    info!(addr = %http.local_addr(), "HTTP listener (metrics, health, admin API) running");
+    if let Some(password) = demo_password.as_deref() {
         let host = listeners
             .first()
             .map(|a| {
@@ -151,16 +188,16 @@ fn run(config: Config, demo_password: Option<&str>) -> anyhow::Result<()> {
     }
 
     let (signal_tx, signals) = bounded(16);
-    let mut os_signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+    let mut os_signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1])
         .context("install signal handlers")?;
     std::thread::Builder::new()
         .name("uturn-signals".into())
         .spawn(move || {
             for signal in os_signals.forever() {
-                let message = if signal == SIGHUP {
-                    Signal::Reload
-                } else {
-                    Signal::Stop
+                let message = match signal {
+                    SIGHUP => Signal::Reload,
+                    SIGUSR1 => Signal::Drain,
+                    _ => Signal::Stop,
                 };
                 if signal_tx.send(message).is_err() || message == Signal::Stop {
                     break;
@@ -176,10 +213,23 @@ fn run(config: Config, demo_password: Option<&str>) -> anyhow::Result<()> {
         from_shards,
         signals,
         StdRng::from_os_rng(),
-    )?;
+    )?
+    .with_ops(OpsHooks {
+        admin,
+        readiness,
+        listeners: listeners.iter().map(|a| ("udp", *a)).collect(),
+        reloader: Some(Box::new(move || {
+            load_config(&cli, demo_password.as_deref())
+                .map(|(config, _)| config)
+                .map_err(|e| format!("{e:#}"))
+        })),
+        log_level: Some(log_level),
+        reload_hooks: Vec::new(),
+    });
     println!("uturn is ready");
     info!("uturn is ready");
     control.run();
+    drop(http);
     info!("stopped");
     Ok(())
 }
@@ -199,6 +249,7 @@ fn dataplane_config(config: &Config) -> DataPlaneConfig {
         },
         socket_recv_buffer_bytes: buffer,
         socket_send_buffer_bytes: buffer,
+        counters_interval: config.ops.counters_interval(),
         ..DataPlaneConfig::default()
     }
 }

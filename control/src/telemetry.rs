@@ -1,0 +1,452 @@
+//! Prometheus metrics: engine events and shard counters turned into `metrics` calls.
+//!
+//! Shards keep plain local counters and publish cumulative totals every
+//! `ops.counters_interval_ms` ([`uturn_dataplane::Counters`]); [`Telemetry::on_counters`] turns
+//! the differences into counter increments here, on the control thread. Nothing on the packet
+//! path touches an atomic or a lock for metrics. No metric has a per-user or per-allocation
+//! label: the admin API serves per-allocation detail.
+//!
+//! Every name uturn exports is listed in [`METRIC_NAMES`]; the Grafana dashboard test checks
+//! its queries against that list.
+
+use std::time::Instant;
+
+use hashbrown::HashMap;
+use metrics::{counter, gauge, histogram};
+use uturn_dataplane::{AllocationCounters, Counters, ShardCounters};
+
+use crate::engine::Event;
+use crate::{AllocationId, AllocationInfo, AuthFailure, Transport};
+
+/// Every metric family uturn exports (histograms without their `_bucket`/`_sum`/`_count`
+/// suffixes).
+pub const METRIC_NAMES: &[&str] = &[
+    "uturn_build_info",
+    "uturn_start_time_seconds",
+    "uturn_draining",
+    "uturn_allocations",
+    "uturn_permissions",
+    "uturn_channels",
+    "uturn_connections",
+    "uturn_requests_total",
+    "uturn_auth_failures_total",
+    "uturn_relayed_packets_total",
+    "uturn_relayed_bytes_total",
+    "uturn_dropped_packets_total",
+    "uturn_allocation_lifetime_seconds",
+    "uturn_shard_received_datagrams_total",
+    "uturn_shard_relayed_packets_total",
+    "uturn_dataplane_loop_turns_total",
+    "uturn_dataplane_completions_total",
+    "uturn_dataplane_completions_per_turn_max",
+    "uturn_dataplane_submits_total",
+    "uturn_reloads_total",
+];
+
+/// Histogram buckets for allocation lifetimes, seconds: a failed call lasts seconds, a
+/// meeting an hour or more (refreshed allocations live past the 3600 s maximum lifetime).
+pub const LIFETIME_BUCKETS_SECS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
+
+/// The authentication failure reasons counted (the first leg of every handshake, a request
+/// without credentials, is not a failure).
+const AUTH_REASONS: [AuthFailure; 8] = [
+    AuthFailure::UnknownUser,
+    AuthFailure::BadIntegrity,
+    AuthFailure::StaleNonce,
+    AuthFailure::ExpiredCredential,
+    AuthFailure::RealmMismatch,
+    AuthFailure::MissingAttributes,
+    AuthFailure::AlgorithmMismatch,
+    AuthFailure::AlgorithmUnavailable,
+];
+
+/// What the control thread remembers per allocation for metrics.
+#[derive(Debug, Clone, Copy)]
+struct Tracked {
+    transport: Transport,
+    created_at: Instant,
+    last: AllocationCounters,
+    /// The shard that reports it, once a report has named it.
+    shard: Option<u16>,
+    /// When the engine removed it; its final counters may still be on their way from the shard.
+    retired: Option<Instant>,
+}
+
+/// How long a removed allocation is remembered when its shard never reports it (a lost
+/// report); a bound on the map, not a normal path.
+const RETIRED_KEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Converts engine events and shard counter reports into metrics.
+#[derive(Debug)]
+pub struct Telemetry {
+    shards: Vec<ShardCounters>,
+    allocations: HashMap<AllocationId, Tracked>,
+    /// Packets and bytes relayed since start, summed over every allocation.
+    relayed: AllocationCounters,
+    /// Allocations the engine removed whose final report may still come.
+    retired: hashbrown::HashSet<AllocationId>,
+}
+
+impl Telemetry {
+    /// Registers every metric family with zero values so that dashboards see them at once.
+    pub fn new(shard_count: usize, start_unix_secs: f64) -> Self {
+        gauge!("uturn_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        gauge!("uturn_start_time_seconds").set(start_unix_secs);
+        gauge!("uturn_draining").set(0.0);
+        for reason in AUTH_REASONS {
+            counter!("uturn_auth_failures_total", "reason" => reason.as_str()).absolute(0);
+        }
+        for transport in [Transport::Udp, Transport::Tcp, Transport::Tls] {
+            for direction in ["to_peer", "to_client"] {
+                let t = transport_label(transport);
+                counter!("uturn_relayed_packets_total", "direction" => direction, "transport" => t)
+                    .absolute(0);
+                counter!("uturn_relayed_bytes_total", "direction" => direction, "transport" => t)
+                    .absolute(0);
+            }
+        }
+        for reason in uturn_dataplane::DropReason::ALL {
+            counter!("uturn_dropped_packets_total", "reason" => reason.name()).absolute(0);
+        }
+        counter!("uturn_dropped_packets_total", "reason" => "peer_denied").absolute(0);
+        for result in ["ok", "refused"] {
+            counter!("uturn_reloads_total", "result" => result).absolute(0);
+        }
+        for shard in 0..shard_count {
+            let s = shard.to_string();
+            gauge!("uturn_allocations", "shard" => s.clone()).set(0.0);
+            gauge!("uturn_permissions", "shard" => s.clone()).set(0.0);
+            gauge!("uturn_channels", "shard" => s.clone()).set(0.0);
+            for direction in ["to_peer", "to_client"] {
+                counter!("uturn_shard_relayed_packets_total", "shard" => s.clone(), "direction" => direction)
+                    .absolute(0);
+            }
+            for source in ["client", "peer"] {
+                counter!("uturn_shard_received_datagrams_total", "shard" => s.clone(), "source" => source)
+                    .absolute(0);
+            }
+            for name in [
+                "uturn_dataplane_loop_turns_total",
+                "uturn_dataplane_completions_total",
+                "uturn_dataplane_submits_total",
+            ] {
+                counter!(name, "shard" => s.clone()).absolute(0);
+            }
+            gauge!("uturn_dataplane_completions_per_turn_max", "shard" => s.clone()).set(0.0);
+            for transport in ["tcp", "tls"] {
+                gauge!("uturn_connections", "shard" => s.clone(), "transport" => transport)
+                    .set(0.0);
+            }
+        }
+        metrics::describe_histogram!(
+            "uturn_allocation_lifetime_seconds",
+            metrics::Unit::Seconds,
+            "How long allocations lived, from creation to deletion or expiry"
+        );
+        Self {
+            shards: vec![ShardCounters::default(); shard_count],
+            allocations: HashMap::new(),
+            relayed: AllocationCounters::default(),
+            retired: hashbrown::HashSet::new(),
+        }
+    }
+
+    /// Packets and bytes relayed since start, each way (what the `uturn_relayed_*` counters
+    /// say, summed over transports).
+    pub fn relayed(&self) -> AllocationCounters {
+        self.relayed
+    }
+
+    /// Counts one engine event.
+    pub fn on_event(&mut self, event: &Event, now: Instant) {
+        match event {
+            Event::RequestHandled { method, code, .. } => {
+                let method = method.name().unwrap_or("unknown");
+                let code = code.map_or_else(|| "200".to_owned(), |c| c.to_string());
+                counter!("uturn_requests_total", "method" => method, "code" => code).increment(1);
+            }
+            Event::AuthFailed { reason, .. } if *reason != AuthFailure::NoCredentials => {
+                counter!("uturn_auth_failures_total", "reason" => reason.as_str()).increment(1);
+            }
+            Event::AllocationCreated { alloc, client, .. } => {
+                self.allocations.insert(
+                    *alloc,
+                    Tracked {
+                        transport: client.transport,
+                        created_at: now,
+                        last: AllocationCounters::default(),
+                        shard: None,
+                        retired: None,
+                    },
+                );
+            }
+            Event::AllocationDeleted { alloc }
+            | Event::AllocationExpired { alloc }
+            | Event::AllocationRevoked { alloc } => {
+                if let Some(tracked) = self.allocations.get_mut(alloc) {
+                    tracked.retired = Some(now);
+                    self.retired.insert(*alloc);
+                    let lived = now.saturating_duration_since(tracked.created_at);
+                    histogram!("uturn_allocation_lifetime_seconds").record(lived.as_secs_f64());
+                }
+            }
+            Event::PeerDenied { .. } => {
+                counter!("uturn_dropped_packets_total", "reason" => "peer_denied").increment(1);
+            }
+            _ => {}
+        }
+    }
+
+    /// Turns one shard report (cumulative totals) into counter increments.
+    pub fn on_counters(&mut self, report: &Counters) {
+        let index = usize::from(report.shard.0);
+        let Some(previous) = self.shards.get_mut(index) else {
+            return;
+        };
+        let now = report.shard_counters;
+        let delta = |new: u64, old: u64| new.saturating_sub(old);
+        let shard = index.to_string();
+        counter!("uturn_shard_received_datagrams_total", "shard" => shard.clone(), "source" => "client")
+            .increment(delta(now.client_datagrams, previous.client_datagrams));
+        counter!("uturn_shard_received_datagrams_total", "shard" => shard.clone(), "source" => "peer")
+            .increment(delta(now.peer_datagrams, previous.peer_datagrams));
+        counter!("uturn_shard_relayed_packets_total", "shard" => shard.clone(), "direction" => "to_peer")
+            .increment(delta(now.to_peer_packets, previous.to_peer_packets));
+        counter!("uturn_shard_relayed_packets_total", "shard" => shard.clone(), "direction" => "to_client")
+            .increment(delta(now.to_client_packets, previous.to_client_packets));
+        for (reason, count) in now.drops.iter() {
+            counter!("uturn_dropped_packets_total", "reason" => reason.name())
+                .increment(delta(count, previous.drops.get(reason)));
+        }
+        counter!("uturn_dataplane_loop_turns_total", "shard" => shard.clone())
+            .increment(delta(now.loop_turns, previous.loop_turns));
+        counter!("uturn_dataplane_completions_total", "shard" => shard.clone())
+            .increment(delta(now.completions, previous.completions));
+        counter!("uturn_dataplane_submits_total", "shard" => shard.clone())
+            .increment(delta(now.submits, previous.submits));
+        #[allow(clippy::cast_precision_loss)] // a per-turn count, far below 2^52
+        gauge!("uturn_dataplane_completions_per_turn_max", "shard" => shard)
+            .set(now.completions_per_turn_max as f64);
+        *previous = now;
+
+        let mut by_transport = [AllocationCounters::default(); 3];
+        for (alloc, counters) in &report.allocations {
+            let alloc = AllocationId(alloc.0);
+            // An allocation the control thread no longer tracks (it lived and ended between two
+            // reports) still counts, from zero.
+            let tracked = self.allocations.entry(alloc).or_insert(Tracked {
+                transport: Transport::Udp,
+                created_at: Instant::now(),
+                last: AllocationCounters::default(),
+                shard: None,
+                retired: Some(Instant::now()),
+            });
+            tracked.shard = Some(report.shard.0);
+            if tracked.retired.is_some() {
+                self.retired.insert(alloc);
+            }
+            let last = tracked.last;
+            let moved = AllocationCounters {
+                to_peer_packets: delta(counters.to_peer_packets, last.to_peer_packets),
+                to_peer_bytes: delta(counters.to_peer_bytes, last.to_peer_bytes),
+                to_client_packets: delta(counters.to_client_packets, last.to_client_packets),
+                to_client_bytes: delta(counters.to_client_bytes, last.to_client_bytes),
+            };
+            add(&mut by_transport[transport_index(tracked.transport)], moved);
+            add(&mut self.relayed, moved);
+            tracked.last = *counters;
+        }
+        // One registry update per series and report, not per allocation.
+        for transport in [Transport::Udp, Transport::Tcp, Transport::Tls] {
+            let moved = by_transport[transport_index(transport)];
+            if moved == AllocationCounters::default() {
+                continue;
+            }
+            let t = transport_label(transport);
+            counter!("uturn_relayed_packets_total", "direction" => "to_peer", "transport" => t)
+                .increment(moved.to_peer_packets);
+            counter!("uturn_relayed_bytes_total", "direction" => "to_peer", "transport" => t)
+                .increment(moved.to_peer_bytes);
+            counter!("uturn_relayed_packets_total", "direction" => "to_client", "transport" => t)
+                .increment(moved.to_client_packets);
+            counter!("uturn_relayed_bytes_total", "direction" => "to_client", "transport" => t)
+                .increment(moved.to_client_bytes);
+        }
+        // A retired allocation that its own shard no longer reports has had its final counters
+        // counted (a shard reports a removed allocation once, with its final values).
+        if self.retired.is_empty() {
+            return;
+        }
+        let reported: hashbrown::HashSet<u64> =
+            report.allocations.iter().map(|(a, _)| a.0).collect();
+        let shard = report.shard.0;
+        let now = Instant::now();
+        let allocations = &mut self.allocations;
+        self.retired.retain(|alloc| {
+            let Some(tracked) = allocations.get(alloc) else {
+                return false;
+            };
+            let retired = tracked.retired.unwrap_or(now);
+            let final_counted = tracked.shard == Some(shard) && !reported.contains(&alloc.0);
+            let lost = now.saturating_duration_since(retired) > RETIRED_KEEP;
+            if final_counted || lost {
+                allocations.remove(alloc);
+                return false;
+            }
+            true
+        });
+    }
+
+    /// The latest packet and byte counters of one allocation, for the admin API.
+    pub fn allocation_counters(&self, alloc: AllocationId) -> AllocationCounters {
+        self.allocations
+            .get(&alloc)
+            .map(|t| t.last)
+            .unwrap_or_default()
+    }
+
+    /// Sets the number of open TCP or TLS client connections of one shard (for the stream
+    /// transports, which report them with their counters).
+    #[allow(clippy::cast_precision_loss)] // a connection count, far below 2^52
+    pub fn set_connections(&self, shard: usize, transport: Transport, open: u64) {
+        gauge!("uturn_connections", "shard" => shard.to_string(), "transport" => transport_label(transport))
+            .set(open as f64);
+    }
+
+    /// Sets the per-shard gauges from the engine's view of its allocations.
+    pub fn set_gauges<'a>(
+        &self,
+        allocations: impl Iterator<Item = AllocationInfo<'a>>,
+        draining: bool,
+    ) {
+        let mut per_shard = vec![(0usize, 0usize, 0usize); self.shards.len()];
+        for info in allocations {
+            if let Some(slot) = per_shard.get_mut(usize::from(info.shard.0)) {
+                slot.0 += 1;
+                slot.1 += info.permissions;
+                slot.2 += info.channels;
+            }
+        }
+        #[allow(clippy::cast_precision_loss)] // counts of live objects, far below 2^52
+        for (shard, (allocations, permissions, channels)) in per_shard.into_iter().enumerate() {
+            let s = shard.to_string();
+            gauge!("uturn_allocations", "shard" => s.clone()).set(allocations as f64);
+            gauge!("uturn_permissions", "shard" => s.clone()).set(permissions as f64);
+            gauge!("uturn_channels", "shard" => s).set(channels as f64);
+        }
+        gauge!("uturn_draining").set(if draining { 1.0 } else { 0.0 });
+    }
+}
+
+fn add(total: &mut AllocationCounters, moved: AllocationCounters) {
+    total.to_peer_packets += moved.to_peer_packets;
+    total.to_peer_bytes += moved.to_peer_bytes;
+    total.to_client_packets += moved.to_client_packets;
+    total.to_client_bytes += moved.to_client_bytes;
+}
+
+fn transport_index(transport: Transport) -> usize {
+    match transport {
+        Transport::Udp => 0,
+        Transport::Tcp => 1,
+        Transport::Tls => 2,
+    }
+}
+
+/// The label value of a client transport.
+pub fn transport_label(transport: Transport) -> &'static str {
+    match transport {
+        Transport::Udp => "udp",
+        Transport::Tcp => "tcp",
+        Transport::Tls => "tls",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use uturn_dataplane::{
+        AllocationCounters, AllocationId as ShardAllocationId, Counters, ShardId,
+    };
+
+    use super::*;
+    use crate::{FiveTuple, Transport};
+
+    fn report(shard: u16, allocations: &[(u64, u64)]) -> Counters {
+        Counters {
+            shard: ShardId(shard),
+            shard_counters: ShardCounters::default(),
+            allocations: allocations
+                .iter()
+                .map(|(id, packets)| {
+                    let counters = AllocationCounters {
+                        to_peer_packets: *packets,
+                        to_peer_bytes: packets * 100,
+                        to_client_packets: *packets,
+                        to_client_bytes: packets * 100,
+                    };
+                    (ShardAllocationId(*id), counters)
+                })
+                .collect(),
+        }
+    }
+
+    fn created(alloc: u64) -> Event {
+        Event::AllocationCreated {
+            alloc: AllocationId(alloc),
+            client: FiveTuple {
+                transport: Transport::Udp,
+                client: "198.51.100.1:5000".parse().unwrap(),
+                server: "192.0.2.1:3478".parse().unwrap(),
+            },
+            user: "alice".into(),
+            relays: Vec::new(),
+            lifetime_secs: 600,
+        }
+    }
+
+    /// Cumulative reports become exact totals: a removed allocation's final report counts once,
+    /// even when the other shard reports in between and when it lived between two reports.
+    #[test]
+    fn cumulative_reports_count_each_packet_once_across_shards() {
+        let now = Instant::now();
+        let mut t = Telemetry::new(2, 0.0);
+        t.on_event(&created(1), now);
+        t.on_counters(&report(0, &[(1, 10)]));
+        t.on_counters(&report(1, &[]));
+        t.on_counters(&report(0, &[(1, 15)]));
+        assert_eq!(t.relayed().to_peer_packets, 15);
+        assert_eq!(t.allocation_counters(AllocationId(1)).to_client_bytes, 1500);
+
+        // Removed: shard 1's report does not name it, which must not forget it yet.
+        t.on_event(
+            &Event::AllocationExpired {
+                alloc: AllocationId(1),
+            },
+            now,
+        );
+        t.on_counters(&report(1, &[]));
+        t.on_counters(&report(0, &[(1, 18)])); // the final values
+        t.on_counters(&report(0, &[])); // gone from shard 0: forgotten
+        assert_eq!(t.relayed().to_peer_packets, 18);
+        assert!(t.allocations.is_empty());
+        assert!(t.retired.is_empty());
+
+        // Lived and ended between two reports: its final values still count, once.
+        t.on_event(&created(2), now);
+        t.on_event(
+            &Event::AllocationDeleted {
+                alloc: AllocationId(2),
+            },
+            now,
+        );
+        t.on_counters(&report(1, &[(2, 4)]));
+        t.on_counters(&report(1, &[]));
+        assert_eq!(t.relayed().to_peer_packets, 22);
+        assert_eq!(t.relayed().to_client_bytes, 2200);
+        assert!(t.allocations.is_empty());
+    }
+}
