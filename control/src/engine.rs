@@ -22,8 +22,11 @@ use crate::timers::Timers;
 use crate::{AllocationId, BindToken, FiveTuple, ShardId};
 
 /// How many times the engine picks new ports after the shell fails to bind them, before it
-/// answers 508 (Insufficient Capacity).
-pub const RELAY_BIND_ATTEMPTS_MAX: u8 = 3;
+/// answers 508 (Insufficient Capacity). Each try starts at a new random offset, so a port taken
+/// by another program costs one bind; eight tries keep a failure unlikely even when a tenth of
+/// the range is held by other sockets (the kernel's ephemeral ports overlap RFC 8656's default
+/// range unless the host reserves it), and each try is one bind(2) on the control thread.
+pub const RELAY_BIND_ATTEMPTS_MAX: u8 = 8;
 
 /// Largest response the engine writes; every response it builds is far smaller.
 const RESPONSE_LEN_MAX: usize = 1024;

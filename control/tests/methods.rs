@@ -348,11 +348,12 @@ fn a_failed_relay_bind_is_retried_on_other_ports_then_answered_508() {
         panic!("{outputs:#?}")
     };
     let mut token = *token;
-    for attempt in 1..=3u8 {
+    let attempts = uturn_control::engine::RELAY_BIND_ATTEMPTS_MAX;
+    for attempt in 1..=attempts {
         h.engine
             .handle_relay_bound(h.now, token, Err(uturn_control::BindFailed));
         let outputs = h.drain();
-        if attempt < 3 {
+        if attempt < attempts {
             match outputs.as_slice() {
                 [
                     Output::Event(Event::RelayBindFailed { retrying: true, .. }),

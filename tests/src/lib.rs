@@ -803,6 +803,10 @@ pub fn standard_args(backend: &str, threads: usize) -> Vec<String> {
         "::1",
         "--realm",
         "e2e.test",
+        // Below Linux's ephemeral range (32768-60999): the tests' own client sockets then never
+        // hold a relay port.
+        "--ports",
+        "20000-29999",
         "--user",
         "alice:wonderland",
         "--allow-loopback-peers",

@@ -343,7 +343,7 @@ fn loopback_peers_are_forbidden_unless_allowed(backend: &str) {
 #[test]
 fn a_thousand_allocations_over_two_shards_each_relay_their_own_traffic() {
     for backend in uturn_e2e::BACKENDS {
-        let server = start(backend, 2, &["--ports", "30000-39999"]);
+        let server = start(backend, 2, &[]);
         let peer = EchoPeer::start(false);
         let mut clients: Vec<TurnClient> = (0..1000)
             .map(|_| TurnClient::new(server.listener(false), "alice", "wonderland"))

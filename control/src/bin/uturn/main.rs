@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod host;
 
 use std::io::IsTerminal as _;
 use std::net::IpAddr;
@@ -129,6 +130,7 @@ fn run(
     log_level: LogLevelSetter,
 ) -> anyhow::Result<()> {
     raise_open_file_limit();
+    warn_if_relay_ports_are_ephemeral(&config);
     let users = UserTable::from_config(&config.auth)?;
     let (dataplane, from_shards) =
         DataPlane::start(dataplane_config(&config)).context("start the data plane")?;
@@ -270,5 +272,26 @@ fn raise_open_file_limit() {
                 warn!(error = %e, "could not raise the open-file limit");
             }
         }
+    }
+}
+
+/// Warns when the kernel may hand out relay ports as ephemeral ports to other sockets on the
+/// host: each such port is one uturn cannot bind, and a run of them fails an Allocate (508).
+fn warn_if_relay_ports_are_ephemeral(config: &Config) {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let Some(ephemeral) = host::parse_port_range(&read("/proc/sys/net/ipv4/ip_local_port_range"))
+    else {
+        return;
+    };
+    let reserved = host::parse_reserved_ports(&read("/proc/sys/net/ipv4/ip_local_reserved_ports"));
+    let relay = config.relay.port_min..=config.relay.port_max;
+    if let Some((low, high)) = host::relay_ports_in_ephemeral_range(relay, ephemeral, &reserved) {
+        warn!(
+            "relay ports {low}-{high} are also the kernel's ephemeral ports: other sockets on \
+             this host can take them and make Allocate fail; move the relay range \
+             (relay.port_min/port_max) or set sysctl net.ipv4.ip_local_reserved_ports={}-{} \
+             (or narrow net.ipv4.ip_local_port_range; see scripts/deploy/99-uturn.conf)",
+            config.relay.port_min, config.relay.port_max
+        );
     }
 }
