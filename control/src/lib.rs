@@ -76,10 +76,13 @@ pub mod allocation;
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod listen;
 pub mod policy;
 pub mod ports;
 pub mod shell;
+mod stream_transport;
 mod timers;
+pub mod tls;
 
 use std::net::SocketAddr;
 

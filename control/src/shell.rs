@@ -32,9 +32,7 @@ use uturn_dataplane::{
 use uturn_proto::ChannelNumber;
 
 use crate::engine::{BindFailed, Engine, Event, Output, TableChange};
-use crate::{
-    AllocationId, AuthFailure, BindToken, Config, FiveTuple, ShardId, Transport, UserTable,
-};
+use crate::{AllocationId, AuthFailure, BindToken, Config, FiveTuple, ShardId, UserTable};
 
 /// The longest the loop sleeps without looking at the engine's timers again; a bound, so a
 /// clock that jumps or a lost wake-up costs at most this much lateness.
@@ -67,6 +65,8 @@ pub struct ControlThread<R: RngCore> {
     counters: Vec<Option<Counters>>,
     config: Config,
     users_file: Option<PathBuf>,
+    /// Extra work on SIGHUP (the binary reloads the TLS certificate here).
+    reload_hooks: Vec<Box<dyn FnMut() + Send>>,
 }
 
 impl<R: RngCore> ControlThread<R> {
@@ -91,6 +91,7 @@ impl<R: RngCore> ControlThread<R> {
             owners: HashMap::new(),
             counters,
             users_file: config.auth.users_file.clone(),
+            reload_hooks: Vec::new(),
             config,
         })
     }
@@ -139,12 +140,13 @@ impl<R: RngCore> ControlThread<R> {
         match message {
             ToControl::Request {
                 shard,
+                transport,
                 server,
                 client,
                 bytes,
             } => {
                 let five_tuple = FiveTuple {
-                    transport: Transport::Udp,
+                    transport: crate::stream_transport::to_engine(transport),
                     client,
                     server,
                 };
@@ -155,6 +157,20 @@ impl<R: RngCore> ControlThread<R> {
                     five_tuple,
                     &bytes,
                 );
+            }
+            ToControl::ConnectionClosed {
+                transport,
+                server,
+                client,
+                ..
+            } => {
+                let five_tuple = FiveTuple {
+                    transport: crate::stream_transport::to_engine(transport),
+                    client,
+                    server,
+                };
+                self.engine
+                    .handle_connection_closed(Instant::now(), five_tuple);
             }
             ToControl::Counters(counters) => {
                 let index = usize::from(counters.shard.0);
@@ -175,6 +191,7 @@ impl<R: RngCore> ControlThread<R> {
                 Output::Transmit { shard, to, bytes } => self.send(
                     shard,
                     ShardCommand::Transmit {
+                        transport: crate::stream_transport::to_dataplane(to.transport),
                         server: to.server,
                         to: to.client,
                         bytes,
@@ -231,6 +248,7 @@ impl<R: RngCore> ControlThread<R> {
                 self.owners.insert(alloc, shard);
                 ShardCommand::OpenAllocation {
                     alloc: ShardAllocationId(alloc.0),
+                    transport: crate::stream_transport::to_dataplane(client.transport),
                     client_server: client.server,
                     client: client.client,
                     relays: sockets,
@@ -342,7 +360,15 @@ impl<R: RngCore> ControlThread<R> {
         }
     }
 
+    /// Runs `hook` on every SIGHUP, before the users file is reloaded.
+    pub fn on_reload(&mut self, hook: Box<dyn FnMut() + Send>) {
+        self.reload_hooks.push(hook);
+    }
+
     fn reload(&mut self) {
+        for hook in &mut self.reload_hooks {
+            hook();
+        }
         let Some(path) = &self.users_file else {
             info!("reload requested; no users file configured, nothing to reload");
             return;

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod streams;
 
 use std::io::IsTerminal as _;
 use std::net::IpAddr;
@@ -21,9 +22,10 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use uturn_control::config::{IoBackend, UserConfig};
+use uturn_control::listen;
 use uturn_control::shell::{ControlThread, Signal, default_relay_ips};
 use uturn_control::{Config, UserTable};
-use uturn_dataplane::{BackendChoice, DataPlane, DataPlaneConfig};
+use uturn_dataplane::{BackendChoice, DataPlane, DataPlaneConfig, TlsConfig};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -71,7 +73,9 @@ fn load_config(cli: &cli::Cli) -> anyhow::Result<(Config, Option<String>)> {
             .into_iter()
             .map(|i| i.ip())
             .collect();
-        config.relay.relay_ips = default_relay_ips(&config.server.listen, &interfaces);
+        let listen: Vec<std::net::SocketAddr> =
+            config.server.listen.iter().map(|l| l.addr()).collect();
+        config.relay.relay_ips = default_relay_ips(&listen, &interfaces);
         anyhow::ensure!(
             !config.relay.relay_ips.is_empty(),
             "relay.relay_ips: none configured and no usable interface address found; \
@@ -102,8 +106,9 @@ fn load_config(cli: &cli::Cli) -> anyhow::Result<(Config, Option<String>)> {
 fn run(config: Config, demo_password: Option<&str>) -> anyhow::Result<()> {
     raise_open_file_limit();
     let users = UserTable::from_config(&config.auth)?;
+    let tls = streams::load_tls(&config)?;
     let (dataplane, from_shards) =
-        DataPlane::start(dataplane_config(&config)).context("start the data plane")?;
+        DataPlane::start(dataplane_config(&config, tls.clone())).context("start the data plane")?;
     let (backend, why) = dataplane.backend();
     info!(
         backend = backend.name(),
@@ -128,6 +133,9 @@ fn run(config: Config, demo_password: Option<&str>) -> anyhow::Result<()> {
     let listeners = dataplane.listener_addrs().to_vec();
     for addr in &listeners {
         println!("listening on udp {addr}");
+    }
+    for listener in dataplane.stream_listeners() {
+        println!("listening on {} {}", listener.kind.name(), listener.addr);
     }
     if let Some(password) = demo_password {
         let host = listeners
@@ -169,7 +177,8 @@ fn run(config: Config, demo_password: Option<&str>) -> anyhow::Result<()> {
         })
         .context("spawn the signal thread")?;
 
-    let control = ControlThread::new(
+    let reload_tls = streams::reload_hook(&config, tls);
+    let mut control = ControlThread::new(
         config,
         users,
         dataplane,
@@ -177,6 +186,9 @@ fn run(config: Config, demo_password: Option<&str>) -> anyhow::Result<()> {
         signals,
         StdRng::from_os_rng(),
     )?;
+    if let Some(hook) = reload_tls {
+        control.on_reload(hook);
+    }
     println!("uturn is ready");
     info!("uturn is ready");
     control.run();
@@ -184,10 +196,12 @@ fn run(config: Config, demo_password: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dataplane_config(config: &Config) -> DataPlaneConfig {
+fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig {
     let buffer = usize::try_from(config.server.socket_buffer_bytes).ok();
     DataPlaneConfig {
-        listen: config.server.listen.clone(),
+        listen: listen::udp_addrs(&config.server.listen),
+        stream_listen: listen::stream_listeners(&config.server.listen),
+        tls,
         threads: match config.server.threads {
             0 => None,
             n => Some(usize::from(n)),
