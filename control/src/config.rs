@@ -54,6 +54,11 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// TCP/TLS connections open at once per shard; more are accepted and closed. Default 4096.
+    pub stream_connections_max: u32,
+    /// Seconds a TCP/TLS connection may stay without an allocation before it is closed
+    /// (checked once a second). Default 30.
+    pub stream_idle_timeout_secs: u32,
     /// Data-plane shard threads; `0` (default) means one per available core. The relay port range
     /// is split between the shards (see [`RelayConfig::port_min`]).
     pub threads: u16,
@@ -243,6 +248,12 @@ impl Config {
                     .into(),
             ));
         }
+        if self.server.stream_connections_max == 0 || self.server.stream_idle_timeout_secs == 0 {
+            return Err(invalid(
+                "server.stream_connections_max",
+                "stream_connections_max and stream_idle_timeout_secs must be positive".into(),
+            ));
+        }
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return Err(invalid(
                 "server.tls_key",
@@ -414,6 +425,8 @@ impl Default for ServerConfig {
             )))],
             tls_cert: None,
             tls_key: None,
+            stream_connections_max: 4096,
+            stream_idle_timeout_secs: 30,
             threads: 0,
             io: IoBackend::Auto,
             socket_buffer_bytes: 4 * 1024 * 1024,

@@ -474,3 +474,32 @@ fn a_garbage_stream_is_closed() {
     let response = client.request(Method::BINDING, &[]);
     assert_eq!(response.message().class(), Class::SuccessResponse);
 }
+
+/// A connection that never allocates is closed after `server.stream_idle_timeout_secs`; one
+/// with an allocation stays open.
+#[test]
+fn a_connection_without_an_allocation_times_out() {
+    let dir = std::env::temp_dir().join(format!("uturn-e2e-idle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("uturn.toml");
+    std::fs::write(&config, "[server]\nstream_idle_timeout_secs = 1\n").expect("config");
+    let mut args = standard_args("uring", 1);
+    args.extend(["--config".to_owned(), config.to_string_lossy().into_owned()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Uturn::start(&refs);
+    let addr = server.stream_listener("tcp", false);
+    let idle = TurnClient::new_tcp(addr, "alice", "wonderland");
+    let mut busy = TurnClient::new_tcp(addr, "alice", "wonderland");
+    busy.allocate(&[]).expect("allocate");
+    let start = Instant::now();
+    // Timeout 1 s, checked every second: closed within 1-2 s; 5 s bounds the wait.
+    assert!(
+        idle.wait_closed(Duration::from_secs(5)),
+        "the idle connection was closed"
+    );
+    assert!(start.elapsed() >= Duration::from_millis(500));
+    // The allocated one still answers.
+    let response = busy.request(Method::BINDING, &[]);
+    assert_eq!(response.message().class(), Class::SuccessResponse);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -12,6 +12,7 @@ mod streams;
 use std::io::IsTerminal as _;
 use std::net::IpAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -25,7 +26,7 @@ use uturn_control::config::{IoBackend, UserConfig};
 use uturn_control::listen;
 use uturn_control::shell::{ControlThread, Signal, default_relay_ips};
 use uturn_control::{Config, UserTable};
-use uturn_dataplane::{BackendChoice, DataPlane, DataPlaneConfig, TlsConfig};
+use uturn_dataplane::{BackendChoice, DataPlane, DataPlaneConfig, StreamLimits, TlsConfig};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -202,6 +203,12 @@ fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig 
         listen: listen::udp_addrs(&config.server.listen),
         stream_listen: listen::stream_listeners(&config.server.listen),
         tls,
+        stream_limits: StreamLimits {
+            connections_max: usize::try_from(config.server.stream_connections_max)
+                .unwrap_or(usize::MAX),
+            idle_timeout: Duration::from_secs(u64::from(config.server.stream_idle_timeout_secs)),
+            ..StreamLimits::default()
+        },
         threads: match config.server.threads {
             0 => None,
             n => Some(usize::from(n)),
