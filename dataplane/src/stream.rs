@@ -253,6 +253,8 @@ struct Conn {
     accepted_at: Instant,
     /// Sent at least one message to control (so control may hold state for its 5-tuple).
     reported: bool,
+    /// The send queue has overflowed at least once (logged once per connection).
+    overflowed: bool,
 }
 
 impl Conn {
@@ -382,6 +384,15 @@ impl Streams {
         };
         let len = parts[0].len() + parts[1].len() + padding;
         if conn.out.len() + len > self.limits.send_queue_bytes {
+            if !conn.overflowed {
+                conn.overflowed = true;
+                tracing::debug!(
+                    shard = core.shard().0,
+                    %client,
+                    "stream send queue full: relayed frames are dropped and counted as queue_full \
+                     (logged once per connection)"
+                );
+            }
             return Err(DropReason::QueueFull);
         }
         conn.out.extend(parts[0]);
@@ -437,6 +448,7 @@ impl Streams {
                 out_interest: false,
                 accepted_at: now,
                 reported: false,
+                overflowed: false,
             };
             let slot = match self.free.pop() {
                 Some(slot) => slot,

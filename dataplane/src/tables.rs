@@ -925,6 +925,100 @@ mod tests {
         core.handle_datagram(relay, peer, &mut buf, range)
     }
 
+    /// UDP and TCP on the same address are two listeners: the transport picks the one a
+    /// response or an allocation belongs to (RFC 8656 §3.1: over TCP the 5-tuple is the
+    /// connection).
+    #[test]
+    fn the_transport_picks_between_udp_and_tcp_listeners_on_one_address() {
+        let (tx, _rx) = crossbeam_channel::bounded(16);
+        let listener = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let server: SocketAddr = SERVER.parse().expect("literal");
+        let mut core = Core::new(
+            ShardId(0),
+            vec![(server, listener)],
+            &[(server, StreamKind::Tcp)],
+            tx,
+        );
+        let client: SocketAddr = CLIENT.parse().expect("literal");
+        let transmit = |transport| ShardCommand::Transmit {
+            transport,
+            server,
+            to: client,
+            bytes: vec![1],
+        };
+        assert!(matches!(
+            core.handle_command(transmit(ClientTransport::Udp)),
+            Effect::Transmit { .. }
+        ));
+        assert!(matches!(
+            core.handle_command(transmit(ClientTransport::Tcp)),
+            Effect::StreamTransmit { listener: 1, .. }
+        ));
+        // No TLS listener there.
+        assert!(matches!(
+            core.handle_command(transmit(ClientTransport::Tls)),
+            Effect::None
+        ));
+
+        // An allocation over TCP: peer data goes to the stream, ChannelData padded to 4.
+        let relay = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = relay.local_addr().expect("addr");
+        let relay_slot = match core.handle_command(ShardCommand::OpenAllocation {
+            alloc: AllocationId(9),
+            transport: ClientTransport::Tcp,
+            client_server: server,
+            client,
+            relays: vec![RelaySocket {
+                socket: relay,
+                addr,
+            }],
+            dont_fragment: false,
+        }) {
+            Effect::Opened([Some(slot), None]) => slot,
+            other => panic!("unexpected effect {other:?}"),
+        };
+        assert!(core.has_allocation(1, client));
+        assert!(!core.has_allocation(0, client));
+        let peer: SocketAddr = "198.51.100.1:1000".parse().expect("literal");
+        core.handle_command(ShardCommand::SetPermission {
+            alloc: AllocationId(9),
+            peer_ip: peer.ip(),
+        });
+        match from_peer(&mut core, relay_slot, peer, b"abcde") {
+            Action::ToStream {
+                listener,
+                to,
+                header_len,
+                padding,
+                ..
+            } => {
+                assert_eq!((listener, to), (1, client));
+                assert!(header_len > 20, "a Data indication header");
+                assert_eq!(padding, 3, "DATA padded to 4");
+            }
+            other => panic!("expected ToStream, got {other:?}"),
+        }
+        core.handle_command(ShardCommand::BindChannel {
+            alloc: AllocationId(9),
+            channel: ChannelNumber::new(0x4000).expect("valid"),
+            peer,
+        });
+        match from_peer(&mut core, relay_slot, peer, b"abcde") {
+            Action::ToStream {
+                header,
+                header_len,
+                padding,
+                range,
+                ..
+            } => {
+                assert_eq!(&header[..header_len], &[0x40, 0x00, 0x00, 0x05]);
+                assert_eq!(range.len(), 5);
+                assert_eq!(padding, 3, "RFC 8656 §12.5: ChannelData over TCP is padded");
+            }
+            other => panic!("expected ToStream, got {other:?}"),
+        }
+    }
+
     #[test]
     fn rebinding_a_channel_to_another_peer_moves_the_reverse_mapping() {
         let (mut core, _rx) = core();

@@ -326,6 +326,10 @@ fn a_stalled_reader_does_not_slow_a_second_client(backend: &str) {
     let sent = flood.join().expect("flood thread");
     assert!(sent > 1000, "the flood ran ({sent} datagrams)");
     assert!(
+        server.wait_for_log("stream send queue full", ANSWER_TIMEOUT),
+        "the stalled client's queue filled and its frames were dropped"
+    );
+    assert!(
         slowest < Duration::from_millis(500),
         "the active client's slowest round trip was {slowest:?}"
     );
