@@ -507,3 +507,40 @@ fn a_connection_without_an_allocation_times_out() {
     assert_eq!(response.message().class(), Class::SuccessResponse);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// At most `server.stream_connections_max` connections per shard: one more is accepted and
+/// closed at once; when a slot frees, a new connection is served again.
+#[test]
+fn connections_beyond_the_per_shard_limit_are_closed() {
+    let dir = std::env::temp_dir().join(format!("uturn-e2e-max-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("uturn.toml");
+    std::fs::write(&config, "[server]\nstream_connections_max = 2\n").expect("config");
+    let mut args = standard_args("mmsg", 1);
+    args.extend(["--config".to_owned(), config.to_string_lossy().into_owned()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Uturn::start(&refs);
+    let addr = server.stream_listener("tcp", false);
+    let mut first = TurnClient::new_tcp(addr, "alice", "wonderland");
+    let mut second = TurnClient::new_tcp(addr, "alice", "wonderland");
+    for client in [&mut first, &mut second] {
+        let response = client.request(Method::BINDING, &[]);
+        assert_eq!(response.message().class(), Class::SuccessResponse);
+    }
+    let third = TurnClient::new_tcp(addr, "alice", "wonderland");
+    assert!(
+        third.wait_closed(ANSWER_TIMEOUT),
+        "the connection over the limit is closed"
+    );
+    first.close();
+    drop(first);
+    // The freed slot is reused; bounded retries while the server notices the close.
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    let mut served = false;
+    while !served && Instant::now() < deadline {
+        let fourth = TurnClient::new_tcp(addr, "alice", "wonderland");
+        served = !fourth.wait_closed(Duration::from_millis(200));
+    }
+    assert!(served, "a new connection is served once one closed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
