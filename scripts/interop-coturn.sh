@@ -36,6 +36,13 @@ if ! command -v turnutils_uclient >/dev/null 2>&1; then
   apt-get install -y -qq coturn >/dev/null
 fi
 
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "installing Debian package openssl (certificate for the TLS scenarios)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq openssl >/dev/null
+fi
+
 bin="${UTURN_BIN:-target/release/uturn}"
 if [ -z "${UTURN_BIN:-}" ]; then
   cargo build --release --bin uturn
