@@ -6,6 +6,11 @@
 #   send            -m 10 -n 1000 -s   Send/Data indications
 #   rest            -m 4  -n 200  -W   TURN REST (shared-secret) credentials
 #   ipv6            -m 4  -n 200  -x   IPv6 relay address, client and peer on ::1
+#   tcp             -m 10 -n 1000 -t   TURN over TCP (the bare listen address serves UDP and TCP)
+#   tcp-send        -m 4  -n 200  -t -s   Send/Data indications over TCP
+#   tls             -m 10 -n 1000 -t -S   TURN over TLS (tls:// listener, self-signed certificate)
+#   auto-tcp        -m 4  -n 200  -t   plain TURN on the auto:// port
+#   auto-tls        -m 4  -n 200  -t -S   TLS on the same auto:// port
 # Without -c, uclient also makes an RTCP allocation per client with EVEN-PORT (R bit) and the
 # RESERVATION-TOKEN it got back, so EVEN-PORT/RESERVATION-TOKEN are exercised too.
 #
@@ -31,6 +36,13 @@ if ! command -v turnutils_uclient >/dev/null 2>&1; then
   apt-get install -y -qq coturn >/dev/null
 fi
 
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "installing Debian package openssl (certificate for the TLS scenarios)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq openssl >/dev/null
+fi
+
 bin="${UTURN_BIN:-target/release/uturn}"
 if [ -z "${UTURN_BIN:-}" ]; then
   cargo build --release --bin uturn
@@ -49,8 +61,16 @@ trap cleanup EXIT
 free_port() {
   python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
+free_tcp_port() {
+  python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_STREAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
 turn_port=$(free_port)
 peer_port=$(free_port)
+tls_port=$(free_tcp_port)
+auto_port=$(free_tcp_port)
+# A throwaway self-signed certificate for the TLS listeners (uclient does not verify it).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+  -subj /CN=localhost -keyout "$work/key.pem" -out "$work/cert.pem" >/dev/null 2>&1
 secret="interop-shared-secret"
 
 turnutils_peer -L 127.0.0.1 -L ::1 -p "$peer_port" >"$work/peer.log" 2>&1 &
@@ -64,6 +84,8 @@ accept_rfc5766_channel_numbers = true
 TOML
 
 "$bin" --config "$work/uturn.toml" --listen "127.0.0.1:$turn_port" --listen "[::1]:$turn_port" \
+  --listen "tls://127.0.0.1:$tls_port" --listen "auto://127.0.0.1:$auto_port" \
+  --tls-cert "$work/cert.pem" --tls-key "$work/key.pem" \
   --relay-ip 127.0.0.1 --relay-ip ::1 --ports 40000-44999 --realm interop.test \
   --user interop:interop-password --auth-secret "$secret" --allow-loopback-peers \
   --io "$backend" --threads 2 --http 127.0.0.1:0 >"$work/uturn.log" 2>&1 &
@@ -114,6 +136,14 @@ run channels 10000 "${common[@]}" -u interop -w interop-password -e 127.0.0.1 -m
 run send     10000 "${common[@]}" -u interop -w interop-password -e 127.0.0.1 -m 10 -n 1000 -s 127.0.0.1
 run rest     800   "${common[@]}" -u restuser -W "$secret" -e 127.0.0.1 -m 4 -n 200 127.0.0.1
 run ipv6     800   "${common[@]}" -u interop -w interop-password -e ::1 -m 4 -n 200 -x ::1
+# TURN over TCP and TLS between client and server (the relay to the peer stays UDP). Without -p
+# uclient would use 3478/5349, so every stream scenario names its port after the common flags.
+user=(-u interop -w interop-password -e 127.0.0.1)
+run tcp      10000 "${common[@]}" "${user[@]}" -m 10 -n 1000 -t 127.0.0.1
+run tcp-send 800   "${common[@]}" "${user[@]}" -m 4 -n 200 -t -s 127.0.0.1
+run tls      10000 "${common[@]}" "${user[@]}" -m 10 -n 1000 -t -S -p "$tls_port" 127.0.0.1
+run auto-tcp 800   "${common[@]}" "${user[@]}" -m 4 -n 200 -t -p "$auto_port" 127.0.0.1
+run auto-tls 800   "${common[@]}" "${user[@]}" -m 4 -n 200 -t -S -p "$auto_port" 127.0.0.1
 
 if [ "$failures" -ne 0 ]; then
   echo "interop: $failures scenario(s) failed; uturn log:" >&2

@@ -48,8 +48,19 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// UDP listener addresses. Default `["0.0.0.0:3478"]` (RFC 8489 §18.6 default STUN port).
-    pub listen: Vec<SocketAddr>,
+    /// Listeners: `"ADDR:PORT"` (UDP and TCP), `"udp://…"`, `"tcp://…"`, `"tls://…"`,
+    /// `"auto://…"` (TCP port taking plain TURN and TLS). Default `["0.0.0.0:3478"]` (RFC 8489
+    /// §18.6 default STUN port, UDP and TCP).
+    pub listen: Vec<crate::listen::ListenAddr>,
+    /// PEM certificate chain for `tls://` and `auto://` listeners; reloaded on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// TCP/TLS connections open at once per shard; more are accepted and closed. Default 4096.
+    pub stream_connections_max: u32,
+    /// Seconds a TCP/TLS connection may stay without an allocation before it is closed
+    /// (checked once a second). Default 30.
+    pub stream_idle_timeout_secs: u32,
     /// Data-plane shard threads; `0` (default) means one per available core. The relay port range
     /// is split between the shards (see [`RelayConfig::port_min`]).
     pub threads: u16,
@@ -231,6 +242,27 @@ impl Config {
                 "at least one address is needed".into(),
             ));
         }
+        if self.server.listen.iter().any(|l| l.needs_tls())
+            && (self.server.tls_cert.is_none() || self.server.tls_key.is_none())
+        {
+            return Err(invalid(
+                "server.tls_cert",
+                "tls:// and auto:// listeners need tls_cert and tls_key (--tls-cert, --tls-key)"
+                    .into(),
+            ));
+        }
+        if self.server.stream_connections_max == 0 || self.server.stream_idle_timeout_secs == 0 {
+            return Err(invalid(
+                "server.stream_connections_max",
+                "stream_connections_max and stream_idle_timeout_secs must be positive".into(),
+            ));
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return Err(invalid(
+                "server.tls_key",
+                "tls_cert and tls_key go together".into(),
+            ));
+        }
         if self.auth.realm.is_empty() || self.auth.realm.len() > 763 {
             // RFC 8489 §14.9: REALM MUST be fewer than 128 characters (763 bytes).
             return Err(invalid("auth.realm", "must be 1 to 763 bytes long".into()));
@@ -390,7 +422,14 @@ impl Config {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            listen: vec![SocketAddr::from(([0, 0, 0, 0], 3478))],
+            listen: vec![crate::listen::ListenAddr::UdpAndTcp(SocketAddr::from((
+                [0, 0, 0, 0],
+                3478,
+            )))],
+            tls_cert: None,
+            tls_key: None,
+            stream_connections_max: 4096,
+            stream_idle_timeout_secs: 30,
             threads: 0,
             io: IoBackend::Auto,
             socket_buffer_bytes: 4 * 1024 * 1024,

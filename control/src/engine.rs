@@ -844,6 +844,26 @@ impl<R: RngCore> Engine<R> {
         }
     }
 
+    /// A TCP or TLS connection from a client closed. RFC 8656 §3.1: over a stream transport
+    /// the 5-tuple is the connection, and "if the TCP connection is closed, the allocation is
+    /// deleted"; the allocation (if any) on `five_tuple` goes at once, with
+    /// [`TableChange::RemoveAllocation`] for its shard and [`Event::AllocationDeleted`].
+    /// A pending Allocate (relay not bound yet) is abandoned the same way when its bind
+    /// completes: the slot is forgotten here, so [`Engine::handle_relay_bound`] answers a client
+    /// that is gone and the allocation is created and then expires. The shell binds relays
+    /// before it handles the next input, so that window does not occur in uturn. UDP 5-tuples
+    /// have no connection; calling this for one is a no-op.
+    pub fn handle_connection_closed(&mut self, now: Instant, five_tuple: FiveTuple) {
+        let _ = now;
+        if five_tuple.transport == crate::Transport::Udp {
+            return;
+        }
+        if let Some(&Slot::Active(alloc)) = self.slots.get(&five_tuple) {
+            self.remove_allocation(alloc);
+            self.push_event(Event::AllocationDeleted { alloc });
+        }
+    }
+
     /// The shell's answer to [`Output::BindRelay`]. On failure the engine picks other ports
     /// (up to [`RELAY_BIND_ATTEMPTS_MAX`] attempts) or answers the Allocate 508.
     pub fn handle_relay_bound(

@@ -82,12 +82,15 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod listen;
 pub mod ops;
 pub mod policy;
 pub mod ports;
 pub mod shell;
+mod stream_transport;
 pub mod telemetry;
 mod timers;
+pub mod tls;
 
 use std::net::SocketAddr;
 

@@ -34,7 +34,7 @@ use uturn_dataplane::{
 use uturn_proto::ChannelNumber;
 
 use crate::engine::{BindFailed, Engine, Event, Output, TableChange};
-use crate::{AllocationId, BindToken, Config, FiveTuple, ShardId, Transport, UserTable};
+use crate::{AllocationId, BindToken, Config, FiveTuple, ShardId, UserTable};
 
 pub use ops::{LogLevelSetter, OpsHooks, ReloadHook, Reloader};
 
@@ -149,12 +149,13 @@ impl<R: RngCore> ControlThread<R> {
         match message {
             ToControl::Request {
                 shard,
+                transport,
                 server,
                 client,
                 bytes,
             } => {
                 let five_tuple = FiveTuple {
-                    transport: Transport::Udp,
+                    transport: crate::stream_transport::to_engine(transport),
                     client,
                     server,
                 };
@@ -166,9 +167,30 @@ impl<R: RngCore> ControlThread<R> {
                     &bytes,
                 );
             }
+            ToControl::ConnectionClosed {
+                transport,
+                server,
+                client,
+                ..
+            } => {
+                let five_tuple = FiveTuple {
+                    transport: crate::stream_transport::to_engine(transport),
+                    client,
+                    server,
+                };
+                self.engine
+                    .handle_connection_closed(Instant::now(), five_tuple);
+            }
             ToControl::Counters(counters) => {
                 self.ops.telemetry.on_counters(&counters);
                 let index = usize::from(counters.shard.0);
+                // Shards count TCP and TLS connections together; until they split them, the
+                // gauge reports both under transport="tcp".
+                self.ops.telemetry.set_connections(
+                    index,
+                    crate::Transport::Tcp,
+                    counters.shard_counters.stream_open,
+                );
                 if let Some(slot) = self.counters.get_mut(index) {
                     *slot = Some(counters);
                 }
@@ -186,6 +208,7 @@ impl<R: RngCore> ControlThread<R> {
                 Output::Transmit { shard, to, bytes } => self.send(
                     shard,
                     ShardCommand::Transmit {
+                        transport: crate::stream_transport::to_dataplane(to.transport),
                         server: to.server,
                         to: to.client,
                         bytes,
@@ -245,6 +268,7 @@ impl<R: RngCore> ControlThread<R> {
                 self.owners.insert(alloc, shard);
                 ShardCommand::OpenAllocation {
                     alloc: ShardAllocationId(alloc.0),
+                    transport: crate::stream_transport::to_dataplane(client.transport),
                     client_server: client.server,
                     client: client.client,
                     relays: sockets,

@@ -120,6 +120,15 @@ fn invalid_values_are_refused_naming_their_field() {
             "relay.permission_lifetime_secs",
         ),
         ("[server]\nlisten = []", "server.listen"),
+        (
+            "[server]\nlisten = [\"auto://0.0.0.0:443\"]",
+            "server.tls_cert",
+        ),
+        ("[server]\ntls_cert = \"c.pem\"", "server.tls_key"),
+        (
+            "[server]\nstream_idle_timeout_secs = 0",
+            "server.stream_connections_max",
+        ),
     ];
     for (text, field) in cases {
         assert_eq!(field_of(text), field, "{text}");
@@ -164,4 +173,32 @@ fn a_users_file_is_read_into_the_user_table() {
     let error = uturn_control::UserTable::from_config(&config.auth).unwrap_err();
     assert!(error.to_string().contains("line 1"), "{error}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Listener schemes parse from the file; a bad one is a TOML error naming the expected form.
+#[test]
+fn listener_schemes_parse_from_the_file() {
+    let config = Config::from_toml_str(
+        "[server]\nlisten = [\"0.0.0.0:3478\", \"udp://[::]:3478\", \"tcp://0.0.0.0:3479\", \
+         \"auto://0.0.0.0:443\", \"tls://0.0.0.0:5349\"]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"",
+    )
+    .unwrap();
+    config.validate().unwrap();
+    let text: Vec<String> = config
+        .server
+        .listen
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        text,
+        [
+            "0.0.0.0:3478",
+            "udp://[::]:3478",
+            "tcp://0.0.0.0:3479",
+            "auto://0.0.0.0:443",
+            "tls://0.0.0.0:5349"
+        ]
+    );
+    assert!(field_of("[server]\nlisten = [\"dtls://0.0.0.0:3478\"]").contains("udp://"));
 }

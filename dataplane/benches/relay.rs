@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use uturn_dataplane::{
-    AllocationId, BackendChoice, ChannelNumber, DataPlane, DataPlaneConfig, RelaySocket,
-    ShardCommand, ToControl,
+    AllocationId, BackendChoice, ChannelNumber, ClientTransport, DataPlane, DataPlaneConfig,
+    RelaySocket, ShardCommand, ToControl,
 };
 use uturn_proto::{Class, MessageBuilder, Method, TransactionId};
 
@@ -60,6 +60,7 @@ fn setup(backend: BackendChoice) -> Setup {
     let peer_addr = peer.local_addr().expect("addr");
     let commands = [
         ShardCommand::OpenAllocation {
+            transport: ClientTransport::Udp,
             alloc,
             client_server: server,
             client: client_addr,
@@ -79,6 +80,7 @@ fn setup(backend: BackendChoice) -> Setup {
             peer: peer_addr,
         },
         ShardCommand::Transmit {
+            transport: ClientTransport::Udp,
             server,
             to: client_addr,
             bytes: vec![1],

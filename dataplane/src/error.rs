@@ -17,6 +17,13 @@ pub enum DataPlaneError {
         shard: u16,
         source: io::Error,
     },
+    /// Binding a TCP (stream) listener failed.
+    #[error("bind TCP {addr} for shard {shard}: {source}")]
+    BindTcp {
+        addr: SocketAddr,
+        shard: u16,
+        source: io::Error,
+    },
     /// Configuring a socket failed.
     #[error("configure UDP socket {addr} ({what}): {source}")]
     SocketOption {

@@ -93,7 +93,13 @@
 //! - No timers of its own other than the counters report; permissions and channels expire in the
 //!   engine and arrive as `RemovePermission` / `UnbindChannel`.
 //! - No allocation per packet after startup (the slow path to the control thread copies).
-//! - No `SQPOLL`, no `SEND_ZC`, no TCP/TLS (UDP only).
+//! - No `SQPOLL`, no `SEND_ZC`; the relay side is UDP only (RFC 8656).
+//!
+//! # Stream transports (TCP, TLS, `auto`)
+//!
+//! See the `stream` module: each shard binds its own `SO_REUSEPORT` TCP listeners, accepts,
+//! frames and (for TLS) decrypts on its own thread, so a connection, its allocation and its
+//! relay socket live on the shard that accepted it.
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -106,6 +112,7 @@ mod mmsg;
 mod ring;
 mod shard;
 mod socket;
+mod stream;
 #[allow(unsafe_code)]
 mod sys;
 mod tables;
@@ -119,6 +126,7 @@ use crossbeam_channel::{Receiver, Sender};
 pub use uturn_proto::ChannelNumber;
 
 pub use crate::error::DataPlaneError;
+pub use crate::stream::{StreamKind, StreamLimits, StreamListen, TlsConfig};
 
 /// Bytes in front of every received payload: `io_uring_recvmsg_out` (16) + `sockaddr_in6` (28).
 pub const PAYLOAD_OFFSET: usize = 16 + 28;
@@ -162,12 +170,29 @@ impl Backend {
     }
 }
 
+/// The transport between a client and the server (RFC 8656 §3.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ClientTransport {
+    /// UDP datagrams on a UDP listener.
+    Udp,
+    /// TURN over a TCP connection.
+    Tcp,
+    /// TURN over TLS over TCP.
+    Tls,
+}
+
 /// Data-plane configuration. `Default` gives sane values except `listen`, which is empty.
 #[derive(Clone, Debug)]
 pub struct DataPlaneConfig {
     /// UDP listen addresses; every shard binds each one with `SO_REUSEPORT`. Port 0 picks a port
     /// once (shard 0) and the other shards bind the same port.
     pub listen: Vec<SocketAddr>,
+    /// TCP listeners (plain TCP, TLS, or `auto`), bound by every shard with `SO_REUSEPORT`.
+    pub stream_listen: Vec<StreamListen>,
+    /// Certificate and key for `Tls` and `Auto` listeners (required when there are any).
+    pub tls: Option<TlsConfig>,
+    /// Per-shard connection limits and buffer sizes of stream connections.
+    pub stream_limits: StreamLimits,
     /// Number of shards; `None` = the cores this process may use (`sched_getaffinity`).
     pub threads: Option<usize>,
     /// Pin shard k to the k-th allowed core.
@@ -202,6 +227,9 @@ impl Default for DataPlaneConfig {
     fn default() -> Self {
         Self {
             listen: Vec::new(),
+            stream_listen: Vec::new(),
+            tls: None,
+            stream_limits: StreamLimits::default(),
             threads: None,
             pin_threads: true,
             backend: BackendChoice::Auto,
@@ -232,6 +260,8 @@ pub struct RelaySocket {
 pub enum ShardCommand {
     /// Send `bytes` to `to` from the listener bound to `server` (a control-built response).
     Transmit {
+        /// UDP, or the connection's transport for a stream listener.
+        transport: ClientTransport,
         server: SocketAddr,
         to: SocketAddr,
         bytes: Vec<u8>,
@@ -240,6 +270,8 @@ pub enum ShardCommand {
     /// receiving on its relay sockets (at most one per address family).
     OpenAllocation {
         alloc: AllocationId,
+        /// The client's transport: with `client_server` it names the listener.
+        transport: ClientTransport,
         client_server: SocketAddr,
         client: SocketAddr,
         relays: Vec<RelaySocket>,
@@ -280,9 +312,19 @@ pub enum ToControl {
     /// A STUN message the fast path does not handle (requests, unexpected indications).
     Request {
         shard: ShardId,
+        /// How the message arrived; for a stream the (server, client) pair is the connection.
+        transport: ClientTransport,
         server: SocketAddr,
         client: SocketAddr,
         bytes: Vec<u8>,
+    },
+    /// A TCP/TLS connection that sent at least one message to control has closed; over a
+    /// stream the 5-tuple is the connection, so its allocation must end (RFC 8656 §3.1).
+    ConnectionClosed {
+        shard: ShardId,
+        transport: ClientTransport,
+        server: SocketAddr,
+        client: SocketAddr,
     },
     /// Periodic counters, cumulative since the shard (or the allocation) started.
     Counters(Counters),
@@ -416,6 +458,16 @@ pub struct ShardCounters {
     pub reports_dropped: u64,
     /// Multishot receives re-armed (ended without `MORE`, e.g. the buffer ring ran dry).
     pub rearms: u64,
+    /// TCP/TLS connections accepted.
+    pub stream_accepted: u64,
+    /// Connections refused at accept because the shard had `connections_max` already.
+    pub stream_refused: u64,
+    /// Connections closed (by the client, an error, a framing error or a timeout).
+    pub stream_closed: u64,
+    /// Connections closed because they had no allocation after `idle_timeout`.
+    pub stream_timeouts: u64,
+    /// Connections open now.
+    pub stream_open: u64,
 }
 
 /// One counters report.
@@ -436,6 +488,7 @@ pub struct DataPlane {
     backend: Backend,
     backend_reason: String,
     listeners: Vec<SocketAddr>,
+    stream_listeners: Vec<StreamListen>,
 }
 
 #[derive(Debug)]
@@ -481,6 +534,11 @@ impl DataPlane {
     /// shard binds each of them.
     pub fn listener_addrs(&self) -> &[SocketAddr] {
         &self.listeners
+    }
+
+    /// The bound stream (TCP) listeners with their kinds, in configuration order (ports resolved).
+    pub fn stream_listeners(&self) -> &[StreamListen] {
+        &self.stream_listeners
     }
 
     /// Stops every shard (closing its sockets) and joins the threads.

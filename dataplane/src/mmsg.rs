@@ -8,10 +8,13 @@ use std::time::Instant;
 
 use crate::DropReason;
 use crate::shard::{ErrnoLog, ShardSetup, classify_send_errno};
+use crate::stream::Streams;
 use crate::sys::{Epoll, RecvBatch, SendBatch};
 use crate::tables::{Action, Core, Effect};
 
 const WAKE_TOKEN: u64 = u64::MAX;
+/// The stream epoll descriptor (TCP/TLS listeners and connections).
+const STREAMS_TOKEN: u64 = u64::MAX - 1;
 
 /// `recvmmsg` batches per ready socket per turn, so one busy socket cannot starve the others.
 const BATCHES_PER_SOCKET_MAX: usize = 8;
@@ -19,6 +22,7 @@ const BATCHES_PER_SOCKET_MAX: usize = 8;
 pub(crate) fn run(setup: ShardSetup) {
     let ShardSetup {
         mut core,
+        mut streams,
         commands,
         wake,
         sizes,
@@ -39,6 +43,9 @@ pub(crate) fn run(setup: ShardSetup) {
     };
     let mut wake = File::from(wake);
     let mut registered = epoll.add(wake.as_raw_fd(), WAKE_TOKEN);
+    if registered.is_ok() && !streams.is_empty() {
+        registered = epoll.add(streams.fd(), STREAMS_TOKEN);
+    }
     for &slot in core.listener_slots() {
         if registered.is_ok()
             && let Some(fd) = core.fd(slot)
@@ -83,11 +90,15 @@ pub(crate) fn run(setup: ShardSetup) {
                 let _ = wake.read(&mut counter);
                 while let Ok(command) = commands.try_recv() {
                     let effect = core.handle_command(command);
-                    shutdown |= apply_effect(&mut core, &epoll, effect);
+                    shutdown |= apply_effect(&mut core, &mut streams, &epoll, effect);
                 }
                 while let Some(sock) = core.take_pending_close() {
                     close_sock(&mut core, &epoll, sock);
                 }
+                continue;
+            }
+            if token == STREAMS_TOKEN {
+                streams.poll(&mut core, now);
                 continue;
             }
             let sock = token as u32;
@@ -145,6 +156,22 @@ pub(crate) fn run(setup: ShardSetup) {
                             }
                             None => core.relay_failed(relay, DropReason::NoAllocation),
                         },
+                        Action::ToStream {
+                            listener,
+                            to,
+                            relay,
+                            header,
+                            header_len,
+                            range,
+                            padding,
+                        } => {
+                            let parts = [&header[..header_len], &received.buffer[range]];
+                            if let Err(reason) =
+                                streams.send_frame(&mut core, listener, to, parts, padding)
+                            {
+                                core.relay_failed(relay, reason);
+                            }
+                        }
                     }
                 }
                 let calls = send.flush(&recv, |relay, errno| {
@@ -160,6 +187,7 @@ pub(crate) fn run(setup: ShardSetup) {
         counters.completions += handled;
         counters.completions_per_turn_max = counters.completions_per_turn_max.max(handled);
         if Instant::now() >= next_report {
+            streams.sweep(&mut core, Instant::now());
             core.report_counters();
             next_report = Instant::now() + counters_interval;
         }
@@ -167,7 +195,7 @@ pub(crate) fn run(setup: ShardSetup) {
 }
 
 /// Executes a command's effect; returns true on shutdown.
-fn apply_effect(core: &mut Core, epoll: &Epoll, effect: Effect) -> bool {
+fn apply_effect(core: &mut Core, streams: &mut Streams, epoll: &Epoll, effect: Effect) -> bool {
     match effect {
         Effect::None => {}
         Effect::Opened(slots) => {
@@ -191,6 +219,14 @@ fn apply_effect(core: &mut Core, epoll: &Epoll, effect: Effect) -> bool {
                 Some(Err(_)) | None => core.counters_mut().transmit_failures += 1,
             }
         }
+        Effect::StreamTransmit {
+            listener,
+            to,
+            bytes,
+        } => match streams.send_frame(core, listener, to, [&bytes, &[]], 0) {
+            Ok(()) => core.counters_mut().transmits += 1,
+            Err(_) => core.counters_mut().transmit_failures += 1,
+        },
         Effect::Shutdown => return true,
     }
     false

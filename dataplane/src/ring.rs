@@ -33,6 +33,8 @@ pub(crate) enum Op {
     Wake,
     /// Counters timer.
     Timer,
+    /// One-shot poll of the stream epoll descriptor (TCP/TLS listeners and connections).
+    Streams,
     /// AsyncCancel of another token.
     Cancel,
 }
@@ -357,6 +359,16 @@ impl Ring {
         )
         .build()
         .user_data(u64::from(token));
+        self.push(&entry).inspect_err(|_| self.release_token(token))
+    }
+
+    /// Arms a one-shot `POLLIN` on `fd` (the shard's stream epoll descriptor). No memory is
+    /// named by the SQE.
+    pub(crate) fn arm_streams(&mut self, fd: RawFd) -> Result<(), PushError> {
+        let token = self.token(Op::Streams);
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(u64::from(token));
         self.push(&entry).inspect_err(|_| self.release_token(token))
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::socket::{self, SocketTuning};
+use crate::stream::{self, StreamKind, Streams};
 use crate::tables::Core;
 use crate::{
     Backend, BackendChoice, DataPlane, DataPlaneConfig, DataPlaneError, DropReason, PAYLOAD_OFFSET,
@@ -27,6 +28,8 @@ pub(crate) struct Sizes {
 /// Everything a shard thread starts with.
 pub(crate) struct ShardSetup {
     pub(crate) core: Core,
+    /// The shard's TCP/TLS listeners and connections.
+    pub(crate) streams: Streams,
     pub(crate) commands: Receiver<ShardCommand>,
     pub(crate) wake: OwnedFd,
     pub(crate) sizes: Sizes,
@@ -95,8 +98,29 @@ pub(crate) fn wake(file: &File) -> io::Result<()> {
 }
 
 fn validate(config: &DataPlaneConfig) -> Result<(), DataPlaneError> {
-    if config.listen.is_empty() {
+    if config.listen.is_empty() && config.stream_listen.is_empty() {
         return Err(DataPlaneError::Config("no listen address"));
+    }
+    if config.tls.is_none()
+        && config
+            .stream_listen
+            .iter()
+            .any(|l| l.kind != StreamKind::Tcp)
+    {
+        return Err(DataPlaneError::Config(
+            "tls and auto listeners need a TLS certificate and key",
+        ));
+    }
+    let limits = &config.stream_limits;
+    if limits.connections_max == 0
+        || limits.idle_timeout.is_zero()
+        || limits.frame_len_max < 2048
+        || limits.send_queue_bytes < limits.frame_len_max
+    {
+        return Err(DataPlaneError::Config(
+            "stream limits: connections_max and idle_timeout must be positive, \
+             frame_len_max at least 2048 and send_queue_bytes at least frame_len_max",
+        ));
     }
     if config.buffer_size < PAYLOAD_OFFSET + 512 || config.buffer_size > (1 << 20) {
         return Err(DataPlaneError::Config(
@@ -161,6 +185,10 @@ pub(crate) fn start(
         send_buffer_bytes: config.socket_send_buffer_bytes,
     };
     let (mut listeners, resolved) = socket::bind_listeners(&config.listen, threads, &tuning)?;
+    let (mut stream_listeners, stream_resolved) =
+        stream::bind_stream_listeners(&config.stream_listen, threads)?;
+    let stream_addrs: Vec<(std::net::SocketAddr, StreamKind)> =
+        stream_resolved.iter().map(|l| (l.addr, l.kind)).collect();
     let (to_control, from_shards) = crossbeam_channel::bounded(config.control_queue_depth);
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(threads);
     let sizes = Sizes {
@@ -174,8 +202,13 @@ pub(crate) fn start(
         backend,
         backend_reason,
         listeners: resolved,
+        stream_listeners: stream_resolved,
     };
-    for (index, shard_listeners) in listeners.drain(..).enumerate() {
+    for (index, (shard_listeners, shard_streams)) in listeners
+        .drain(..)
+        .zip(stream_listeners.drain(..))
+        .enumerate()
+    {
         let id = u16::try_from(index).unwrap_or(u16::MAX);
         let setup_error = |what, source| DataPlaneError::ShardSetup {
             shard: id,
@@ -185,9 +218,33 @@ pub(crate) fn start(
         let wake = sys::eventfd().map_err(|e| setup_error("eventfd", e))?;
         let wake_writer = File::from(wake.try_clone().map_err(|e| setup_error("eventfd", e))?);
         let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
-        let core = Core::new(ShardId(id), shard_listeners, to_control.clone());
+        let core = Core::new(
+            ShardId(id),
+            shard_listeners,
+            &stream_addrs,
+            to_control.clone(),
+        );
+        let base = core.stream_listener_base();
+        let streams = Streams::new(
+            shard_streams
+                .into_iter()
+                .zip(&stream_addrs)
+                .enumerate()
+                .map(|(i, (socket, &(_, kind)))| {
+                    (
+                        base.saturating_add(u16::try_from(i).unwrap_or(u16::MAX)),
+                        kind,
+                        socket,
+                    )
+                })
+                .collect(),
+            config.tls.clone(),
+            config.stream_limits,
+        )
+        .map_err(|e| setup_error("stream epoll", e))?;
         let setup = ShardSetup {
             core,
+            streams,
             commands: commands_rx,
             wake,
             sizes,

@@ -131,6 +131,34 @@ impl Epoll {
         Ok(())
     }
 
+    /// Registers `fd` for `events` (`libc::EPOLLIN`, `EPOLLOUT`, ...).
+    pub(crate) fn add_events(&self, fd: RawFd, token: u64, events: i32) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, events)
+    }
+
+    /// Changes the events `fd` is registered for.
+    pub(crate) fn modify(&self, fd: RawFd, token: u64, events: i32) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, token, events)
+    }
+
+    fn ctl(&self, op: i32, fd: RawFd, token: u64, events: i32) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: events as u32,
+            u64: token,
+        };
+        // SAFETY: `event` is a valid epoll_event for the duration of the call.
+        let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut event) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The epoll descriptor itself, to wait on it from another event loop (io_uring poll).
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
     pub(crate) fn delete(&self, fd: RawFd) -> io::Result<()> {
         let mut event = libc::epoll_event { events: 0, u64: 0 };
         // SAFETY: as in `add`; the event is ignored for DEL but must be non-null on old kernels.

@@ -18,9 +18,10 @@ use uturn_proto::{
 
 use crate::addr::canonical;
 use crate::socket;
+use crate::stream::StreamKind;
 use crate::{
-    AllocationCounters, AllocationId, Counters, DropReason, RelaySocket, ShardCommand,
-    ShardCounters, ShardId, ToControl,
+    AllocationCounters, AllocationId, ClientTransport, Counters, DropReason, RelaySocket,
+    ShardCommand, ShardCounters, ShardId, ToControl,
 };
 
 /// What the backend must do with a received datagram.
@@ -34,6 +35,17 @@ pub(crate) enum Action {
         to: SocketAddr,
         range: Range<usize>,
         relay: Relay,
+    },
+    /// Queue `header`, then `buf[range]`, then `padding` zero bytes on the TCP/TLS connection
+    /// of stream listener `listener` from `to` (ChannelData or a Data indication).
+    ToStream {
+        listener: u16,
+        to: SocketAddr,
+        relay: Relay,
+        header: [u8; DATA_INDICATION_HEADER_LEN_MAX],
+        header_len: usize,
+        range: Range<usize>,
+        padding: usize,
     },
     /// Send a Data indication: `header`, then `buf[range]`, then `padding` zero bytes.
     SendIndication {
@@ -71,6 +83,12 @@ pub(crate) enum Effect {
         to: SocketAddr,
         bytes: Vec<u8>,
     },
+    /// A control-built message for the connection from `to` on stream listener `listener`.
+    StreamTransmit {
+        listener: u16,
+        to: SocketAddr,
+        bytes: Vec<u8>,
+    },
     Shutdown,
 }
 
@@ -102,8 +120,11 @@ struct Allocation {
 #[derive(Debug)]
 pub(crate) struct Core {
     shard: ShardId,
-    /// Bound address of each listener, by listener index.
+    /// Bound address of each listener, by listener index: the UDP listeners first, then the
+    /// stream (TCP) listeners.
     listener_addrs: Vec<SocketAddr>,
+    /// `None` for a UDP listener, the kind for a stream listener, by listener index.
+    listener_kinds: Vec<Option<StreamKind>>,
     /// Socket slot of each listener, by listener index.
     listener_slots: Vec<u32>,
     /// Every socket the shard reads, by slot (the relay token of the tables).
@@ -132,11 +153,13 @@ impl Core {
     pub(crate) fn new(
         shard: ShardId,
         listeners: Vec<(SocketAddr, UdpSocket)>,
+        stream_listeners: &[(SocketAddr, StreamKind)],
         to_control: Sender<ToControl>,
     ) -> Self {
         let mut core = Self {
             shard,
-            listener_addrs: Vec::with_capacity(listeners.len()),
+            listener_addrs: Vec::with_capacity(listeners.len() + stream_listeners.len()),
+            listener_kinds: Vec::with_capacity(listeners.len() + stream_listeners.len()),
             listener_slots: Vec::with_capacity(listeners.len()),
             sockets: Vec::new(),
             sockets_free: Vec::new(),
@@ -155,9 +178,83 @@ impl Core {
             let index = u16::try_from(index).unwrap_or(u16::MAX);
             let slot = core.insert_socket(socket, Role::Listener(index));
             core.listener_addrs.push(addr);
+            core.listener_kinds.push(None);
             core.listener_slots.push(slot);
         }
+        for &(addr, kind) in stream_listeners {
+            core.listener_addrs.push(addr);
+            core.listener_kinds.push(Some(kind));
+        }
         core
+    }
+
+    /// Index of the first stream listener (the UDP listeners come first).
+    pub(crate) fn stream_listener_base(&self) -> u16 {
+        u16::try_from(self.listener_slots.len()).unwrap_or(u16::MAX)
+    }
+
+    /// The listener bound to `addr` that carries `transport`.
+    fn find_listener(&self, transport: ClientTransport, addr: SocketAddr) -> Option<u16> {
+        let index = self
+            .listener_addrs
+            .iter()
+            .zip(&self.listener_kinds)
+            .position(|(a, kind)| {
+                *a == addr
+                    && match kind {
+                        None => transport == ClientTransport::Udp,
+                        Some(kind) => kind.carries(transport),
+                    }
+            })?;
+        u16::try_from(index).ok()
+    }
+
+    /// Whether the client `client` of listener `listener` has an allocation on this shard.
+    pub(crate) fn has_allocation(&self, listener: u16, client: SocketAddr) -> bool {
+        self.by_client.contains_key(&(listener, client))
+    }
+
+    /// One whole frame (STUN message or ChannelData) from a TCP/TLS client. Returns what the
+    /// fast path returns for a datagram (a `Send` from a relay socket, or `Done`); `reported`
+    /// becomes true when the frame went to control.
+    pub(crate) fn handle_stream_frame(
+        &mut self,
+        listener: u16,
+        transport: ClientTransport,
+        client: SocketAddr,
+        frame: &[u8],
+        reported: &mut bool,
+    ) -> Action {
+        self.counters.client_datagrams += 1;
+        let requests = self.counters.requests;
+        let action = self.handle_from_client(listener, transport, client, frame, 0..frame.len());
+        if self.counters.requests != requests {
+            *reported = true;
+        }
+        action
+    }
+
+    /// A TCP/TLS connection closed: tell control, which removes its allocation (RFC 8656 §3.1)
+    /// and sends `RemoveAllocation` back.
+    pub(crate) fn stream_closed(
+        &mut self,
+        listener: u16,
+        transport: ClientTransport,
+        client: SocketAddr,
+    ) {
+        let Some(&server) = self.listener_addrs.get(usize::from(listener)) else {
+            return;
+        };
+        let message = ToControl::ConnectionClosed {
+            shard: self.shard,
+            transport,
+            server,
+            client,
+        };
+        // A full queue leaves the allocation to expire by its lifetime.
+        if let Err(TrySendError::Full(_)) = self.to_control.try_send(message) {
+            self.counters.drops.add(DropReason::QueueFull);
+        }
     }
 
     pub(crate) fn shard(&self) -> ShardId {
@@ -280,7 +377,7 @@ impl Core {
         match role {
             Ok(listener) => {
                 self.counters.client_datagrams += 1;
-                self.handle_from_client(listener, from, buf, range)
+                self.handle_from_client(listener, ClientTransport::Udp, from, buf, range)
             }
             Err(Some(alloc)) => {
                 self.counters.peer_datagrams += 1;
@@ -297,8 +394,9 @@ impl Core {
     fn handle_from_client(
         &mut self,
         listener: u16,
+        transport: ClientTransport,
         client: SocketAddr,
-        buf: &mut [u8],
+        buf: &[u8],
         range: Range<usize>,
     ) -> Action {
         let client = canonical(client);
@@ -332,7 +430,7 @@ impl Core {
                         None => self.drop(DropReason::NoAllocation),
                     };
                 }
-                self.forward_to_control(listener, client, datagram)
+                self.forward_to_control(listener, transport, client, datagram)
             }
             _ => self.drop(DropReason::Malformed),
         }
@@ -410,12 +508,58 @@ impl Core {
             self.counters.drops.add(DropReason::NoAllocation);
             return Action::Done;
         };
-        let Some(&via) = self.listener_slots.get(usize::from(allocation.listener)) else {
-            self.counters.drops.add(DropReason::NoAllocation);
-            return Action::Done;
-        };
         let to = allocation.client;
         let payload_len = range.len();
+        let Some(&via) = self.listener_slots.get(usize::from(allocation.listener)) else {
+            // A stream client (RFC 8656 §12.5: ChannelData over TCP/TLS is padded to 4).
+            let listener = allocation.listener;
+            let mut header = [0u8; DATA_INDICATION_HEADER_LEN_MAX];
+            let (header_len, padding) = match self.channel_of_peer.get(&(alloc, peer)) {
+                Some(&channel) => {
+                    let n = uturn_proto::CHANNEL_DATA_HEADER_LEN;
+                    if uturn_proto::write_channel_data_header(
+                        &mut header[..n],
+                        channel,
+                        payload_len,
+                    )
+                    .is_err()
+                    {
+                        self.counters.drops.add(DropReason::Malformed);
+                        return Action::Done;
+                    }
+                    (n, uturn_proto::stream_padding(payload_len))
+                }
+                None => {
+                    let tid = next_transaction_id(&mut self.tid_state);
+                    let Ok(n) = uturn_proto::write_data_indication_header(
+                        &mut header,
+                        tid,
+                        peer,
+                        payload_len,
+                    ) else {
+                        self.counters.drops.add(DropReason::Malformed);
+                        return Action::Done;
+                    };
+                    (n, uturn_proto::stun_padding(payload_len))
+                }
+            };
+            allocation.counters.to_client_packets += 1;
+            allocation.counters.to_client_bytes += payload_len as u64;
+            self.counters.to_client_packets += 1;
+            return Action::ToStream {
+                listener,
+                to,
+                relay: Relay {
+                    alloc,
+                    to_peer: false,
+                    bytes: payload_len as u64,
+                },
+                header,
+                header_len,
+                range,
+                padding,
+            };
+        };
         if let Some(&channel) = self.channel_of_peer.get(&(alloc, peer)) {
             let header_start = range.start - uturn_proto::CHANNEL_DATA_HEADER_LEN;
             if uturn_proto::write_channel_data_header(
@@ -469,10 +613,17 @@ impl Core {
         }
     }
 
-    fn forward_to_control(&mut self, listener: u16, client: SocketAddr, datagram: &[u8]) -> Action {
+    fn forward_to_control(
+        &mut self,
+        listener: u16,
+        transport: ClientTransport,
+        client: SocketAddr,
+        datagram: &[u8],
+    ) -> Action {
         let server = self.listener_addrs[usize::from(listener)];
         let message = ToControl::Request {
             shard: self.shard,
+            transport,
             server,
             client,
             bytes: datagram.to_vec(),
@@ -494,11 +645,18 @@ impl Core {
     /// Applies one command from control.
     pub(crate) fn handle_command(&mut self, command: ShardCommand) -> Effect {
         match command {
-            ShardCommand::Transmit { server, to, bytes } => {
-                match self.listener_addrs.iter().position(|a| *a == server) {
-                    Some(index) => Effect::Transmit {
-                        via: self.listener_slots[index],
-                        to,
+            ShardCommand::Transmit {
+                transport,
+                server,
+                to,
+                bytes,
+            } => {
+                let index = self.find_listener(transport, server);
+                match index.map(|i| (i, self.listener_slots.get(usize::from(i)))) {
+                    Some((_, Some(&via))) => Effect::Transmit { via, to, bytes },
+                    Some((listener, None)) => Effect::StreamTransmit {
+                        listener,
+                        to: canonical(to),
                         bytes,
                     },
                     None => {
@@ -509,11 +667,19 @@ impl Core {
             }
             ShardCommand::OpenAllocation {
                 alloc,
+                transport,
                 client_server,
                 client,
                 relays,
                 dont_fragment,
-            } => self.open_allocation(alloc, client_server, client, relays, dont_fragment),
+            } => self.open_allocation(
+                alloc,
+                transport,
+                client_server,
+                client,
+                relays,
+                dont_fragment,
+            ),
             ShardCommand::SetPermission { alloc, peer_ip } => {
                 let peer_ip = canonical(SocketAddr::new(peer_ip, 0)).ip();
                 if let Some(allocation) = self.allocations.get_mut(&alloc)
@@ -565,12 +731,13 @@ impl Core {
     fn open_allocation(
         &mut self,
         alloc: AllocationId,
+        transport: ClientTransport,
         client_server: SocketAddr,
         client: SocketAddr,
         relays: Vec<RelaySocket>,
         dont_fragment: bool,
     ) -> Effect {
-        let Some(listener) = self.listener_addrs.iter().position(|a| *a == client_server) else {
+        let Some(listener) = self.find_listener(transport, client_server) else {
             tracing::warn!(
                 shard = self.shard.0,
                 alloc = alloc.0,
@@ -579,7 +746,6 @@ impl Core {
             );
             return Effect::None;
         };
-        let listener = u16::try_from(listener).unwrap_or(u16::MAX);
         let client = canonical(client);
         if let Some(&old) = self.by_client.get(&(listener, client)) {
             tracing::warn!(
@@ -723,7 +889,7 @@ mod tests {
         let (tx, rx) = crossbeam_channel::bounded(16);
         let listener = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let server: SocketAddr = SERVER.parse().expect("literal");
-        let core = Core::new(ShardId(0), vec![(server, listener)], tx);
+        let core = Core::new(ShardId(0), vec![(server, listener)], &[], tx);
         (core, rx)
     }
 
@@ -732,6 +898,7 @@ mod tests {
         let addr = relay.local_addr().expect("addr");
         let effect = core.handle_command(ShardCommand::OpenAllocation {
             alloc: AllocationId(alloc),
+            transport: ClientTransport::Udp,
             client_server: SERVER.parse().expect("literal"),
             client,
             relays: vec![RelaySocket {
@@ -756,6 +923,100 @@ mod tests {
     fn from_peer(core: &mut Core, relay: u32, peer: SocketAddr, payload: &[u8]) -> Action {
         let (mut buf, range) = buffer(payload);
         core.handle_datagram(relay, peer, &mut buf, range)
+    }
+
+    /// UDP and TCP on the same address are two listeners: the transport picks the one a
+    /// response or an allocation belongs to (RFC 8656 §3.1: over TCP the 5-tuple is the
+    /// connection).
+    #[test]
+    fn the_transport_picks_between_udp_and_tcp_listeners_on_one_address() {
+        let (tx, _rx) = crossbeam_channel::bounded(16);
+        let listener = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let server: SocketAddr = SERVER.parse().expect("literal");
+        let mut core = Core::new(
+            ShardId(0),
+            vec![(server, listener)],
+            &[(server, StreamKind::Tcp)],
+            tx,
+        );
+        let client: SocketAddr = CLIENT.parse().expect("literal");
+        let transmit = |transport| ShardCommand::Transmit {
+            transport,
+            server,
+            to: client,
+            bytes: vec![1],
+        };
+        assert!(matches!(
+            core.handle_command(transmit(ClientTransport::Udp)),
+            Effect::Transmit { .. }
+        ));
+        assert!(matches!(
+            core.handle_command(transmit(ClientTransport::Tcp)),
+            Effect::StreamTransmit { listener: 1, .. }
+        ));
+        // No TLS listener there.
+        assert!(matches!(
+            core.handle_command(transmit(ClientTransport::Tls)),
+            Effect::None
+        ));
+
+        // An allocation over TCP: peer data goes to the stream, ChannelData padded to 4.
+        let relay = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = relay.local_addr().expect("addr");
+        let relay_slot = match core.handle_command(ShardCommand::OpenAllocation {
+            alloc: AllocationId(9),
+            transport: ClientTransport::Tcp,
+            client_server: server,
+            client,
+            relays: vec![RelaySocket {
+                socket: relay,
+                addr,
+            }],
+            dont_fragment: false,
+        }) {
+            Effect::Opened([Some(slot), None]) => slot,
+            other => panic!("unexpected effect {other:?}"),
+        };
+        assert!(core.has_allocation(1, client));
+        assert!(!core.has_allocation(0, client));
+        let peer: SocketAddr = "198.51.100.1:1000".parse().expect("literal");
+        core.handle_command(ShardCommand::SetPermission {
+            alloc: AllocationId(9),
+            peer_ip: peer.ip(),
+        });
+        match from_peer(&mut core, relay_slot, peer, b"abcde") {
+            Action::ToStream {
+                listener,
+                to,
+                header_len,
+                padding,
+                ..
+            } => {
+                assert_eq!((listener, to), (1, client));
+                assert!(header_len > 20, "a Data indication header");
+                assert_eq!(padding, 3, "DATA padded to 4");
+            }
+            other => panic!("expected ToStream, got {other:?}"),
+        }
+        core.handle_command(ShardCommand::BindChannel {
+            alloc: AllocationId(9),
+            channel: ChannelNumber::new(0x4000).expect("valid"),
+            peer,
+        });
+        match from_peer(&mut core, relay_slot, peer, b"abcde") {
+            Action::ToStream {
+                header,
+                header_len,
+                padding,
+                range,
+                ..
+            } => {
+                assert_eq!(&header[..header_len], &[0x40, 0x00, 0x00, 0x05]);
+                assert_eq!(range.len(), 5);
+                assert_eq!(padding, 3, "RFC 8656 §12.5: ChannelData over TCP is padded");
+            }
+            other => panic!("expected ToStream, got {other:?}"),
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use crate::DropReason;
 use crate::ring::{Completion, Op, Payload, PushError, Ring, RingSizes};
 use crate::shard::{ErrnoLog, ShardSetup, classify_send_errno};
+use crate::stream::Streams;
 use crate::tables::{Action, Effect};
 
 /// Budget of retries for a send that completed with EINTR/EAGAIN.
@@ -22,6 +23,7 @@ struct SockState {
 pub(crate) fn run(setup: ShardSetup) {
     let ShardSetup {
         mut core,
+        mut streams,
         commands,
         wake,
         sizes,
@@ -57,6 +59,8 @@ pub(crate) fn run(setup: ShardSetup) {
     let mut cancel_retry: Vec<u32> = Vec::with_capacity(64);
     let mut wake_armed = ring.arm_wake(wake_fd).is_ok();
     let mut timer_armed = ring.arm_timer(counters_interval).is_ok();
+    let streams_fd = streams.fd();
+    let mut streams_armed = streams.is_empty() || ring.arm_streams(streams_fd).is_ok();
     rearm.extend_from_slice(core.listener_slots());
     let mut batch: Vec<Completion> = Vec::with_capacity(sizes.batch);
     let mut errnos = ErrnoLog::default();
@@ -101,6 +105,9 @@ pub(crate) fn run(setup: ShardSetup) {
         if !timer_armed {
             timer_armed = ring.arm_timer(counters_interval).is_ok();
         }
+        if !streams_armed {
+            streams_armed = ring.arm_streams(streams_fd).is_ok();
+        }
 
         if let Err(error) = ring.submit_and_wait(1) {
             tracing::error!(shard, %error, "io_uring_enter failed; shard stops");
@@ -125,7 +132,7 @@ pub(crate) fn run(setup: ShardSetup) {
         for c in batch.iter().copied() {
             match c.op {
                 Op::Recv { sock } => {
-                    handle_recv(&mut core, &mut ring, &mut errnos, c, sock);
+                    handle_recv(&mut core, &mut streams, &mut ring, &mut errnos, c, sock);
                     if !c.more()
                         && let Some(state) = socks.get_mut(sock as usize)
                     {
@@ -168,7 +175,14 @@ pub(crate) fn run(setup: ShardSetup) {
                             release_after_submit: &mut release_after_submit,
                             cancel_retry: &mut cancel_retry,
                         };
-                        shutdown |= apply_effect(&mut core, &mut ring, &mut socks, lists, effect);
+                        shutdown |= apply_effect(
+                            &mut core,
+                            &mut streams,
+                            &mut ring,
+                            &mut socks,
+                            lists,
+                            effect,
+                        );
                     }
                     while let Some(sock) = core.take_pending_close() {
                         close_sock(
@@ -182,7 +196,13 @@ pub(crate) fn run(setup: ShardSetup) {
                 }
                 Op::Timer => {
                     timer_armed = false;
+                    streams.sweep(&mut core, std::time::Instant::now());
                     core.report_counters();
+                }
+                Op::Streams => {
+                    // One-shot poll: re-armed at the top of the next turn.
+                    streams_armed = false;
+                    streams.poll(&mut core, std::time::Instant::now());
                 }
                 Op::Cancel | Op::Free => {}
             }
@@ -195,6 +215,7 @@ pub(crate) fn run(setup: ShardSetup) {
 
 fn handle_recv(
     core: &mut crate::tables::Core,
+    streams: &mut Streams,
     ring: &mut Ring,
     errnos: &mut ErrnoLog,
     c: Completion,
@@ -232,11 +253,32 @@ fn handle_recv(
         return;
     };
     let action = match ring.buffer_mut(bid) {
-        Some(buffer) => core.handle_datagram(sock, from, buffer, view.payload),
+        Some(buffer) => {
+            let action = core.handle_datagram(sock, from, buffer, view.payload);
+            if let Action::ToStream {
+                listener,
+                to,
+                relay,
+                header,
+                header_len,
+                range,
+                padding,
+            } = action
+            {
+                // Stream clients get a copy in their send queue; the buffer goes back now.
+                let parts = [&header[..header_len], buffer.get(range).unwrap_or(&[])];
+                if let Err(reason) = streams.send_frame(core, listener, to, parts, padding) {
+                    core.relay_failed(relay, reason);
+                }
+                Action::Done
+            } else {
+                action
+            }
+        }
         None => Action::Done,
     };
     let (via, to, relay, payload) = match action {
-        Action::Done => {
+        Action::Done | Action::ToStream { .. } => {
             ring.recycle(bid);
             return;
         }
@@ -298,6 +340,7 @@ struct Lists<'a> {
 /// Executes a command's effect; returns true on shutdown.
 fn apply_effect(
     core: &mut crate::tables::Core,
+    streams: &mut Streams,
     ring: &mut Ring,
     socks: &mut Vec<SockState>,
     lists: Lists<'_>,
@@ -332,6 +375,14 @@ fn apply_effect(
                 Err(_) => core.counters_mut().transmit_failures += 1,
             }
         }
+        Effect::StreamTransmit {
+            listener,
+            to,
+            bytes,
+        } => match streams.send_frame(core, listener, to, [&bytes, &[]], 0) {
+            Ok(()) => core.counters_mut().transmits += 1,
+            Err(_) => core.counters_mut().transmit_failures += 1,
+        },
         Effect::Shutdown => return true,
     }
     false

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use uturn_dataplane::{
-    AllocationId, Backend, BackendChoice, ChannelNumber, DataPlane, DataPlaneConfig,
-    DataPlaneError, DropReason, RelaySocket, ShardCommand, ShardCounters, ShardId, ToControl,
+    AllocationId, Backend, BackendChoice, ChannelNumber, ClientTransport, DataPlane,
+    DataPlaneConfig, DataPlaneError, DropReason, RelaySocket, ShardCommand, ShardCounters, ShardId,
+    ToControl,
 };
 use uturn_proto::{
     Attribute, Class, Message, MessageBuilder, Method, PacketKind, TransactionId, classify,
@@ -100,6 +101,7 @@ fn next_request(rx: &Receiver<ToControl>) -> (ShardId, SocketAddr, SocketAddr, V
                 server,
                 client,
                 bytes,
+                ..
             } => {
                 return (shard, server, client, bytes);
             }
@@ -139,6 +141,7 @@ fn barrier(plane: &DataPlane, shard: ShardId, server: SocketAddr, client: &UdpSo
         .send(
             shard,
             ShardCommand::Transmit {
+                transport: ClientTransport::Udp,
                 server,
                 to,
                 bytes: bytes.clone(),
@@ -224,6 +227,7 @@ fn scenario(backend: BackendChoice, threads: usize, ip: &str) {
         .send(
             shard,
             ShardCommand::OpenAllocation {
+                transport: ClientTransport::Udp,
                 alloc,
                 client_server: server,
                 client: seen_client,
@@ -564,6 +568,7 @@ fn blast(backend: BackendChoice, starved: bool) {
         .send(
             shard,
             ShardCommand::OpenAllocation {
+                transport: ClientTransport::Udp,
                 alloc,
                 client_server: server,
                 client: client_addr,

@@ -13,8 +13,9 @@
 //! is bounded in count and time. All traffic stays on 127.0.0.1 and ::1.
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead as _, BufReader, Read as _};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::cell::RefCell;
+use std::io::{BufRead as _, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use uturn_proto::{
     Attribute, ChannelData, ChannelNumber, Class, ErrorCode, Message, MessageBuilder, Method,
-    PacketKind, Protocol, TransactionId, classify, long_term_key_md5, write_channel_data,
+    PacketKind, Protocol, TransactionId, classify, frame_len, long_term_key_md5,
+    write_channel_data,
 };
 
 /// How long a test waits for any single answer before it calls the answer lost.
@@ -38,6 +40,8 @@ pub struct Uturn {
     child: Child,
     /// The UDP listener addresses the server reported, in the order of `--listen`.
     pub listeners: Vec<SocketAddr>,
+    /// The TCP listeners it reported (`tcp`, `tls` or `auto`, and the address).
+    pub stream_listeners: Vec<(String, SocketAddr)>,
     /// Everything the server printed on standard output before it was ready.
     pub banner: Vec<String>,
     /// The HTTP listener (metrics, health, admin API) the server reported.
@@ -84,6 +88,7 @@ impl Uturn {
         });
         let mut listeners = Vec::new();
         let mut http = None;
+        let mut stream_listeners = Vec::new();
         let mut banner = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -100,6 +105,12 @@ impl Uturn {
             if let Some(addr) = line.strip_prefix("listening on http ") {
                 http = Some(addr.trim().parse().expect("HTTP listener address"));
             }
+            for kind in ["tcp", "tls", "auto"] {
+                if let Some(addr) = line.strip_prefix(&format!("listening on {kind} ")) {
+                    let addr = addr.trim().parse().expect("listener address");
+                    stream_listeners.push((kind.to_owned(), addr));
+                }
+            }
             if line.trim() == "uturn is ready" {
                 break;
             }
@@ -108,6 +119,7 @@ impl Uturn {
         Self {
             child,
             listeners,
+            stream_listeners,
             banner,
             http,
             stderr_log,
@@ -126,6 +138,33 @@ impl Uturn {
             .iter()
             .find(|a| a.is_ipv6() == ipv6)
             .expect("a listener of that family")
+    }
+
+    /// The first TCP listener of `kind` (`tcp`, `tls`, `auto`) and family.
+    ///
+    /// # Panics
+    ///
+    /// When there is none (a bug in the test's arguments).
+    pub fn stream_listener(&self, kind: &str, ipv6: bool) -> SocketAddr {
+        self.stream_listeners
+            .iter()
+            .find(|(k, a)| k == kind && a.is_ipv6() == ipv6)
+            .map(|(_, a)| *a)
+            .expect("a stream listener of that kind and family")
+    }
+
+    /// Waits (bounded by `timeout`) until the server's log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::park_timeout(Duration::from_millis(10));
+        }
     }
 
     /// The process id (to send it signals).
@@ -234,8 +273,7 @@ pub fn http_request(
     token: Option<&str>,
 ) -> (u16, String) {
     use std::io::Write as _;
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, ANSWER_TIMEOUT).expect("connect to HTTP");
+    let mut stream = TcpStream::connect_timeout(&addr, ANSWER_TIMEOUT).expect("connect to HTTP");
     stream
         .set_read_timeout(Some(ANSWER_TIMEOUT))
         .expect("set read timeout");
@@ -392,9 +430,135 @@ pub struct Allocation {
     pub reservation_token: Option<[u8; 8]>,
 }
 
-/// A TURN client over UDP with long-term credentials.
+/// How a [`TurnClient`] reaches the server.
+enum Link {
+    Udp(UdpSocket),
+    /// TCP or TLS: the stream, and bytes read but not yet framed.
+    Stream {
+        stream: RefCell<Box<dyn StreamIo>>,
+        buffer: RefCell<Vec<u8>>,
+    },
+}
+
+/// A TCP or TLS byte stream with a read timeout.
+pub trait StreamIo: Read + Write + Send {
+    /// Sets the read timeout of the underlying socket.
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+    /// Shuts down both directions of the underlying socket.
+    fn shutdown(&self);
+}
+
+impl StreamIo for TcpStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        Self::set_read_timeout(self, timeout)
+    }
+    fn shutdown(&self) {
+        let _ = Self::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+impl StreamIo for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.sock.set_read_timeout(timeout)
+    }
+    fn shutdown(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// A self-signed certificate for `localhost`, 127.0.0.1 and ::1, written as PEM files, and a
+/// rustls client configuration that trusts it.
+pub struct TestCertificate {
+    /// Certificate PEM file.
+    pub cert_path: PathBuf,
+    /// Private key PEM file.
+    pub key_path: PathBuf,
+    /// Trusts exactly this certificate; offers ALPN `stun.turn`.
+    pub client_config: Arc<rustls::ClientConfig>,
+    dir: PathBuf,
+}
+
+impl TestCertificate {
+    /// Generates a fresh key pair and certificate (rcgen) in a new temporary directory.
+    ///
+    /// # Panics
+    ///
+    /// When generation or writing fails: the test cannot go on.
+    pub fn generate() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
+        let certified = rcgen::generate_simple_self_signed(names).expect("rcgen certificate");
+        let dir = std::env::temp_dir().join(format!(
+            "uturn-e2e-tls-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create certificate directory");
+        let cert_path = dir.join("cert.pem");
+        let key_path = dir.join("key.pem");
+        std::fs::write(&cert_path, certified.cert.pem()).expect("write certificate");
+        std::fs::write(&key_path, certified.signing_key.serialize_pem()).expect("write key");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(certified.cert.der().clone())
+            .expect("trust the test certificate");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut client_config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_config.alpn_protocols = vec![b"stun.turn".to_vec()];
+        Self {
+            cert_path,
+            key_path,
+            client_config: Arc::new(client_config),
+            dir,
+        }
+    }
+
+    /// The same trust, restricted to one TLS version (`rustls::version::TLS12` or `TLS13`).
+    pub fn client_config_for(
+        &self,
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> Arc<rustls::ClientConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .expect("protocol version")
+            .with_root_certificates(self.roots())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"stun.turn".to_vec()];
+        Arc::new(config)
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&self.cert_path).expect("read certificate") {
+            roots
+                .add(cert.expect("valid PEM"))
+                .expect("trust the test certificate");
+        }
+        roots
+    }
+}
+
+impl Drop for TestCertificate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TURN client over UDP, TCP or TLS with long-term credentials.
 pub struct TurnClient {
-    socket: UdpSocket,
+    link: Link,
+    local: SocketAddr,
     server: SocketAddr,
     username: String,
     password: String,
@@ -413,8 +577,72 @@ impl TurnClient {
         socket
             .connect(server)
             .expect("connect client socket to the server");
+        let local = socket.local_addr().expect("client socket address");
+        Self::with_link(Link::Udp(socket), local, server, username, password)
+    }
+
+    /// A client over a TCP connection to `server` (RFC 8656 §3.1).
+    pub fn new_tcp(server: SocketAddr, username: &str, password: &str) -> Self {
+        let stream = TcpStream::connect_timeout(&server, ANSWER_TIMEOUT).expect("connect TCP");
+        stream.set_nodelay(true).expect("TCP_NODELAY");
+        let local = stream.local_addr().expect("client address");
+        Self::with_link(
+            Self::stream_link(Box::new(stream)),
+            local,
+            server,
+            username,
+            password,
+        )
+    }
+
+    /// A client over TLS to `server`, trusting what `config` trusts; the handshake completes
+    /// before this returns.
+    pub fn new_tls(
+        server: SocketAddr,
+        username: &str,
+        password: &str,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Self {
+        let stream = TcpStream::connect_timeout(&server, ANSWER_TIMEOUT).expect("connect TCP");
+        stream.set_nodelay(true).expect("TCP_NODELAY");
+        stream
+            .set_read_timeout(Some(ANSWER_TIMEOUT))
+            .expect("read timeout");
+        let local = stream.local_addr().expect("client address");
+        let name = rustls::pki_types::ServerName::from(server.ip());
+        let connection = rustls::ClientConnection::new(config, name).expect("TLS client");
+        let mut tls = rustls::StreamOwned::new(connection, stream);
+        while tls.conn.is_handshaking() {
+            tls.conn
+                .complete_io(&mut tls.sock)
+                .expect("TLS handshake with the server");
+        }
+        Self::with_link(
+            Self::stream_link(Box::new(tls)),
+            local,
+            server,
+            username,
+            password,
+        )
+    }
+
+    fn stream_link(stream: Box<dyn StreamIo>) -> Link {
+        Link::Stream {
+            stream: RefCell::new(stream),
+            buffer: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn with_link(
+        link: Link,
+        local: SocketAddr,
+        server: SocketAddr,
+        username: &str,
+        password: &str,
+    ) -> Self {
         Self {
-            socket,
+            link,
+            local,
             server,
             username: username.to_owned(),
             password: password.to_owned(),
@@ -428,7 +656,45 @@ impl TurnClient {
 
     /// The client's own address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.socket.local_addr().expect("client socket address")
+        self.local
+    }
+
+    /// Whether the client talks over TCP or TLS.
+    pub fn is_stream(&self) -> bool {
+        matches!(self.link, Link::Stream { .. })
+    }
+
+    /// Writes `bytes` to the server: one datagram, or bytes on the stream.
+    fn send_bytes(&self, bytes: &[u8]) {
+        match &self.link {
+            Link::Udp(socket) => {
+                socket.send(bytes).expect("send datagram");
+            }
+            Link::Stream { stream, .. } => {
+                let mut stream = stream.borrow_mut();
+                stream.write_all(bytes).expect("write to the stream");
+                stream.flush().expect("flush the stream");
+            }
+        }
+    }
+
+    /// Writes `bytes` in pieces of `chunk` bytes, flushing each (stream clients), so the
+    /// server receives them split across reads.
+    pub fn send_in_pieces(&self, bytes: &[u8], chunk: usize) {
+        for piece in bytes.chunks(chunk.max(1)) {
+            self.send_bytes(piece);
+            if self.is_stream() {
+                // Give the server a chance to read each piece on its own; bounded and tiny.
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Closes a stream client's connection (both directions).
+    pub fn close(&self) {
+        if let Link::Stream { stream, .. } = &self.link {
+            stream.borrow().shutdown();
+        }
     }
 
     /// The server this client talks to.
@@ -515,8 +781,13 @@ impl TurnClient {
     pub fn transact(&mut self, tid: TransactionId, bytes: &[u8]) -> Received {
         let deadline = Instant::now() + ANSWER_TIMEOUT;
         let mut rto = Duration::from_millis(250);
+        let mut sent = false;
         while Instant::now() < deadline {
-            self.socket.send(bytes).expect("send request");
+            // A stream is reliable: send once, wait the whole time (RFC 8489 §6.2.2).
+            if !(sent && self.is_stream()) {
+                self.send_bytes(bytes);
+                sent = true;
+            }
             let resend_at = (Instant::now() + rto).min(deadline);
             while let Some(datagram) = self.recv_raw_until(resend_at) {
                 match classify(&datagram) {
@@ -546,21 +817,95 @@ impl TurnClient {
     }
 
     fn recv_raw_until(&self, deadline: Instant) -> Option<Vec<u8>> {
-        let now = Instant::now();
-        if now >= deadline {
-            return None;
-        }
-        self.socket
-            .set_read_timeout(Some(deadline - now))
-            .expect("set read timeout");
-        let mut buf = vec![0u8; 65536];
-        match self.socket.recv(&mut buf) {
-            Ok(n) => {
-                buf.truncate(n);
-                Some(buf)
+        match &self.link {
+            Link::Udp(socket) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return None;
+                }
+                socket
+                    .set_read_timeout(Some(deadline - now))
+                    .expect("set read timeout");
+                let mut buf = vec![0u8; 65536];
+                match socket.recv(&mut buf) {
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some(buf)
+                    }
+                    Err(_) => None,
+                }
             }
-            Err(_) => None,
+            Link::Stream { stream, buffer } => {
+                let mut buffer = buffer.borrow_mut();
+                let mut stream = stream.borrow_mut();
+                // Bounded: each pass either returns or reads (with the deadline as timeout).
+                for _ in 0..100_000 {
+                    match frame_len(&buffer) {
+                        Ok(Some(len)) if buffer.len() >= len => {
+                            let frame: Vec<u8> = buffer.drain(..len).collect();
+                            if classify(&frame) == PacketKind::ChannelData {
+                                // RFC 8656 §12.5: over TCP/TLS ChannelData is padded to 4.
+                                assert_eq!(frame.len() % 4, 0, "ChannelData frame is padded");
+                                let payload_len =
+                                    usize::from(u16::from_be_bytes([frame[2], frame[3]]));
+                                assert!(
+                                    frame[4 + payload_len..].iter().all(|b| *b == 0),
+                                    "padding bytes are zero"
+                                );
+                            }
+                            return Some(frame);
+                        }
+                        Ok(_) => {}
+                        Err(e) => panic!("the server sent a bad stream: {e:?}"),
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return None;
+                    }
+                    stream
+                        .set_read_timeout(Some(deadline - now))
+                        .expect("set read timeout");
+                    let mut chunk = [0u8; 16384];
+                    match stream.read(&mut chunk) {
+                        Ok(0) => return None,
+                        Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        Err(_) => return None,
+                    }
+                }
+                None
+            }
         }
+    }
+
+    /// Whether the server closed the stream within `timeout` (reads until EOF or an error,
+    /// discarding frames).
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let Link::Stream { stream, .. } = &self.link else {
+            return false;
+        };
+        let deadline = Instant::now() + timeout;
+        let mut stream = stream.borrow_mut();
+        let mut chunk = [0u8; 4096];
+        while Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .is_err()
+            {
+                return true;
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return true,
+            }
+        }
+        false
     }
 
     /// Allocate with REQUESTED-TRANSPORT UDP and `extra` attributes; `Err(code)` on an error
@@ -638,10 +983,18 @@ impl TurnClient {
 
     /// Sends a ChannelData message.
     pub fn send_channel_data(&self, channel: u16, payload: &[u8]) {
+        let bytes = self.channel_data(channel, payload);
+        self.send_bytes(&bytes);
+    }
+
+    /// A ChannelData message as this client frames it (padded to 4 over TCP/TLS).
+    pub fn channel_data(&self, channel: u16, payload: &[u8]) -> Vec<u8> {
         let mut buf = vec![0u8; payload.len() + 8];
         let number = ChannelNumber::new(channel).expect("valid channel");
-        let len = write_channel_data(&mut buf, number, payload, false).expect("buffer fits");
-        self.socket.send(&buf[..len]).expect("send ChannelData");
+        let len =
+            write_channel_data(&mut buf, number, payload, self.is_stream()).expect("buffer fits");
+        buf.truncate(len);
+        buf
     }
 
     /// Sends a Send indication to `peer`.
@@ -653,12 +1006,12 @@ impl TurnClient {
             .and_then(|b| b.attribute(&Attribute::Data(payload)))
             .expect("buffer fits");
         let len = b.finish();
-        self.socket.send(&buf[..len]).expect("send Send indication");
+        self.send_bytes(&buf[..len]);
     }
 
     /// Sends raw bytes to the server.
     pub fn send_raw(&self, bytes: &[u8]) {
-        self.socket.send(bytes).expect("send raw datagram");
+        self.send_bytes(bytes);
     }
 
     /// The next relayed message (ChannelData or Data indication) within `timeout`.

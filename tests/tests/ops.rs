@@ -371,7 +371,8 @@ fn the_bearer_token_is_enforced() {
     let status = json(&body);
     assert_eq!(status["shards"], 2);
     assert_eq!(status["state"], "ready");
-    assert_eq!(status["listeners"].as_array().map(Vec::len), Some(2));
+    // Two bare `--listen ADDR:PORT` flags: each is a UDP and a TCP listener.
+    assert_eq!(status["listeners"].as_array().map(Vec::len), Some(4));
 
     let output = Command::new(uturn_binary())
         .args(["--listen", "127.0.0.1:0", "--relay-ip", "127.0.0.1"])

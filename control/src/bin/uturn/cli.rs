@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 use uturn_control::Config;
 use uturn_control::config::{IoBackend, UserConfig};
+use uturn_control::listen::ListenAddr;
 use uturn_control::ops::LogFormat;
 
 /// uturn: a TURN/STUN relay server (RFC 8489, RFC 8656).
@@ -19,10 +20,19 @@ pub(crate) struct Cli {
     #[arg(long, short = 'c', value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
 
-    /// UDP listener address, repeatable (replaces `server.listen`), e.g. 0.0.0.0:3478 or
-    /// [::]:3478. Port 0 takes a port from the OS.
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub(crate) listen: Vec<SocketAddr>,
+    /// Listener, repeatable (replaces `server.listen`): ADDR:PORT (UDP and TCP), or
+    /// udp://, tcp://, tls://, auto:// (TCP taking plain TURN and TLS) before ADDR:PORT, e.g.
+    /// 0.0.0.0:3478, auto://0.0.0.0:443, tls://[::]:5349. Port 0 takes a port from the OS.
+    #[arg(long, value_name = "[SCHEME://]ADDR:PORT")]
+    pub(crate) listen: Vec<ListenAddr>,
+
+    /// PEM certificate chain for tls:// and auto:// listeners (reloaded on SIGHUP).
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    pub(crate) tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long = "tls-key", value_name = "FILE")]
+    pub(crate) tls_key: Option<PathBuf>,
 
     /// IP address that relay sockets bind to, repeatable, IPv4 and/or IPv6 (replaces
     /// `relay.relay_ips`).
@@ -109,6 +119,12 @@ impl Cli {
     pub(crate) fn apply(&self, mut config: Config) -> Config {
         if !self.listen.is_empty() {
             config.server.listen.clone_from(&self.listen);
+        }
+        if let Some(cert) = &self.tls_cert {
+            config.server.tls_cert = Some(cert.clone());
+        }
+        if let Some(key) = &self.tls_key {
+            config.server.tls_key = Some(key.clone());
         }
         if !self.relay_ip.is_empty() {
             config.relay.relay_ips.clone_from(&self.relay_ip);
@@ -208,6 +224,12 @@ mod tests {
             "127.0.0.1:0",
             "--listen",
             "[::1]:0",
+            "--listen",
+            "auto://127.0.0.1:0",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
             "--ports",
             "24000-29999",
             "--user",
@@ -221,7 +243,9 @@ mod tests {
             "--allow-loopback-peers",
         ]);
         let config = cli.apply(Config::default());
-        assert_eq!(config.server.listen.len(), 2);
+        assert_eq!(config.server.listen.len(), 3);
+        assert!(config.server.listen[2].needs_tls());
+        assert!(config.server.tls_cert.is_some() && config.server.tls_key.is_some());
         assert_eq!(
             (config.relay.port_min, config.relay.port_max),
             (24000, 29999)

@@ -4,15 +4,17 @@
 //! on standard error and exit code 2), start the data plane (listeners bound, shards running),
 //! start the HTTP listener (metrics, health, admin API), print the listeners and
 //! `uturn is ready`, then run the control thread until SIGINT or SIGTERM. SIGHUP reloads users,
-//! REST secrets, peer policy and log level; SIGUSR1 starts draining.
+//! REST secrets, peer policy, log level and the TLS certificate; SIGUSR1 starts draining.
 #![forbid(unsafe_code)]
 
 mod cli;
 mod host;
+mod streams;
 
 use std::io::IsTerminal as _;
 use std::net::IpAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -26,10 +28,11 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _, reload};
 use uturn_control::config::{IoBackend, UserConfig};
 use uturn_control::http::{HttpServer, Readiness};
+use uturn_control::listen;
 use uturn_control::ops::LogFormat;
 use uturn_control::shell::{ControlThread, LogLevelSetter, OpsHooks, Signal, default_relay_ips};
 use uturn_control::{Config, UserTable};
-use uturn_dataplane::{BackendChoice, DataPlane, DataPlaneConfig};
+use uturn_dataplane::{BackendChoice, DataPlane, DataPlaneConfig, StreamLimits, TlsConfig};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -90,7 +93,9 @@ fn load_config(cli: &cli::Cli, demo: Option<&str>) -> anyhow::Result<(Config, Op
             .into_iter()
             .map(|i| i.ip())
             .collect();
-        config.relay.relay_ips = default_relay_ips(&config.server.listen, &interfaces);
+        let listen: Vec<std::net::SocketAddr> =
+            config.server.listen.iter().map(|l| l.addr()).collect();
+        config.relay.relay_ips = default_relay_ips(&listen, &interfaces);
         anyhow::ensure!(
             !config.relay.relay_ips.is_empty(),
             "relay.relay_ips: none configured and no usable interface address found; \
@@ -132,8 +137,9 @@ fn run(
     raise_open_file_limit();
     warn_if_relay_ports_are_ephemeral(&config);
     let users = UserTable::from_config(&config.auth)?;
+    let tls = streams::load_tls(&config)?;
     let (dataplane, from_shards) =
-        DataPlane::start(dataplane_config(&config)).context("start the data plane")?;
+        DataPlane::start(dataplane_config(&config, tls.clone())).context("start the data plane")?;
     let (backend, why) = dataplane.backend();
     info!(
         backend = backend.name(),
@@ -165,6 +171,9 @@ fn run(
     let listeners = dataplane.listener_addrs().to_vec();
     for addr in &listeners {
         println!("listening on udp {addr}");
+    }
+    for listener in dataplane.stream_listeners() {
+        println!("listening on {} {}", listener.kind.name(), listener.addr);
     }
     println!("listening on http {}", http.local_addr());
     info!(addr = %http.local_addr(), "HTTP listener (metrics, health, admin API) running");
@@ -208,6 +217,17 @@ fn run(
         })
         .context("spawn the signal thread")?;
 
+    let reload_tls = streams::reload_hook(tls);
+    let status_listeners: Vec<(&'static str, std::net::SocketAddr)> = listeners
+        .iter()
+        .map(|a| ("udp", *a))
+        .chain(
+            dataplane
+                .stream_listeners()
+                .iter()
+                .map(|l| (l.kind.name(), l.addr)),
+        )
+        .collect();
     let control = ControlThread::new(
         config,
         users,
@@ -219,14 +239,14 @@ fn run(
     .with_ops(OpsHooks {
         admin,
         readiness,
-        listeners: listeners.iter().map(|a| ("udp", *a)).collect(),
+        listeners: status_listeners,
         reloader: Some(Box::new(move || {
             load_config(&cli, demo_password.as_deref())
                 .map(|(config, _)| config)
                 .map_err(|e| format!("{e:#}"))
         })),
         log_level: Some(log_level),
-        reload_hooks: Vec::new(),
+        reload_hooks: reload_tls.into_iter().collect(),
     });
     println!("uturn is ready");
     info!("uturn is ready");
@@ -236,10 +256,18 @@ fn run(
     Ok(())
 }
 
-fn dataplane_config(config: &Config) -> DataPlaneConfig {
+fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig {
     let buffer = usize::try_from(config.server.socket_buffer_bytes).ok();
     DataPlaneConfig {
-        listen: config.server.listen.clone(),
+        listen: listen::udp_addrs(&config.server.listen),
+        stream_listen: listen::stream_listeners(&config.server.listen),
+        tls,
+        stream_limits: StreamLimits {
+            connections_max: usize::try_from(config.server.stream_connections_max)
+                .unwrap_or(usize::MAX),
+            idle_timeout: Duration::from_secs(u64::from(config.server.stream_idle_timeout_secs)),
+            ..StreamLimits::default()
+        },
         threads: match config.server.threads {
             0 => None,
             n => Some(usize::from(n)),
