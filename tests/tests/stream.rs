@@ -162,11 +162,11 @@ fn every_stream_transport_relays_channel_data_and_indications_both_ways(backend:
     }
     let log = server.log();
     assert!(
-        log.contains("transport=Tcp"),
+        log.contains("transport=\"tcp\""),
         "allocations over TCP are logged as such"
     );
     assert!(
-        log.contains("transport=Tls"),
+        log.contains("transport=\"tls\""),
         "allocations over TLS are logged as such"
     );
 }
