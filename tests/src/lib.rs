@@ -1142,6 +1142,22 @@ pub fn peer_socket(ipv6: bool) -> UdpSocket {
     s
 }
 
+/// A relay port range of its own for each test server: a slice of 20000-31999, below Linux's
+/// ephemeral range (32768-60999) so the tests' client sockets never hold a relay port, and
+/// chosen by process id and a counter so that servers running at the same time (tests in
+/// parallel, other test processes on the machine) rarely share ports. A shared port is still
+/// correct, just slower: the engine retries a port it cannot bind, but a reserved EVEN-PORT
+/// pair cannot move.
+pub fn relay_port_slice() -> String {
+    const FIRST: u32 = 20_000;
+    const SLICE: u32 = 1_500;
+    const SLICES: u32 = 8;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let low = FIRST + ((std::process::id() + n) % SLICES) * SLICE;
+    format!("{low}-{}", low + SLICE - 1)
+}
+
 /// The standard flags of a test server: loopback listeners on both families with OS ports, both
 /// relay IPs, one user, loopback peers allowed, the given backend and shard count.
 pub fn standard_args(backend: &str, threads: usize) -> Vec<String> {
@@ -1156,10 +1172,8 @@ pub fn standard_args(backend: &str, threads: usize) -> Vec<String> {
         "::1",
         "--realm",
         "e2e.test",
-        // Below Linux's ephemeral range (32768-60999): the tests' own client sockets then never
-        // hold a relay port.
         "--ports",
-        "20000-29999",
+        &relay_port_slice(),
         "--user",
         "alice:wonderland",
         "--allow-loopback-peers",
