@@ -1,0 +1,340 @@
+//! Batched UDP I/O with `sendmmsg`/`recvmmsg` (through nix's safe wrappers) and an epoll set.
+//!
+//! Why hand-written: the harness must not be the bottleneck, so it pays one system call per
+//! batch of up to [`BATCH`] datagrams rather than one per datagram, and one event loop per
+//! worker thread watches every socket with epoll instead of a thread per socket. io_uring would
+//! batch across sockets too, but its submission API is `unsafe`, which this crate forbids.
+//!
+//! Buffers are allocated once per [`Batch`]; the only allocation per call is the small vector
+//! of `IoSlice`s that nix's API needs to borrow the buffers (one per batch, not per packet).
+
+use std::io::{IoSlice, IoSliceMut};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, setsockopt,
+    sockopt,
+};
+use nix::sys::time::TimeSpec;
+
+/// Datagrams per system call.
+pub const BATCH: usize = 64;
+/// Room for any datagram this harness sends or expects (payload ≤ 1,400 plus TURN headers);
+/// larger ones are truncated and then fail to parse, which counts them as foreign.
+pub const SLOT_LEN: usize = 2048;
+/// Socket buffer size asked for, so bursts of one pacing tick are not dropped by the kernel
+/// on the harness's side.
+const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// A fixed set of [`BATCH`] datagram slots with lengths and addresses.
+pub struct Batch {
+    bufs: Vec<u8>,
+    lens: Vec<usize>,
+    addrs: Vec<Option<SocketAddr>>,
+    len: usize,
+    /// Kernel receive time of each datagram (SO_TIMESTAMPNS, CLOCK_REALTIME ns), 0 if absent.
+    rx_ns: Vec<u64>,
+    /// recvmmsg headers, with room for one SCM_TIMESTAMPNS per datagram.
+    headers: MultiHeaders<SockaddrStorage>,
+    /// sendmmsg headers, without a control buffer (nix would hand an unused one to the
+    /// kernel as control data, which makes sendmmsg fail with EINVAL).
+    send_headers: MultiHeaders<SockaddrStorage>,
+    storage: Vec<Option<SockaddrStorage>>,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self {
+            bufs: vec![0; BATCH * SLOT_LEN],
+            lens: vec![0; BATCH],
+            addrs: vec![None; BATCH],
+            len: 0,
+            rx_ns: vec![0; BATCH],
+            headers: MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(TimeSpec))),
+            send_headers: MultiHeaders::preallocate(BATCH, None),
+            storage: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Number of datagrams held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether no slot is left.
+    pub fn is_full(&self) -> bool {
+        self.len == BATCH
+    }
+
+    /// Forgets every datagram.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// The next free slot, to be filled by the caller and committed with [`Batch::commit`];
+    /// `None` when full.
+    pub fn slot(&mut self) -> Option<&mut [u8]> {
+        let start = self.len.checked_mul(SLOT_LEN)?;
+        self.bufs.get_mut(start..start + SLOT_LEN)
+    }
+
+    /// Commits the slot returned by [`Batch::slot`] with `len` bytes for `to` (`None` on a
+    /// connected socket).
+    pub fn commit(&mut self, len: usize, to: Option<SocketAddr>) {
+        if self.len < BATCH {
+            self.lens[self.len] = len.min(SLOT_LEN);
+            self.addrs[self.len] = to;
+            self.len += 1;
+        }
+    }
+
+    /// Copies `bytes` into the next slot; `false` when full or too long.
+    pub fn push(&mut self, bytes: &[u8], to: Option<SocketAddr>) -> bool {
+        let n = bytes.len();
+        match self.slot() {
+            Some(slot) if n <= SLOT_LEN => {
+                slot[..n].copy_from_slice(bytes);
+                self.commit(n, to);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Datagram `i`: bytes and address.
+    pub fn get(&self, i: usize) -> Option<(&[u8], Option<SocketAddr>)> {
+        if i >= self.len {
+            return None;
+        }
+        let start = i * SLOT_LEN;
+        let bytes = self.bufs.get(start..start + self.lens[i])?;
+        Some((bytes, self.addrs[i]))
+    }
+
+    /// Kernel receive time of datagram `i` in CLOCK_REALTIME ns (0 when the socket does not
+    /// have [`enable_rx_timestamps`]).
+    pub fn rx_ns(&self, i: usize) -> u64 {
+        self.rx_ns.get(i).copied().unwrap_or(0)
+    }
+
+    /// Sends every datagram held on `socket` in as few `sendmmsg` calls as it takes, then
+    /// clears the batch. Returns (sent, failed); a full socket buffer (`EAGAIN`) or any other
+    /// error counts the rest as failed rather than blocking the event loop.
+    pub fn send(&mut self, socket: &UdpSocket) -> (u64, u64) {
+        let total = self.len;
+        let mut done = 0;
+        while done < total {
+            match self.send_from(socket, done) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => done += n,
+            }
+        }
+        self.len = 0;
+        (done as u64, (total - done) as u64)
+    }
+
+    fn send_from(&mut self, socket: &UdpSocket, first: usize) -> Result<usize, Errno> {
+        let Self {
+            bufs,
+            lens,
+            addrs,
+            len,
+            send_headers: headers,
+            storage,
+            ..
+        } = self;
+        let iovs: Vec<[IoSlice<'_>; 1]> = (first..*len)
+            .map(|i| {
+                let start = i * SLOT_LEN;
+                [IoSlice::new(&bufs[start..start + lens[i]])]
+            })
+            .collect();
+        storage.clear();
+        storage.extend(
+            addrs[first..*len]
+                .iter()
+                .map(|a| a.map(SockaddrStorage::from)),
+        );
+        loop {
+            match sendmmsg(
+                socket.as_raw_fd(),
+                headers,
+                &iovs,
+                &storage[..],
+                [],
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(results) => return Ok(results.count()),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Receives up to [`BATCH`] datagrams without blocking, replacing the contents. Returns
+    /// how many arrived (0 when none was waiting).
+    pub fn recv(&mut self, socket: &UdpSocket) -> Result<usize, Errno> {
+        let Self {
+            bufs,
+            lens,
+            addrs,
+            len,
+            rx_ns,
+            headers,
+            ..
+        } = self;
+        *len = 0;
+        let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
+            .chunks_mut(SLOT_LEN)
+            .map(|c| [IoSliceMut::new(c)])
+            .collect();
+        // EINTR and EAGAIN both mean "nothing now": the event loop comes back on the next
+        // readiness, so no retry loop is needed here.
+        let results = match recvmmsg(
+            socket.as_raw_fd(),
+            headers,
+            iovs.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            Ok(r) => r,
+            Err(Errno::EINTR | Errno::EAGAIN) => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        for (i, msg) in results.enumerate() {
+            lens[i] = msg.bytes.min(SLOT_LEN);
+            addrs[i] = msg
+                .address
+                .and_then(|a: SockaddrStorage| to_socket_addr(&a));
+            rx_ns[i] = msg
+                .cmsgs()
+                .ok()
+                .and_then(|mut c| {
+                    c.find_map(|m| match m {
+                        ControlMessageOwned::ScmTimestampns(ts) => Some(timespec_ns(&ts)),
+                        _ => None,
+                    })
+                })
+                .unwrap_or(0);
+            *len = i + 1;
+        }
+        Ok(*len)
+    }
+}
+
+fn timespec_ns(ts: &TimeSpec) -> u64 {
+    u64::try_from(ts.tv_sec())
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec()).unwrap_or(0))
+}
+
+/// Now on CLOCK_REALTIME in ns: the clock of kernel receive timestamps, so send stamps use it
+/// too (both ends are in this process, so the clocks are the same clock).
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Asks the kernel to stamp each datagram when it arrives (SO_TIMESTAMPNS), so latency does
+/// not include the time the event loop takes to come round to the socket.
+pub fn enable_rx_timestamps(socket: &UdpSocket) -> bool {
+    setsockopt(socket, sockopt::ReceiveTimestampns, &true).is_ok()
+}
+
+/// The standard-library address of a nix socket address (IPv4 or IPv6 only).
+pub fn to_socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::from(*v4));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
+}
+
+/// Binds a UDP socket on `ip` (port chosen by the OS), enlarges its buffers (best effort: the
+/// forced variants need CAP_NET_ADMIN, the plain ones are capped by net.core.*mem_max).
+pub fn bind_udp(ip: std::net::IpAddr) -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(SocketAddr::new(ip, 0))?;
+    enlarge_buffers(&socket);
+    Ok(socket)
+}
+
+/// Best-effort larger socket buffers.
+pub fn enlarge_buffers(socket: &UdpSocket) {
+    if setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER_BYTES).is_err() {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER_BYTES);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER_BYTES).is_err() {
+        let _ = setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER_BYTES);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_batch_crosses_loopback_in_order_with_addresses() {
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (a, b) = (bind_udp(lo).unwrap(), bind_udp(lo).unwrap());
+        let to = b.local_addr().unwrap();
+        let mut out = Batch::new();
+        for i in 0..10u8 {
+            assert!(out.push(&[i; 3], Some(to)));
+        }
+        assert_eq!(out.send(&a), (10, 0));
+        assert!(out.is_empty());
+        let mut got = Vec::new();
+        let mut inbox = Batch::new();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while got.len() < 10 && Instant::now() < deadline {
+            inbox.recv(&b).unwrap();
+            for i in 0..inbox.len() {
+                let (bytes, from) = inbox.get(i).unwrap();
+                assert_eq!(from, Some(a.local_addr().unwrap()));
+                got.push(bytes.to_vec());
+            }
+        }
+        assert_eq!(got, (0..10u8).map(|i| vec![i; 3]).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn received_datagrams_carry_the_kernel_arrival_time() {
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (a, b) = (bind_udp(lo).unwrap(), bind_udp(lo).unwrap());
+        assert!(enable_rx_timestamps(&b));
+        let before = realtime_ns();
+        a.send_to(b"t", b.local_addr().unwrap()).unwrap();
+        let mut inbox = Batch::new();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while inbox.recv(&b).unwrap() == 0 && Instant::now() < deadline {}
+        let rx = inbox.rx_ns(0);
+        assert!(rx >= before && rx <= realtime_ns(), "{before} <= {rx}");
+    }
+
+    #[test]
+    fn a_full_batch_refuses_more() {
+        let mut batch = Batch::new();
+        for _ in 0..BATCH {
+            assert!(batch.push(b"x", None));
+        }
+        assert!(batch.is_full() && !batch.push(b"x", None));
+        assert!(!Batch::new().push(&[0; SLOT_LEN + 1], None));
+    }
+}

@@ -1,0 +1,57 @@
+//! # uturn-bench: load generator, bare forwarder and probe for TURN servers
+//!
+//! The harness speaks standard TURN (RFC 8656) through `uturn-proto`, so it loads any server:
+//! uturn, coturn, others. It measures what an operator needs to compare them, in one run:
+//!
+//! ```text
+//!  setup (blocking, turn.rs): Allocate 401 → Allocate(auth) → CreatePermission → ChannelBind
+//!  traffic (load.rs, one event loop per worker, batched with sendmmsg/recvmmsg):
+//!    client socket ──ChannelData / Send ind.──► relay ──► peer socket (echo or sink)
+//!    client socket ◄──ChannelData / Data ind.── relay ◄──┘
+//!  each payload carries [magic | flow | seq | send time | peer hold] (stats.rs) → loss,
+//!    reordering, latency (send stamp to the kernel's SO_TIMESTAMPNS arrival stamp)
+//!  pacing (pacing.rs): open loop, packet k leaves at start + k / rate, never waits for answers
+//!  sweep (sweep.rs): grow the rate until loss > 0.1 %, then bisect: the knee
+//!  cpu (cpu.rs): server CPU from /proc/PID/task/*/schedstat (or /proc/PID/stat), own from
+//!    getrusage
+//!  report (report.rs, plot.rs): JSON, Markdown table with ratios, SVG plots
+//! ```
+//!
+//! Besides the load modes it holds the bare UDP forwarder (`forwarder.rs`, the physical-limit
+//! reference) and the `probe` (`probe.rs`, with `tls.rs` for `turns:`), which checks a live
+//! server step by step.
+//!
+//! What it refuses to do: load (not probe) any address outside loopback unless told to with
+//! `--allow-remote`; run a loop without a bound in count and time; invent a figure (every number
+//! in a report is measured in that run).
+#![forbid(unsafe_code)]
+
+pub mod alloc;
+pub mod cpu;
+pub mod forwarder;
+pub mod io;
+pub mod load;
+pub mod pacing;
+pub mod plot;
+pub mod probe;
+pub mod report;
+pub mod stats;
+pub mod sweep;
+pub mod tls;
+pub mod turn;
+pub mod workload;
+
+use std::net::SocketAddr;
+
+/// Refuses a load target outside loopback unless `allow_remote` is set: this harness can send
+/// hundreds of thousands of packets per second, which is only acceptable towards a server the
+/// operator owns and means to load.
+pub fn check_load_target(target: SocketAddr, allow_remote: bool) -> Result<(), String> {
+    if target.ip().is_loopback() || allow_remote {
+        Ok(())
+    } else {
+        Err(format!(
+            "{target} is not a loopback address; pass --allow-remote to load a server you own"
+        ))
+    }
+}

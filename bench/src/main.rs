@@ -1,0 +1,700 @@
+//! `uturn-bench`: load-test any TURN server (uturn, coturn, others) beside the bare-forwarder
+//! limit, measure allocations per second, and probe a live server. See bench/README.md.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use uturn_bench::alloc;
+use uturn_bench::forwarder;
+use uturn_bench::load::{Churn, Framing, LoadConfig, LoadRun, PeerMode, TICK_MIN_DEFAULT};
+use uturn_bench::probe;
+use uturn_bench::report::{AllocReport, RunReport, StepReport, markdown};
+use uturn_bench::sweep::{Outcome, Sweep};
+use uturn_bench::tls::TlsTrust;
+use uturn_bench::workload::{DRAIN, Workload};
+use uturn_bench::{check_load_target, plot};
+
+#[derive(Parser)]
+#[command(
+    name = "uturn-bench",
+    version,
+    about = "Load generator, bare forwarder and probe for TURN servers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fixed-rate traffic through the relay: loss, reordering, latency, CPU.
+    Run(RunArgs),
+    /// Steps the offered load up to the highest rate with loss ≤ 0.1 % (the knee).
+    Sweep(SweepArgs),
+    /// Full authenticated allocations per second.
+    Alloc(AllocArgs),
+    /// The same sweep (or fixed run) through the bare UDP forwarder: the physical limit.
+    Baseline(BaselineArgs),
+    /// Runs the bare UDP forwarder (used by `baseline`; prints `forwarder is ready on ADDR`).
+    Forward(ForwardArgs),
+    /// Checks a live TURN server step by step: turn:HOST:PORT?transport=udp|tcp|tls.
+    Probe(ProbeArgs),
+    /// Merges JSON results into one Markdown table with ratios, and SVG plots.
+    Report(ReportArgs),
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// The server to load (a loopback address unless --allow-remote).
+    #[arg(long)]
+    server: Option<SocketAddr>,
+    /// TURN user name.
+    #[arg(short = 'u', long, default_value = "u1")]
+    user: String,
+    /// TURN password.
+    #[arg(short = 'p', long, default_value = "p1")]
+    pass: String,
+    /// Named workload; the options below override its parts.
+    #[arg(long, value_enum, default_value = "audio")]
+    workload: Workload,
+    /// Allocations carrying traffic.
+    #[arg(long)]
+    allocations: Option<u32>,
+    /// Payload bytes per packet (32..=1400: the stamp takes 32).
+    #[arg(long)]
+    size: Option<usize>,
+    /// ChannelData or Send indications.
+    #[arg(long, value_enum, default_value = "channel")]
+    framing: Framing,
+    /// Echo at the peer (round trip) or sink (one way).
+    #[arg(long, value_enum, default_value = "echo")]
+    peer: PeerMode,
+    /// Generator worker threads (event loops).
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// PID of the server, for its CPU time (/proc/PID/task/*/schedstat or /proc/PID/stat).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Label of the server in reports (uturn, coturn, ...).
+    #[arg(long, default_value = "server")]
+    label: String,
+    /// Write the JSON report here ("-" for standard output).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Print the Markdown table at the end.
+    #[arg(long)]
+    markdown: bool,
+    /// Milliseconds to wait for late packets after each step.
+    #[arg(long, default_value_t = DRAIN.as_millis() as u64)]
+    drain_ms: u64,
+    /// Shortest pause between two send bursts, µs (longer: bigger batches, burstier load).
+    #[arg(long, default_value_t = TICK_MIN_DEFAULT.as_micros() as u64)]
+    tick_us: u64,
+    /// Allow a target outside loopback (only a server you own).
+    #[arg(long)]
+    allow_remote: bool,
+    /// No progress bars.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Total offered packets per second (default: the workload's nominal rate).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds of traffic.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+}
+
+#[derive(Args, Clone)]
+struct SweepOpts {
+    /// First offered rate, total pps.
+    #[arg(long, default_value_t = 10_000.0)]
+    start_pps: f64,
+    /// Highest offered rate tried.
+    #[arg(long, default_value_t = 2_000_000.0)]
+    max_pps: f64,
+    /// Growth factor between steps.
+    #[arg(long, default_value_t = 1.6)]
+    factor: f64,
+    /// Seconds per step.
+    #[arg(long, default_value_t = 3.0)]
+    step_secs: f64,
+    /// Bisection steps after the first loss.
+    #[arg(long, default_value_t = 3)]
+    refine: u32,
+    /// Steps at most.
+    #[arg(long, default_value_t = 14)]
+    max_steps: u32,
+    /// Skip the latency step at half the knee.
+    #[arg(long)]
+    no_half_knee: bool,
+}
+
+#[derive(Args)]
+struct SweepArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    sweep: SweepOpts,
+}
+
+#[derive(Args)]
+struct BaselineArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    sweep: SweepOpts,
+    /// Run at this fixed rate instead of sweeping.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds of traffic for a fixed rate.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Pin the forwarder this command starts to this CPU (taskset), like the server under test.
+    #[arg(long)]
+    forwarder_cpu: Option<u32>,
+}
+
+#[derive(Args)]
+struct AllocArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Seconds.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Concurrent handshakes (threads).
+    #[arg(long, default_value_t = 8)]
+    concurrency: u32,
+    /// Handshakes at most.
+    #[arg(long, default_value_t = 1_000_000)]
+    count_max: u64,
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    /// Listener address (loopback).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Clients at most.
+    #[arg(long, default_value_t = 20_000)]
+    clients_max: usize,
+    /// Stops by itself after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    max_secs: u64,
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// turn:HOST:PORT?transport=udp|tcp|tls
+    uri: String,
+    /// User name.
+    #[arg(short = 'u', long)]
+    user: String,
+    /// Password.
+    #[arg(short = 'p', long)]
+    pass: String,
+    /// The realm you expect (diagnoses a realm mismatch).
+    #[arg(long)]
+    realm: Option<String>,
+    /// Seconds to wait for each answer.
+    #[arg(long, default_value_t = 3.0)]
+    timeout: f64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// TLS: trust the CA certificates in this PEM file instead of the Mozilla roots.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// TLS: accept any server certificate (checks TURN, not the server's identity).
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// JSON results of earlier runs.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Write the Markdown here as well as to standard output.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Write the SVG plots into this folder.
+    #[arg(long)]
+    plots: Option<PathBuf>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run_cli(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("uturn-bench: {e:#}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run_cli(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Cmd::Run(a) => {
+            let server = target(&a.common)?;
+            let rate = a
+                .rate
+                .unwrap_or_else(|| a.common.workload.shape().nominal_pps());
+            let plan = Plan::Fixed {
+                rate,
+                duration: secs(a.duration)?,
+            };
+            traffic(&a.common, server, "run", plan).map(|_| 0)
+        }
+        Cmd::Sweep(a) => {
+            let server = target(&a.common)?;
+            traffic(&a.common, server, "sweep", Plan::Sweep(a.sweep.clone())).map(|_| 0)
+        }
+        Cmd::Baseline(a) => baseline(a).map(|_| 0),
+        Cmd::Alloc(a) => alloc_mode(&a).map(|_| 0),
+        Cmd::Forward(a) => {
+            let stop = AtomicBool::new(false);
+            let stats = forwarder::run(
+                a.listen,
+                a.clients_max,
+                Duration::from_secs(a.max_secs),
+                &stop,
+                |addr| {
+                    println!("forwarder is ready on {addr}");
+                },
+            )
+            .with_context(|| format!("run the forwarder on {}", a.listen))?;
+            eprintln!(
+                "forwarder done: {} to peers, {} to clients, {} dropped",
+                stats.to_peers, stats.to_clients, stats.dropped
+            );
+            Ok(0)
+        }
+        Cmd::Probe(a) => {
+            let uri = probe::parse_turn_uri(&a.uri).map_err(anyhow::Error::msg)?;
+            let trust = match (&a.ca_file, a.insecure) {
+                (_, true) => TlsTrust::InsecureAcceptAny,
+                (Some(path), false) => TlsTrust::CaFile(path.clone()),
+                (None, false) => TlsTrust::WebPki,
+            };
+            let report = probe::run(
+                &uri,
+                &a.user,
+                &a.pass,
+                a.realm.as_deref(),
+                secs(a.timeout)?,
+                &trust,
+            );
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", probe::render(&report));
+            }
+            Ok(if report.passed() { 0 } else { 1 })
+        }
+        Cmd::Report(a) => {
+            let mut reports = Vec::new();
+            for p in &a.inputs {
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+                let r: RunReport = serde_json::from_str(&text)
+                    .with_context(|| format!("parse {}", p.display()))?;
+                reports.push(r);
+            }
+            let md = markdown(&reports);
+            print!("{md}");
+            if let Some(path) = &a.markdown {
+                std::fs::write(path, &md).with_context(|| format!("write {}", path.display()))?;
+            }
+            if let Some(dir) = &a.plots {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("create {}", dir.display()))?;
+                for (name, svg) in plot::plots(&reports) {
+                    let path = dir.join(name);
+                    std::fs::write(&path, svg)
+                        .with_context(|| format!("write {}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn secs(s: f64) -> Result<Duration> {
+    if !(s.is_finite() && s > 0.0 && s <= 3600.0) {
+        bail!("a duration must be between 0 and 3600 seconds, not {s}");
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+fn target(c: &Common) -> Result<SocketAddr> {
+    let server = c.server.context("--server ADDR is required")?;
+    check_load_target(server, c.allow_remote).map_err(anyhow::Error::msg)?;
+    Ok(server)
+}
+
+enum Plan {
+    Fixed { rate: f64, duration: Duration },
+    Sweep(SweepOpts),
+}
+
+fn bar(quiet: bool, len: u64, msg: String) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{msg:32} [{bar:30}] {pos}/{len} {elapsed}") {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(msg);
+    pb
+}
+
+fn load_config(c: &Common, server: SocketAddr, framing: Framing) -> LoadConfig {
+    let shape = c.workload.shape();
+    LoadConfig {
+        server,
+        user: c.user.clone(),
+        pass: c.pass.clone(),
+        allocations: c.allocations.unwrap_or(shape.allocations).max(1),
+        payload_len: c.size.unwrap_or(shape.payload_len),
+        framing,
+        peer_mode: c.peer,
+        workers: c.workers.max(1),
+        drain: Duration::from_millis(c.drain_ms),
+        tick: Duration::from_micros(c.tick_us.clamp(1, 10_000)),
+    }
+}
+
+/// Sets up the allocations, runs the plan, and writes the report.
+fn traffic(c: &Common, server: SocketAddr, mode: &str, plan: Plan) -> Result<RunReport> {
+    traffic_with(c, server, mode, plan, c.framing)
+}
+
+fn traffic_with(
+    c: &Common,
+    server: SocketAddr,
+    mode: &str,
+    plan: Plan,
+    framing: Framing,
+) -> Result<RunReport> {
+    if c.workload == Workload::Alloc {
+        bail!("the alloc workload has no traffic: use the alloc command");
+    }
+    let config = load_config(c, server, framing);
+    let setup_bar = bar(
+        c.quiet,
+        u64::from(config.allocations),
+        format!("{}: allocations", c.label),
+    );
+    let t0 = Instant::now();
+    let mut run = LoadRun::setup(config.clone(), &|n| setup_bar.inc(n))
+        .with_context(|| format!("set up {} allocations on {server}", config.allocations))?;
+    setup_bar.finish_and_clear();
+    eprintln!(
+        "{}: {} allocations ready on {server} in {:.2} s",
+        c.label,
+        config.allocations,
+        t0.elapsed().as_secs_f64()
+    );
+    let stop = AtomicBool::new(false);
+    let shape = c.workload.shape();
+    let churn_budget = match &plan {
+        Plan::Fixed { duration, .. } => *duration,
+        Plan::Sweep(o) => Duration::from_secs_f64(o.step_secs * f64::from(o.max_steps + 1)),
+    };
+    let churn = (shape.churn_per_sec > 0.0 && framing != Framing::Bare)
+        .then(|| Churn::start(server, &c.user, &c.pass, shape.churn_per_sec, churn_budget));
+    let mut report = RunReport {
+        label: c.label.clone(),
+        mode: mode.to_owned(),
+        workload: c.workload.name().to_owned(),
+        target: server.to_string(),
+        framing: Some(framing),
+        peer_mode: Some(c.peer),
+        allocations: config.allocations,
+        payload_len: config.payload_len,
+        workers: config.workers,
+        steps: Vec::new(),
+        knee_pps: None,
+        knee_limited_by_generator: false,
+        half_knee: None,
+        alloc: None,
+        churn: None,
+        warnings: Vec::new(),
+    };
+    let mut one_step = |rate: f64, duration: Duration| -> StepReport {
+        let pb = bar(
+            c.quiet,
+            duration.as_millis() as u64,
+            format!("{}: {:.0} pps", c.label, rate),
+        );
+        let done = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let (pb, done) = (pb.clone(), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                while !done.load(Ordering::Relaxed)
+                    && start.elapsed() < duration + Duration::from_secs(30)
+                {
+                    pb.set_position(start.elapsed().as_millis() as u64);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        let raw = run.step(rate, duration, c.server_pid, &stop);
+        done.store(true, Ordering::Relaxed);
+        let _ = ticker.join();
+        pb.finish_and_clear();
+        let s = StepReport::from_raw(&raw, c.peer, config.workers);
+        eprintln!(
+            "{}: target {:>9.0} offered {:>9.0} received {:>9.0} pps, loss {:.3} %, reordered {}, p50 {:.1} µs p99 {:.1} µs p99.9 {:.1} µs max {:.1} µs, server CPU {} ns/pkt, own CPU {:.0} %{}",
+            c.label,
+            s.target_pps,
+            s.offered_pps,
+            s.received_pps,
+            s.loss_ratio * 100.0,
+            s.reordered,
+            s.latency.p50_us,
+            s.latency.p99_us,
+            s.latency.p999_us,
+            s.latency.max_us,
+            s.server_cpu_ns_per_packet
+                .map_or_else(|| "?".to_owned(), |n| format!("{n:.0}")),
+            s.own_cpu_cores.unwrap_or(0.0) * 100.0,
+            if s.generator_saturated {
+                " [GENERATOR SATURATED]"
+            } else {
+                ""
+            },
+        );
+        s
+    };
+    match plan {
+        Plan::Fixed { rate, duration } => {
+            let s = one_step(rate, duration);
+            report.steps.push(s);
+        }
+        Plan::Sweep(o) => {
+            let step_duration = secs(o.step_secs)?;
+            let mut sweep = Sweep::new(o.start_pps, o.factor, o.max_pps, o.refine, o.max_steps);
+            while let Some(rate) = sweep.next() {
+                let s = one_step(rate, step_duration);
+                let outcome = match (s.is_loss_free(), s.generator_saturated) {
+                    (true, false) => Outcome::Pass,
+                    (true, true) => Outcome::GeneratorLimit,
+                    (false, _) => Outcome::Fail,
+                };
+                sweep.record(rate, outcome);
+                report.steps.push(s);
+            }
+            report.knee_pps = sweep.knee();
+            report.knee_limited_by_generator = sweep.limited_by_generator();
+            if let (Some(knee), false) = (sweep.knee(), o.no_half_knee) {
+                report.half_knee = Some(one_step((knee / 2.0).round().max(1.0), step_duration));
+            }
+            eprintln!(
+                "{}: loss-free rate {}",
+                c.label,
+                sweep.knee().map_or_else(
+                    || "none found".to_owned(),
+                    |k| format!(
+                        "{k:.0} pps{}",
+                        if sweep.limited_by_generator() {
+                            " (at least: the generator was the limit)"
+                        } else {
+                            ""
+                        }
+                    )
+                )
+            );
+        }
+    }
+    if let Some(ch) = churn {
+        let (made, failed) = ch.finish();
+        report.churn = Some((made, failed));
+        eprintln!(
+            "{}: churn made and deleted {made} allocations, {failed} failed",
+            c.label
+        );
+        if failed > 0 {
+            report
+                .warnings
+                .push(format!("{failed} churn allocations failed"));
+        }
+    }
+    run.teardown();
+    report.derive_warnings();
+    emit(c, &report)?;
+    Ok(report)
+}
+
+fn emit(c: &Common, report: &RunReport) -> Result<()> {
+    for w in &report.warnings {
+        eprintln!("{}: warning: {w}", report.label);
+    }
+    if let Some(path) = &c.json {
+        let json = serde_json::to_string_pretty(report)?;
+        if path.as_os_str() == "-" {
+            println!("{json}");
+        } else {
+            std::fs::write(path, json).with_context(|| format!("write {}", path.display()))?;
+        }
+    }
+    if c.markdown {
+        print!("{}", markdown(std::slice::from_ref(report)));
+    }
+    Ok(())
+}
+
+fn alloc_mode(a: &AllocArgs) -> Result<RunReport> {
+    let c = &a.common;
+    let server = target(c)?;
+    let duration = secs(a.duration)?;
+    let pb = bar(c.quiet, 0, format!("{}: allocations", c.label));
+    let stop = AtomicBool::new(false);
+    let raw = alloc::run(
+        server,
+        &c.user,
+        &c.pass,
+        a.concurrency,
+        duration,
+        a.count_max,
+        c.server_pid,
+        &stop,
+        &|| pb.inc(1),
+    );
+    pb.finish_and_clear();
+    let ar = AllocReport::from_raw(&raw);
+    eprintln!(
+        "{}: {:.0} allocations/s ({} ok, {} failed), handshake p50 {:.0} µs p99 {:.0} µs, server CPU {} µs/allocation",
+        c.label,
+        ar.per_sec,
+        ar.succeeded,
+        ar.failed,
+        ar.latency.p50_us,
+        ar.latency.p99_us,
+        ar.server_cpu_us_per_allocation
+            .map_or_else(|| "?".to_owned(), |v| format!("{v:.1}")),
+    );
+    let mut report = RunReport {
+        label: c.label.clone(),
+        mode: "alloc".to_owned(),
+        workload: "alloc".to_owned(),
+        target: server.to_string(),
+        framing: None,
+        peer_mode: None,
+        allocations: 0,
+        payload_len: 0,
+        workers: a.concurrency,
+        steps: Vec::new(),
+        knee_pps: None,
+        knee_limited_by_generator: false,
+        half_knee: None,
+        alloc: Some(ar),
+        churn: None,
+        warnings: Vec::new(),
+    };
+    if let Some(e) = &raw.first_error {
+        report.warnings.push(format!("first failure: {e}"));
+    }
+    emit(c, &report)?;
+    Ok(report)
+}
+
+/// The forwarder child process, killed when dropped.
+struct ForwarderChild(Child);
+
+impl Drop for ForwarderChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_forwarder(cpu: Option<u32>, max_secs: u64) -> Result<(ForwarderChild, SocketAddr)> {
+    let exe = std::env::current_exe().context("find the uturn-bench executable")?;
+    let mut cmd = match cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpu.to_string()).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    cmd.args([
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-secs",
+        &max_secs.to_string(),
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    let mut child = ForwarderChild(cmd.spawn().context("start the forwarder")?);
+    let stdout = child.0.stdout.take().context("forwarder stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("read the forwarder's ready line")?;
+    let addr = line
+        .trim()
+        .strip_prefix("forwarder is ready on ")
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("unexpected forwarder output {line:?}"))?;
+    Ok((child, addr))
+}
+
+fn baseline(a: BaselineArgs) -> Result<RunReport> {
+    let mut c = a.common.clone();
+    if c.label == "server" {
+        c.label = "baseline".to_owned();
+    }
+    let plan = match a.rate {
+        Some(rate) => Plan::Fixed {
+            rate,
+            duration: secs(a.duration)?,
+        },
+        None => Plan::Sweep(a.sweep.clone()),
+    };
+    let mode = if a.rate.is_some() {
+        "baseline-run"
+    } else {
+        "baseline"
+    };
+    match c.server {
+        Some(server) => {
+            check_load_target(server, c.allow_remote).map_err(anyhow::Error::msg)?;
+            traffic_with(&c, server, mode, plan, Framing::Bare)
+        }
+        None => {
+            let budget = 60
+                + (a.sweep.step_secs * f64::from(a.sweep.max_steps + 2)) as u64
+                + a.duration as u64;
+            let (child, server) = spawn_forwarder(a.forwarder_cpu, budget)?;
+            c.server_pid = c.server_pid.or(Some(child.0.id()));
+            let r = traffic_with(&c, server, mode, plan, Framing::Bare);
+            drop(child);
+            r
+        }
+    }
+}

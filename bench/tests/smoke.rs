@@ -1,0 +1,315 @@
+//! Smoke runs of every mode against the real `uturn` binary on loopback: seconds, tiny loads,
+//! and no threshold on speed. They check that each mode runs end to end and that its figures
+//! are consistent (packets arrived, loss adds up, the JSON parses), not how fast anything is.
+//!
+//! The server is `$UTURN_BIN`, or the workspace's own `uturn`, built on first use (see
+//! `uturn_e2e::uturn_binary`).
+
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
+
+use uturn_bench::report::RunReport;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_uturn-bench");
+
+/// A uturn for one smoke run: one shard, one user, loopback peers allowed, its own relay port
+/// slice. The spawner (readiness wait with a deadline, `--http 127.0.0.1:0`, kill on drop) is
+/// the end-to-end harness's.
+struct Uturn {
+    process: uturn_e2e::Uturn,
+    addr: SocketAddr,
+}
+
+impl Uturn {
+    fn start() -> Self {
+        let ports = uturn_e2e::relay_port_slice();
+        let process = uturn_e2e::Uturn::start(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--relay-ip",
+            "127.0.0.1",
+            "--user",
+            "u1:p1",
+            "--allow-loopback-peers",
+            "--threads",
+            "1",
+            "--ports",
+            &ports,
+        ]);
+        let addr = process.listener(false);
+        Self { process, addr }
+    }
+
+    fn pid(&self) -> String {
+        self.process.pid().to_string()
+    }
+}
+
+fn bench(args: &[&str]) -> Output {
+    let out = Command::new(BENCH)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run uturn-bench");
+    assert!(
+        out.status.success() || args.first() == Some(&"probe"),
+        "uturn-bench {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn json_report(out: &Output) -> RunReport {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "JSON report does not parse ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Consistency that holds whatever the speed: every sent packet is received or lost.
+fn assert_step_sane(r: &RunReport) {
+    assert!(!r.steps.is_empty(), "no step in {r:?}");
+    for s in &r.steps {
+        assert!(s.sent > 0, "nothing sent: {s:?}");
+        assert_eq!(s.received + s.lost, s.sent, "loss accounting: {s:?}");
+        assert!((s.loss_ratio - s.lost as f64 / s.sent as f64).abs() < 1e-9);
+        assert!(s.latency.p50_us <= s.latency.p99_us && s.latency.p99_us <= s.latency.max_us);
+    }
+    assert!(
+        r.steps.iter().any(|s| s.received > 0),
+        "nothing came back: {r:?}"
+    );
+}
+
+#[test]
+fn a_fixed_run_relays_channel_data_through_uturn() {
+    let server = Uturn::start();
+    let out = bench(&[
+        "run",
+        "--server",
+        &server.addr.to_string(),
+        "--server-pid",
+        &server.pid(),
+        "--label",
+        "uturn",
+        "--allocations",
+        "8",
+        "--rate",
+        "400",
+        "--duration",
+        "1",
+        "--json",
+        "-",
+        "-q",
+    ]);
+    let r = json_report(&out);
+    assert_step_sane(&r);
+    assert_eq!(
+        (r.label.as_str(), r.mode.as_str(), r.allocations),
+        ("uturn", "run", 8)
+    );
+    assert!(
+        r.steps[0].server_cpu_secs.is_some(),
+        "server CPU read from /proc"
+    );
+}
+
+#[test]
+fn a_fixed_run_relays_send_indications_through_uturn() {
+    let server = Uturn::start();
+    let out = bench(&[
+        "run",
+        "--server",
+        &server.addr.to_string(),
+        "--framing",
+        "send",
+        "--allocations",
+        "4",
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--json",
+        "-",
+        "-q",
+    ]);
+    assert_step_sane(&json_report(&out));
+}
+
+#[test]
+fn a_sweep_steps_the_load_and_reports_a_knee_or_none() {
+    let server = Uturn::start();
+    let out = bench(&[
+        "sweep",
+        "--server",
+        &server.addr.to_string(),
+        "--workload",
+        "small",
+        "--allocations",
+        "4",
+        "--start-pps",
+        "200",
+        "--max-pps",
+        "400",
+        "--factor",
+        "2",
+        "--step-secs",
+        "0.5",
+        "--max-steps",
+        "2",
+        "--refine",
+        "0",
+        "--json",
+        "-",
+        "-q",
+    ]);
+    let r = json_report(&out);
+    assert_step_sane(&r);
+    assert!(r.steps.len() <= 2);
+    assert_eq!(r.payload_len, 64);
+    if let Some(knee) = r.knee_pps {
+        assert!(r.steps.iter().any(|s| s.target_pps == knee));
+        assert!(r.half_knee.is_some());
+    }
+}
+
+#[test]
+fn alloc_mode_counts_authenticated_allocations() {
+    let server = Uturn::start();
+    let out = bench(&[
+        "alloc",
+        "--server",
+        &server.addr.to_string(),
+        "--duration",
+        "1",
+        "--concurrency",
+        "2",
+        "--count-max",
+        "200",
+        "--json",
+        "-",
+        "-q",
+    ]);
+    let r = json_report(&out);
+    let a = r.alloc.expect("alloc results");
+    assert!(a.succeeded > 0 && a.succeeded + a.failed <= 200, "{a:?}");
+}
+
+#[test]
+fn churn_makes_and_deletes_allocations_while_traffic_flows() {
+    let server = Uturn::start();
+    let out = bench(&[
+        "run",
+        "--server",
+        &server.addr.to_string(),
+        "--workload",
+        "churn",
+        "--allocations",
+        "4",
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--json",
+        "-",
+        "-q",
+    ]);
+    let r = json_report(&out);
+    assert_step_sane(&r);
+    let (made, _failed) = r.churn.expect("churn counters");
+    assert!(made > 0);
+}
+
+#[test]
+fn the_baseline_forwarder_carries_the_same_traffic() {
+    let out = bench(&[
+        "baseline",
+        "--allocations",
+        "4",
+        "--rate",
+        "400",
+        "--duration",
+        "1",
+        "--json",
+        "-",
+        "-q",
+    ]);
+    let r = json_report(&out);
+    assert_step_sane(&r);
+    assert_eq!(r.label, "baseline");
+}
+
+#[test]
+fn the_probe_passes_on_uturn_and_names_a_wrong_password() {
+    let server = Uturn::start();
+    let uri = format!("turn:{}?transport=udp", server.addr);
+    let ok = bench(&["probe", &uri, "-u", "u1", "-p", "p1"]);
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(ok.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("Relay round trip") && text.contains("PASS"),
+        "{text}"
+    );
+    let bad = bench(&["probe", &uri, "-u", "u1", "-p", "wrong"]);
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1), "{text}");
+    assert!(text.contains("password"), "{text}");
+}
+
+#[test]
+fn the_report_merges_runs_into_a_table_and_plots() {
+    let server = Uturn::start();
+    let dir = std::env::temp_dir().join(format!("uturn-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let a = dir.join("uturn.json");
+    let b = dir.join("baseline.json");
+    bench(&[
+        "run",
+        "--server",
+        &server.addr.to_string(),
+        "--label",
+        "uturn",
+        "--workload",
+        "small",
+        "--allocations",
+        "4",
+        "--rate",
+        "200",
+        "--duration",
+        "0.5",
+        "--json",
+        a.to_str().unwrap(),
+        "-q",
+    ]);
+    bench(&[
+        "baseline",
+        "--workload",
+        "small",
+        "--allocations",
+        "4",
+        "--rate",
+        "200",
+        "--duration",
+        "0.5",
+        "--json",
+        b.to_str().unwrap(),
+        "-q",
+    ]);
+    let plots = dir.join("plots");
+    let out = bench(&[
+        "report",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--plots",
+        plots.to_str().unwrap(),
+    ]);
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        md.contains("| uturn | small |") && md.contains("| baseline | small |"),
+        "{md}"
+    );
+    assert!(plots.join("latency-cdf-small.svg").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
