@@ -772,7 +772,7 @@ impl TurnClient {
         buf
     }
 
-    /// Sends `bytes` (retransmitting on the RFC 8489 schedule, shortened) until a response
+    /// Sends `bytes` (retransmitting on the RFC 8489 schedule from 500 ms) until a response
     /// with transaction id `tid` arrives.
     ///
     /// # Panics
@@ -780,7 +780,9 @@ impl TurnClient {
     /// When none arrives within [`ANSWER_TIMEOUT`].
     pub fn transact(&mut self, tid: TransactionId, bytes: &[u8]) -> Received {
         let deadline = Instant::now() + ANSWER_TIMEOUT;
-        let mut rto = Duration::from_millis(250);
+        // RFC 8489 §6.2.1: "RTO SHOULD be greater than 500 ms". A shorter one makes a loaded
+        // machine retransmit, and the server then counts the request twice.
+        let mut rto = Duration::from_millis(500);
         let mut sent = false;
         while Instant::now() < deadline {
             // A stream is reliable: send once, wait the whole time (RFC 8489 §6.2.2).
@@ -1189,3 +1191,23 @@ pub fn standard_args(backend: &str, threads: usize) -> Vec<String> {
 
 /// Error codes the tests compare against, re-exported for readability.
 pub const FORBIDDEN: u16 = ErrorCode::FORBIDDEN.0;
+
+/// Runs each named scenario `fn name(backend: &str)` once per data-plane backend, as the tests
+/// `name::uring` and `name::mmsg`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn uring() {
+                    super::$name("uring");
+                }
+                #[test]
+                fn mmsg() {
+                    super::$name("mmsg");
+                }
+            }
+        )*
+    };
+}

@@ -20,25 +20,7 @@ fn start(backend: &str, threads: usize, extra: &[&str]) -> Uturn {
     Uturn::start(&refs)
 }
 
-/// Runs a scenario once per backend, each as its own test.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[test]
-                fn uring() {
-                    super::$name("uring");
-                }
-                #[test]
-                fn mmsg() {
-                    super::$name("mmsg");
-                }
-            }
-        )*
-    };
-}
-
-on_both_backends!(
+uturn_e2e::on_both_backends!(
     allocate_is_challenged_with_401_then_succeeds,
     channel_data_flows_both_ways_through_an_echo_peer,
     send_and_data_indications_flow_both_ways,
