@@ -188,6 +188,14 @@ pub struct PeersConfig {
     /// Allow loopback peers (127.0.0.0/8, ::1 and their IPv4-mapped forms). Default false; for
     /// labs and tests only.
     pub allow_loopback: bool,
+    /// Networks (CIDR, or bare addresses) opened to peers: private ranges (10/8, 172.16/12,
+    /// 192.168/16, 100.64/10, fc00::/7) and `denied_peers` entries. Never opens loopback,
+    /// unspecified, link-local, multicast, broadcast or 240/4 (see `uturn_control::policy`).
+    /// Default none; reloadable.
+    pub allowed_peers: Vec<crate::policy::Cidr>,
+    /// More networks refused to peers (CIDR or bare addresses), answered 403. Default none;
+    /// reloadable.
+    pub denied_peers: Vec<crate::policy::Cidr>,
 }
 
 /// A configuration that cannot be used, naming the field.

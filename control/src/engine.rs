@@ -225,6 +225,16 @@ pub enum Event {
         /// Why.
         reason: PeerDenied,
     },
+    /// A reload made the peer policy refuse a peer that had a permission: the permission (and
+    /// any channel to that peer) was removed.
+    PermissionRevoked {
+        /// The allocation.
+        alloc: AllocationId,
+        /// The peer IP.
+        peer_ip: IpAddr,
+        /// Why the new policy refuses it.
+        reason: PeerDenied,
+    },
     /// A port reserved with EVEN-PORT R=1 was not claimed in time and is free again.
     ReservationExpired {
         /// The port.
@@ -532,7 +542,7 @@ impl<R: RngCore> Engine<R> {
             rng,
             settings,
             auth: Authenticator::new(&config.auth, users, secret, now),
-            policy: PeerPolicy::from_config(&config.peers),
+            policy: PeerPolicy::from_config(config),
             ports,
             relay_ips,
             allocations: HashMap::new(),
@@ -571,10 +581,72 @@ impl<R: RngCore> Engine<R> {
         self.auth.replace_secrets(auth).map_err(ReloadRefused)
     }
 
-    /// Replaces the peer policy for new CreatePermission and ChannelBind requests; existing
-    /// permissions stay until they expire or are refreshed.
-    pub fn set_peer_policy(&mut self, policy: PeerPolicy) {
+    /// Tells the policy uturn's bound listening addresses (known once the data plane runs): a
+    /// peer equal to one of them is refused, so a client cannot make uturn talk to itself.
+    pub fn set_listener_addrs(&mut self, listeners: &[SocketAddr]) {
+        self.policy.own.listeners = listeners.to_vec();
+    }
+
+    /// Replaces the peer policy (a reload). The listening addresses carry over when `policy`
+    /// has none. Permissions and channels the new policy refuses are revoked at once
+    /// ([`TableChange::RemovePermission`], [`TableChange::UnbindChannel`],
+    /// [`Event::PermissionRevoked`]), so a peer taken off the allow list stops receiving
+    /// within one command round trip instead of living on until its permission expires.
+    pub fn set_peer_policy(&mut self, mut policy: PeerPolicy) {
+        if policy.own.listeners.is_empty() {
+            policy.own.listeners = std::mem::take(&mut self.policy.own.listeners);
+        }
         self.policy = policy;
+        let mut ids: Vec<AllocationId> = self.allocations.keys().copied().collect();
+        ids.sort();
+        for alloc in ids {
+            let Some(allocation) = self.allocations.get_mut(&alloc) else {
+                continue;
+            };
+            let shard = allocation.shard;
+            let mut channels: Vec<(u16, SocketAddr)> = allocation
+                .channels
+                .iter()
+                .filter(|(_, (peer, _))| self.policy.check(*peer).is_err())
+                .map(|(n, (peer, _))| (*n, *peer))
+                .collect();
+            channels.sort();
+            let mut permissions: Vec<IpAddr> = allocation
+                .permissions
+                .keys()
+                .filter(|ip| self.policy.check_permission(**ip).is_err())
+                .copied()
+                .collect();
+            permissions.sort();
+            let mut changes = Vec::new();
+            for (channel, peer) in channels {
+                if let Some((_, key)) = allocation.channels.remove(&channel) {
+                    self.timers.cancel(key);
+                }
+                allocation.channel_by_peer.remove(&peer);
+                changes.push(TableChange::UnbindChannel { alloc, channel });
+            }
+            for peer_ip in permissions {
+                if let Some(key) = allocation.permissions.remove(&peer_ip) {
+                    self.timers.cancel(key);
+                }
+                changes.push(TableChange::RemovePermission { alloc, peer_ip });
+                let reason = self
+                    .policy
+                    .check_permission(peer_ip)
+                    .err()
+                    .unwrap_or(PeerDenied::Configured);
+                self.outputs
+                    .push_back(Output::Event(Event::PermissionRevoked {
+                        alloc,
+                        peer_ip,
+                        reason,
+                    }));
+            }
+            for change in changes {
+                self.push_table(shard, change);
+            }
+        }
     }
 
     /// Starts or stops draining. While draining every new Allocate is answered 300 (Try
@@ -1267,7 +1339,7 @@ impl<R: RngCore> Engine<R> {
             }
             // "If the server is unable to fulfill the request, the server replies with a
             // 403 (Forbidden)" — the peer policy (RFC 8656 §21.5).
-            if let Err(reason) = self.policy.check(*ip) {
+            if let Err(reason) = self.policy.check_permission(*ip) {
                 self.push_event(Event::PeerDenied {
                     alloc,
                     peer_ip: *ip,
@@ -1338,7 +1410,7 @@ impl<R: RngCore> Engine<R> {
         {
             return self.respond_error(request, 400, &[], Some(auth));
         }
-        if let Err(reason) = self.policy.check(peer.ip()) {
+        if let Err(reason) = self.policy.check(peer) {
             self.push_event(Event::PeerDenied {
                 alloc,
                 peer_ip: peer.ip(),

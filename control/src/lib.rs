@@ -102,7 +102,7 @@ pub use engine::{
     AllocationInfo, AllocationSnapshot, BindFailed, DropReason, Engine, EngineError, Event, Output,
     ReloadRefused, TableChange,
 };
-pub use policy::{PeerDenied, PeerPolicy};
+pub use policy::{Cidr, OwnAddresses, PeerDenied, PeerPolicy};
 
 /// The transport between client and server (RFC 8656 §2.1; the relay side is always UDP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -20,8 +20,8 @@ use crate::addr::canonical;
 use crate::socket;
 use crate::stream::StreamKind;
 use crate::{
-    AllocationCounters, AllocationId, ClientTransport, Counters, DropReason, RelaySocket,
-    ShardCommand, ShardCounters, ShardId, ToControl,
+    AllocationCounters, AllocationId, ClientTransport, Counters, DropReason, PeerGuard,
+    RelaySocket, ShardCommand, ShardCounters, ShardId, ToControl,
 };
 
 /// What the backend must do with a received datagram.
@@ -139,6 +139,8 @@ pub(crate) struct Core {
     channel_of_peer: HashMap<(AllocationId, SocketAddr), ChannelNumber>,
     /// (allocation, peer IP) with a permission.
     permissions: HashSet<(AllocationId, IpAddr)>,
+    /// uturn's own relay addresses: peers there only on relay ports.
+    guard: PeerGuard,
     to_control: Sender<ToControl>,
     counters: ShardCounters,
     removed: Vec<(AllocationId, AllocationCounters)>,
@@ -168,6 +170,7 @@ impl Core {
             channels: HashMap::new(),
             channel_of_peer: HashMap::new(),
             permissions: HashSet::new(),
+            guard: PeerGuard::default(),
             to_control,
             counters: ShardCounters::default(),
             removed: Vec::new(),
@@ -186,6 +189,11 @@ impl Core {
             core.listener_kinds.push(Some(kind));
         }
         core
+    }
+
+    /// Sets the data path's re-check of uturn's own addresses.
+    pub(crate) fn set_peer_guard(&mut self, guard: PeerGuard) {
+        self.guard = guard;
     }
 
     /// Index of the first stream listener (the UDP listeners come first).
@@ -451,6 +459,10 @@ impl Core {
         if !self.permissions.contains(&(alloc, peer.ip())) {
             return self.drop(DropReason::NoPermission);
         }
+        // A permission for one of uturn's relay IPs reaches its relay ports only.
+        if !self.guard.admits(peer) {
+            return self.drop(DropReason::PeerDenied);
+        }
         // The DATA value borrows the datagram; its offset in `buf` is where the payload lives.
         let start = data.as_ptr() as usize - buf.as_ptr() as usize;
         self.relay_to_peer(alloc, peer, start..start + data.len())
@@ -503,6 +515,9 @@ impl Core {
         let peer = canonical(peer);
         if !self.permissions.contains(&(alloc, peer.ip())) {
             return self.drop(DropReason::NoPermission);
+        }
+        if !self.guard.admits(peer) {
+            return self.drop(DropReason::PeerDenied);
         }
         let Some(allocation) = self.allocations.get_mut(&alloc) else {
             self.counters.drops.add(DropReason::NoAllocation);
@@ -1058,6 +1073,16 @@ mod tests {
     #[test]
     fn a_send_indication_without_an_allocation_is_dropped_not_forwarded() {
         let (mut core, rx) = core();
+        let (mut buf, range) = buffer(&send_indication("198.51.100.1:9"));
+        let listener = core.listener_slots()[0];
+        let action =
+            core.handle_datagram(listener, CLIENT.parse().expect("literal"), &mut buf, range);
+        assert!(matches!(action, Action::Done));
+        assert_eq!(core.counters.drops.get(DropReason::NoAllocation), 1);
+        assert!(rx.try_recv().is_err(), "nothing sent to control");
+    }
+
+    fn send_indication(peer: &str) -> Vec<u8> {
         let mut out = [0u8; 128];
         let mut builder = uturn_proto::MessageBuilder::new(
             &mut out,
@@ -1067,20 +1092,56 @@ mod tests {
         );
         builder
             .attribute(&uturn_proto::Attribute::XorPeerAddress(
-                "198.51.100.1:9".parse().expect("literal"),
+                peer.parse().expect("literal"),
             ))
             .expect("room");
         builder
             .attribute(&uturn_proto::Attribute::Data(b"x"))
             .expect("room");
         let n = builder.finish();
-        let (mut buf, range) = buffer(&out[..n]);
+        out[..n].to_vec()
+    }
+
+    /// Issue 8: a permission for one of uturn's relay IPs (relay to relay) reaches that IP's
+    /// relay ports only; a Send indication to any other port of it, and a datagram from one,
+    /// are dropped and counted as `peer_denied`, never relayed.
+    #[test]
+    fn a_permission_for_a_relay_ip_reaches_relay_ports_only_in_both_directions() {
+        let (mut core, _rx) = core();
+        core.set_peer_guard(PeerGuard {
+            relay_ips: vec!["127.0.0.1".parse().expect("literal")],
+            relay_ports: (20000, 29999),
+            allow_loopback: false,
+        });
+        let relay = open(&mut core, 1, CLIENT.parse().expect("literal"));
+        core.handle_command(ShardCommand::SetPermission {
+            alloc: AllocationId(1),
+            peer_ip: "127.0.0.1".parse().expect("literal"),
+        });
         let listener = core.listener_slots()[0];
-        let action =
-            core.handle_datagram(listener, CLIENT.parse().expect("literal"), &mut buf, range);
-        assert!(matches!(action, Action::Done));
-        assert_eq!(core.counters.drops.get(DropReason::NoAllocation), 1);
-        assert!(rx.try_recv().is_err(), "nothing sent to control");
+        let client: SocketAddr = CLIENT.parse().expect("literal");
+        for (peer, relayed) in [
+            ("127.0.0.1:20000", true),
+            ("127.0.0.1:29999", true),
+            ("127.0.0.1:22", false),
+            ("127.0.0.1:9641", false),
+            ("127.0.0.1:30000", false),
+        ] {
+            let (mut buf, range) = buffer(&send_indication(peer));
+            let action = core.handle_datagram(listener, client, &mut buf, range);
+            assert_eq!(
+                matches!(action, Action::Send { .. }),
+                relayed,
+                "send to {peer}"
+            );
+            let action = from_peer(&mut core, relay, peer.parse().expect("literal"), b"hello");
+            assert_eq!(
+                !matches!(action, Action::Done),
+                relayed,
+                "datagram from {peer}"
+            );
+        }
+        assert_eq!(core.counters.drops.get(DropReason::PeerDenied), 6);
     }
 
     #[test]

@@ -321,10 +321,16 @@ fn loopback_peers_are_forbidden_unless_allowed(backend: &str) {
     client
         .allocate(&[Attribute::AdditionalAddressFamily(AddressFamily::V6)])
         .unwrap();
+    // 127.0.0.1 and ::1 are the relay IPs here: a permission for it is admitted (relay to relay,
+    // tests/peers.rs), but a channel to a port outside the relay range is not.
+    assert_eq!(
+        client.channel_bind(0x4000, "127.0.0.1:9".parse().unwrap()),
+        Err(FORBIDDEN)
+    );
     for peer in [
-        "127.0.0.1:9",
+        "127.0.0.2:9",
         "[::ffff:127.0.0.1]:9",
-        "[::1]:9",
+        "[::2]:9",
         "0.0.0.0:9",
         "[::]:9",
         "169.254.169.254:80",

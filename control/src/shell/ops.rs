@@ -290,7 +290,7 @@ impl<R: RngCore> ControlThread<R> {
             .map_err(|e| e.to_string())?;
         self.engine.reload_users(users).map_err(|e| e.to_string())?;
         self.engine
-            .set_peer_policy(PeerPolicy::from_config(&config.peers));
+            .set_peer_policy(PeerPolicy::from_config(&config));
         applied.extend(["users", "secrets", "peers"]);
         if config.ops.log_level != self.config.ops.log_level
             && let Some(set) = &self.ops.log_level
@@ -399,6 +399,21 @@ impl<R: RngCore> ControlThread<R> {
             | Event::PermissionExpired { .. }
             | Event::ChannelBound { .. }
             | Event::ChannelExpired { .. } => self.ops.gauges_dirty = true,
+            Event::PermissionRevoked {
+                alloc,
+                peer_ip,
+                reason,
+            } => {
+                self.ops.gauges_dirty = true;
+                if self.ops.limiter.allow("peer_revoked", now) {
+                    warn!(
+                        alloc = alloc.0,
+                        peer = %peer_ip,
+                        reason = reason.as_str(),
+                        "permission revoked: the reloaded peer policy refuses this peer"
+                    );
+                }
+            }
             // The limiter sits in the guards: a line held back is counted there and the event
             // falls through to the no-op arm.
             Event::AuthFailed {

@@ -32,7 +32,9 @@ use uturn_control::listen;
 use uturn_control::ops::LogFormat;
 use uturn_control::shell::{ControlThread, LogLevelSetter, OpsHooks, Signal, default_relay_ips};
 use uturn_control::{Config, UserTable};
-use uturn_dataplane::{BackendChoice, DataPlane, DataPlaneConfig, StreamLimits, TlsConfig};
+use uturn_dataplane::{
+    BackendChoice, DataPlane, DataPlaneConfig, PeerGuard, StreamLimits, TlsConfig,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -280,6 +282,11 @@ fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig 
         socket_recv_buffer_bytes: buffer,
         socket_send_buffer_bytes: buffer,
         counters_interval: config.ops.counters_interval(),
+        peer_guard: PeerGuard {
+            relay_ips: config.relay.relay_ips.clone(),
+            relay_ports: (config.relay.port_min, config.relay.port_max),
+            allow_loopback: config.peers.allow_loopback,
+        },
         ..DataPlaneConfig::default()
     }
 }
