@@ -18,6 +18,7 @@ use crate::auth::{AuthFailure, AuthRejection, Authenticated, Authenticator, Inte
 use crate::config::{Config, ConfigError};
 use crate::policy::{PeerDenied, PeerPolicy};
 use crate::ports::{Family, PortAllocator, PortRangeTooSmall, PortShape};
+use crate::ratelimit::{RateTable, source_key, user_key};
 use crate::timers::Timers;
 use crate::{AllocationId, BindToken, FiveTuple, ShardId};
 
@@ -270,6 +271,12 @@ pub enum DropReason {
     /// A retransmitted Allocate whose relay sockets are still being bound; the answer to the
     /// first transmission will come.
     AllocatePending,
+    /// The source is over its budget of answers to unauthenticated requests
+    /// (`limits.unauthenticated_per_source_per_sec`): no answer, so no reflection.
+    RateLimited,
+    /// The source or the user is over its budget of failed authentications
+    /// (`limits.auth_failures_per_*`).
+    AuthRateLimited,
 }
 
 impl DropReason {
@@ -280,6 +287,8 @@ impl DropReason {
             Self::Indication(_) => "indication",
             Self::Response => "response",
             Self::AllocatePending => "allocate_pending",
+            Self::RateLimited => "rate_limited",
+            Self::AuthRateLimited => "auth_rate_limited",
         }
     }
 }
@@ -478,6 +487,11 @@ pub struct Engine<R: RngCore> {
     scratch: Vec<u8>,
     /// Draining: new Allocates are refused (300 or 508), existing allocations run on.
     draining: bool,
+    /// Answers to unauthenticated requests, per source (issue 8: reflection).
+    unauthenticated: RateTable,
+    /// Failed authentications per source and per user (password guessing).
+    auth_failures_source: RateTable,
+    auth_failures_user: RateTable,
 }
 
 impl<R: RngCore> std::fmt::Debug for Engine<R> {
@@ -521,6 +535,26 @@ impl<R: RngCore> Engine<R> {
         let ports = PortAllocator::new(config.relay.port_min, config.relay.port_max, shard_count)?;
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
+        let slots = usize::try_from(config.limits.rate_limit_slots).unwrap_or(1 << 14);
+        let limits = &config.limits;
+        let unauthenticated = RateTable::new(
+            limits.unauthenticated_per_source_per_sec,
+            limits.unauthenticated_burst,
+            slots,
+            rng.next_u64(),
+        );
+        let auth_failures_source = RateTable::new(
+            limits.auth_failures_per_source_per_sec,
+            limits.auth_failures_per_source_burst,
+            slots,
+            rng.next_u64(),
+        );
+        let auth_failures_user = RateTable::new(
+            limits.auth_failures_per_user_per_sec,
+            limits.auth_failures_per_user_burst,
+            slots,
+            rng.next_u64(),
+        );
         let relay = &config.relay;
         let limits = &config.limits;
         let settings = Settings {
@@ -556,6 +590,9 @@ impl<R: RngCore> Engine<R> {
             next_token: 0,
             scratch: vec![0; RESPONSE_LEN_MAX],
             draining: false,
+            unauthenticated,
+            auth_failures_source,
+            auth_failures_user,
         })
     }
 
@@ -841,6 +878,9 @@ impl<R: RngCore> Engine<R> {
 
         if request.method == Method::BINDING && !self.settings.binding_requires_auth {
             // RFC 8489 §6.3.1: Binding needs no credentials unless configured otherwise.
+            if !self.unauthenticated_budget(now, &request) {
+                return;
+            }
             let attrs = [Attribute::XorMappedAddress(five_tuple.client)];
             self.respond_success(&request, &attrs, None);
             return;
@@ -889,8 +929,23 @@ impl<R: RngCore> Engine<R> {
         ) {
             // RFC 8489 §6.3.1: a request with a method the server does not handle (including
             // RFC 6062 TCP relaying, which uturn does not offer) is answered 400.
-            self.respond_error(&request, 400, &[], None);
+            if self.unauthenticated_budget(now, &request) {
+                self.respond_error(&request, 400, &[], None);
+            }
             return;
+        }
+        // A source over its budget of failed authentications has every credentialed request
+        // dropped until the budget refills: password guessing from it gets no answer at all.
+        if message.has_integrity() || message.has_integrity_sha256() {
+            let source = source_key(five_tuple.client.ip());
+            if !self.auth_failures_source.has_token(source, now) {
+                let reason = DropReason::AuthRateLimited;
+                self.push_event(Event::Dropped {
+                    client: five_tuple,
+                    reason,
+                });
+                return;
+            }
         }
         let auth = match self
             .auth
@@ -1616,6 +1671,30 @@ impl<R: RngCore> Engine<R> {
             reason: rejection.reason,
             code: rejection.code,
         });
+        // A missing credential (the first challenge) and a stale nonce are the protocol's
+        // normal course; everything else is a failed attempt and spends the failure budgets.
+        if !matches!(
+            rejection.reason,
+            AuthFailure::NoCredentials | AuthFailure::StaleNonce
+        ) {
+            let source = source_key(request.five_tuple.client.ip());
+            let source_ok = self.auth_failures_source.take(source, now);
+            let user_ok = rejection
+                .username
+                .as_deref()
+                .is_none_or(|user| self.auth_failures_user.take(user_key(user.as_bytes()), now));
+            if !(source_ok && user_ok) {
+                let reason = DropReason::AuthRateLimited;
+                self.push_event(Event::Dropped {
+                    client: request.five_tuple,
+                    reason,
+                });
+                return;
+            }
+        }
+        if !self.unauthenticated_budget(now, request) {
+            return;
+        }
         if rejection.challenge {
             // RFC 8489 §9.2.4: 401 and 438 carry REALM, a fresh NONCE and PASSWORD-ALGORITHMS.
             let nonce = self.auth.issue_nonce(now, &request.five_tuple);
@@ -1630,6 +1709,21 @@ impl<R: RngCore> Engine<R> {
         } else {
             self.respond_error(request, rejection.code, &[], None);
         }
+    }
+
+    /// Spends one answer of the source's unauthenticated budget; false (with a
+    /// [`DropReason::RateLimited`] event) when it is spent: the request goes unanswered, so a
+    /// reflected flood gets at most the budget out of uturn.
+    fn unauthenticated_budget(&mut self, now: Instant, request: &RequestContext) -> bool {
+        let source = source_key(request.five_tuple.client.ip());
+        if self.unauthenticated.take(source, now) {
+            return true;
+        }
+        self.push_event(Event::Dropped {
+            client: request.five_tuple,
+            reason: DropReason::RateLimited,
+        });
+        false
     }
 
     fn respond_success(

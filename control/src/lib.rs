@@ -86,6 +86,7 @@ pub mod listen;
 pub mod ops;
 pub mod policy;
 pub mod ports;
+mod ratelimit;
 pub mod shell;
 mod stream_transport;
 pub mod telemetry;

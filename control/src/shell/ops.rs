@@ -13,7 +13,7 @@ use super::ControlThread;
 use crate::engine::Event;
 use crate::http::{AdminCall, AdminReply, AdminRequest, Readiness};
 use crate::telemetry::{Telemetry, transport_label};
-use crate::{AllocationId, AuthFailure, Config, PeerPolicy, UserTable};
+use crate::{AllocationId, AuthFailure, Config, DropReason, PeerPolicy, UserTable};
 
 /// Re-reads the configuration (file and flags) for a reload.
 pub type Reloader = Box<dyn FnMut() -> Result<Config, String> + Send>;
@@ -432,6 +432,18 @@ impl<R: RngCore> ControlThread<R> {
                     reason = reason.as_str(),
                     code,
                     "authentication failed: {advice}"
+                );
+            }
+            // Rate limiting is itself rate-limited in the log: a flood shows as one line per
+            // limiter interval plus the "suppressed" summary, and in the counters.
+            Event::Dropped {
+                client,
+                reason: reason @ (DropReason::RateLimited | DropReason::AuthRateLimited),
+            } if self.ops.limiter.allow(reason.as_str(), now) => {
+                warn!(
+                    client = %client.client,
+                    reason = reason.as_str(),
+                    "source over its request budget: requests dropped without an answer"
                 );
             }
             Event::PeerDenied {

@@ -268,6 +268,10 @@ fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig 
             connections_max: usize::try_from(config.server.stream_connections_max)
                 .unwrap_or(usize::MAX),
             idle_timeout: Duration::from_secs(u64::from(config.server.stream_idle_timeout_secs)),
+            connections_per_source_max: usize::try_from(
+                config.server.stream_connections_per_source_max,
+            )
+            .unwrap_or(usize::MAX),
             ..StreamLimits::default()
         },
         threads: match config.server.threads {
