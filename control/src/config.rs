@@ -204,6 +204,11 @@ pub struct LimitsConfig {
     pub auth_failures_per_user_per_sec: u32,
     /// Burst of `auth_failures_per_user_per_sec`. Default 50.
     pub auth_failures_per_user_burst: u32,
+    /// Bytes per second one allocation may relay, both directions together (a token bucket
+    /// with one second of burst, kept in the shard); the excess is dropped and counted as
+    /// `bandwidth`. `0` means no cap (default): the right cap depends on the codecs in use,
+    /// e.g. 1250000 (10 Mbit/s) leaves room for HD video.
+    pub allocation_bytes_per_sec: u32,
     /// Buckets in each rate-limit table (fixed at start; a spoofed-source flood cannot grow
     /// them). 32 bytes each. Default 16384.
     pub rate_limit_slots: u32,
@@ -527,6 +532,7 @@ impl Default for LimitsConfig {
             auth_failures_per_source_burst: 20,
             auth_failures_per_user_per_sec: 5,
             auth_failures_per_user_burst: 50,
+            allocation_bytes_per_sec: 0,
             rate_limit_slots: 16384,
         }
     }

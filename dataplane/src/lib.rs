@@ -223,6 +223,10 @@ pub struct DataPlaneConfig {
     pub counters_interval: Duration,
     /// uturn's own relay addresses, re-checked per packet (see [`PeerGuard`]).
     pub peer_guard: PeerGuard,
+    /// Bytes per second each allocation may relay, both directions together (a token bucket
+    /// of one second's burst in the shard); excess is dropped and counted as `bandwidth`.
+    /// 0: no cap.
+    pub allocation_bytes_per_sec: u64,
 }
 
 /// The data path's re-check of the peer policy for uturn's own addresses.
@@ -276,6 +280,7 @@ impl Default for DataPlaneConfig {
             control_queue_depth: 4096,
             counters_interval: Duration::from_secs(1),
             peer_guard: PeerGuard::default(),
+            allocation_bytes_per_sec: 0,
         }
     }
 }
@@ -387,6 +392,9 @@ pub enum DropReason {
     /// A Send indication to, or a datagram from, one of uturn's relay IPs on a port outside
     /// the relay range ([`PeerGuard`]).
     PeerDenied,
+    /// The allocation is over its bandwidth cap
+    /// ([`DataPlaneConfig::allocation_bytes_per_sec`]).
+    Bandwidth,
     /// A TCP/TLS connection from a source address that already has
     /// `StreamLimits::connections_per_source_max` open ones was closed at accept.
     SourceConnections,
@@ -394,7 +402,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in the order of [`DropCounts`].
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::NoAllocation,
         Self::NoPermission,
         Self::NoChannel,
@@ -404,6 +412,7 @@ impl DropReason {
         Self::SendError,
         Self::FamilyMismatch,
         Self::PeerDenied,
+        Self::Bandwidth,
         Self::SourceConnections,
     ];
 
@@ -419,6 +428,7 @@ impl DropReason {
             Self::SendError => "send_error",
             Self::FamilyMismatch => "family_mismatch",
             Self::PeerDenied => "peer_denied",
+            Self::Bandwidth => "bandwidth",
             Self::SourceConnections => "source_connections",
         }
     }

@@ -225,6 +225,7 @@ pub(crate) fn start(
             to_control.clone(),
         );
         core.set_peer_guard(config.peer_guard.clone());
+        core.set_bandwidth_cap(config.allocation_bytes_per_sec);
         let base = core.stream_listener_base();
         let streams = Streams::new(
             shard_streams

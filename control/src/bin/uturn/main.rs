@@ -286,6 +286,7 @@ fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig 
         socket_recv_buffer_bytes: buffer,
         socket_send_buffer_bytes: buffer,
         counters_interval: config.ops.counters_interval(),
+        allocation_bytes_per_sec: u64::from(config.limits.allocation_bytes_per_sec),
         peer_guard: PeerGuard {
             relay_ips: config.relay.relay_ips.clone(),
             relay_ports: (config.relay.port_min, config.relay.port_max),
