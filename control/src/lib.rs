@@ -81,6 +81,8 @@ pub mod allocation;
 pub mod auth;
 pub mod config;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod listen;
 pub mod ops;
