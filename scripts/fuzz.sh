@@ -8,7 +8,7 @@
 # Targets: parse_message and stream_framer (proto/fuzz), engine (control/fuzz: arbitrary
 # request sequences from several clients against a fake clock). cargo-fuzz needs nightly; when
 # `cargo +nightly` is missing the script uses the stable toolchain with RUSTC_BOOTSTRAP=1,
-# which works for these targets. New inputs go to fuzz/corpus/<target>/.cur (ignored by git);
+# which works for these targets. New inputs go to fuzz/corpus-work/<target> (ignored by git);
 # crashes to fuzz/artifacts/<target>/. Every crash becomes a regression test: fix it, then
 # copy the input into fuzz/corpus/<target>/ (proto: name it *.invalid.bin if it must be
 # refused), where `cargo test` replays it (proto/tests/fuzz_corpus.rs,
@@ -40,7 +40,7 @@ for target in $targets; do
         *) echo "unknown target $target" >&2; exit 2 ;;
     esac
     seeds="$crate/fuzz/corpus/$target"
-    work="$seeds/.cur"
+    work="$crate/fuzz/corpus-work/$target"
     mkdir -p "$work"
     echo "== $target: $seconds s, seeds from ${seeds#"$root"/}"
     log="$(mktemp)"
