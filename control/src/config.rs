@@ -58,6 +58,9 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
     /// TCP/TLS connections open at once per shard; more are accepted and closed. Default 4096.
     pub stream_connections_max: u32,
+    /// TCP/TLS connections open at once from one source IP, per shard; more are accepted and
+    /// closed (`source_connections`). `0` means no limit. Default 256.
+    pub stream_connections_per_source_max: u32,
     /// Seconds a TCP/TLS connection may stay without an allocation before it is closed
     /// (checked once a second). Default 30.
     pub stream_idle_timeout_secs: u32,
@@ -179,6 +182,36 @@ pub struct LimitsConfig {
     pub permissions_per_allocation: u32,
     /// Channels per allocation; a ChannelBind beyond it is answered 508. Default 128.
     pub channels_per_allocation: u32,
+    /// Unauthenticated requests answered per source address (IPv4 address or IPv6 /64) per
+    /// second: plain Binding, 401 challenges and every other answer to a request without valid
+    /// credentials. Beyond the budget requests are dropped silently and counted
+    /// (`rate_limited`), so a reflected flood gets at most this many answers a second out of
+    /// uturn. `0` disables. Default 50.
+    pub unauthenticated_per_source_per_sec: u32,
+    /// Burst of `unauthenticated_per_source_per_sec`. Default 100.
+    pub unauthenticated_burst: u32,
+    /// Failed authentications (wrong password, unknown user, expired REST credential) per
+    /// source address per second. A source over its budget has every request carrying
+    /// credentials dropped until the budget refills (`auth_rate_limited`), which stops password
+    /// guessing from it. `0` disables. Default 1, burst 20.
+    pub auth_failures_per_source_per_sec: u32,
+    /// Burst of `auth_failures_per_source_per_sec`. Default 20.
+    pub auth_failures_per_source_burst: u32,
+    /// Failed authentications per user name per second; failures beyond it are dropped
+    /// silently instead of answered. Correct credentials are still answered: locking a user
+    /// out would let anyone lock out the conferencing back end's shared user. `0` disables.
+    /// Default 5, burst 50.
+    pub auth_failures_per_user_per_sec: u32,
+    /// Burst of `auth_failures_per_user_per_sec`. Default 50.
+    pub auth_failures_per_user_burst: u32,
+    /// Bytes per second one allocation may relay, both directions together (a token bucket
+    /// with one second of burst, kept in the shard); the excess is dropped and counted as
+    /// `bandwidth`. `0` means no cap (default): the right cap depends on the codecs in use,
+    /// e.g. 1250000 (10 Mbit/s) leaves room for HD video.
+    pub allocation_bytes_per_sec: u32,
+    /// Buckets in each rate-limit table (fixed at start; a spoofed-source flood cannot grow
+    /// them). 32 bytes each. Default 16384.
+    pub rate_limit_slots: u32,
 }
 
 /// `[peers]`.
@@ -188,6 +221,14 @@ pub struct PeersConfig {
     /// Allow loopback peers (127.0.0.0/8, ::1 and their IPv4-mapped forms). Default false; for
     /// labs and tests only.
     pub allow_loopback: bool,
+    /// Networks (CIDR, or bare addresses) opened to peers: private ranges (10/8, 172.16/12,
+    /// 192.168/16, 100.64/10, fc00::/7) and `denied_peers` entries. Never opens loopback,
+    /// unspecified, link-local, multicast, broadcast or 240/4 (see `uturn_control::policy`).
+    /// Default none; reloadable.
+    pub allowed_peers: Vec<crate::policy::Cidr>,
+    /// More networks refused to peers (CIDR or bare addresses), answered 403. Default none;
+    /// reloadable.
+    pub denied_peers: Vec<crate::policy::Cidr>,
 }
 
 /// A configuration that cannot be used, naming the field.
@@ -335,6 +376,12 @@ impl Config {
             ));
         }
         self.external_mappings()?;
+        if self.limits.rate_limit_slots == 0 || self.limits.rate_limit_slots > 1 << 24 {
+            return Err(invalid(
+                "limits.rate_limit_slots",
+                "must be 1 to 16777216".into(),
+            ));
+        }
         if relay.allocation_lifetime_default_secs == 0
             || relay.allocation_lifetime_default_secs > relay.allocation_lifetime_max_secs
         {
@@ -429,6 +476,7 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             stream_connections_max: 4096,
+            stream_connections_per_source_max: 256,
             stream_idle_timeout_secs: 30,
             threads: 0,
             io: IoBackend::Auto,
@@ -478,6 +526,14 @@ impl Default for LimitsConfig {
             allocations_total: 0,
             permissions_per_allocation: 128,
             channels_per_allocation: 128,
+            unauthenticated_per_source_per_sec: 50,
+            unauthenticated_burst: 100,
+            auth_failures_per_source_per_sec: 1,
+            auth_failures_per_source_burst: 20,
+            auth_failures_per_user_per_sec: 5,
+            auth_failures_per_user_burst: 50,
+            allocation_bytes_per_sec: 0,
+            rate_limit_slots: 16384,
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::auth::{AuthFailure, AuthRejection, Authenticated, Authenticator, Inte
 use crate::config::{Config, ConfigError};
 use crate::policy::{PeerDenied, PeerPolicy};
 use crate::ports::{Family, PortAllocator, PortRangeTooSmall, PortShape};
+use crate::ratelimit::{RateTable, source_key, user_key};
 use crate::timers::Timers;
 use crate::{AllocationId, BindToken, FiveTuple, ShardId};
 
@@ -225,6 +226,16 @@ pub enum Event {
         /// Why.
         reason: PeerDenied,
     },
+    /// A reload made the peer policy refuse a peer that had a permission: the permission (and
+    /// any channel to that peer) was removed.
+    PermissionRevoked {
+        /// The allocation.
+        alloc: AllocationId,
+        /// The peer IP.
+        peer_ip: IpAddr,
+        /// Why the new policy refuses it.
+        reason: PeerDenied,
+    },
     /// A port reserved with EVEN-PORT R=1 was not claimed in time and is free again.
     ReservationExpired {
         /// The port.
@@ -260,6 +271,12 @@ pub enum DropReason {
     /// A retransmitted Allocate whose relay sockets are still being bound; the answer to the
     /// first transmission will come.
     AllocatePending,
+    /// The source is over its budget of answers to unauthenticated requests
+    /// (`limits.unauthenticated_per_source_per_sec`): no answer, so no reflection.
+    RateLimited,
+    /// The source or the user is over its budget of failed authentications
+    /// (`limits.auth_failures_per_*`).
+    AuthRateLimited,
 }
 
 impl DropReason {
@@ -270,6 +287,8 @@ impl DropReason {
             Self::Indication(_) => "indication",
             Self::Response => "response",
             Self::AllocatePending => "allocate_pending",
+            Self::RateLimited => "rate_limited",
+            Self::AuthRateLimited => "auth_rate_limited",
         }
     }
 }
@@ -468,6 +487,11 @@ pub struct Engine<R: RngCore> {
     scratch: Vec<u8>,
     /// Draining: new Allocates are refused (300 or 508), existing allocations run on.
     draining: bool,
+    /// Answers to unauthenticated requests, per source (issue 8: reflection).
+    unauthenticated: RateTable,
+    /// Failed authentications per source and per user (password guessing).
+    auth_failures_source: RateTable,
+    auth_failures_user: RateTable,
 }
 
 impl<R: RngCore> std::fmt::Debug for Engine<R> {
@@ -511,6 +535,26 @@ impl<R: RngCore> Engine<R> {
         let ports = PortAllocator::new(config.relay.port_min, config.relay.port_max, shard_count)?;
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
+        let slots = usize::try_from(config.limits.rate_limit_slots).unwrap_or(1 << 14);
+        let limits = &config.limits;
+        let unauthenticated = RateTable::new(
+            limits.unauthenticated_per_source_per_sec,
+            limits.unauthenticated_burst,
+            slots,
+            rng.next_u64(),
+        );
+        let auth_failures_source = RateTable::new(
+            limits.auth_failures_per_source_per_sec,
+            limits.auth_failures_per_source_burst,
+            slots,
+            rng.next_u64(),
+        );
+        let auth_failures_user = RateTable::new(
+            limits.auth_failures_per_user_per_sec,
+            limits.auth_failures_per_user_burst,
+            slots,
+            rng.next_u64(),
+        );
         let relay = &config.relay;
         let limits = &config.limits;
         let settings = Settings {
@@ -532,7 +576,7 @@ impl<R: RngCore> Engine<R> {
             rng,
             settings,
             auth: Authenticator::new(&config.auth, users, secret, now),
-            policy: PeerPolicy::from_config(&config.peers),
+            policy: PeerPolicy::from_config(config),
             ports,
             relay_ips,
             allocations: HashMap::new(),
@@ -546,6 +590,9 @@ impl<R: RngCore> Engine<R> {
             next_token: 0,
             scratch: vec![0; RESPONSE_LEN_MAX],
             draining: false,
+            unauthenticated,
+            auth_failures_source,
+            auth_failures_user,
         })
     }
 
@@ -571,10 +618,72 @@ impl<R: RngCore> Engine<R> {
         self.auth.replace_secrets(auth).map_err(ReloadRefused)
     }
 
-    /// Replaces the peer policy for new CreatePermission and ChannelBind requests; existing
-    /// permissions stay until they expire or are refreshed.
-    pub fn set_peer_policy(&mut self, policy: PeerPolicy) {
+    /// Tells the policy uturn's bound listening addresses (known once the data plane runs): a
+    /// peer equal to one of them is refused, so a client cannot make uturn talk to itself.
+    pub fn set_listener_addrs(&mut self, listeners: &[SocketAddr]) {
+        self.policy.own.listeners = listeners.to_vec();
+    }
+
+    /// Replaces the peer policy (a reload). The listening addresses carry over when `policy`
+    /// has none. Permissions and channels the new policy refuses are revoked at once
+    /// ([`TableChange::RemovePermission`], [`TableChange::UnbindChannel`],
+    /// [`Event::PermissionRevoked`]), so a peer taken off the allow list stops receiving
+    /// within one command round trip instead of living on until its permission expires.
+    pub fn set_peer_policy(&mut self, mut policy: PeerPolicy) {
+        if policy.own.listeners.is_empty() {
+            policy.own.listeners = std::mem::take(&mut self.policy.own.listeners);
+        }
         self.policy = policy;
+        let mut ids: Vec<AllocationId> = self.allocations.keys().copied().collect();
+        ids.sort();
+        for alloc in ids {
+            let Some(allocation) = self.allocations.get_mut(&alloc) else {
+                continue;
+            };
+            let shard = allocation.shard;
+            let mut channels: Vec<(u16, SocketAddr)> = allocation
+                .channels
+                .iter()
+                .filter(|(_, (peer, _))| self.policy.check(*peer).is_err())
+                .map(|(n, (peer, _))| (*n, *peer))
+                .collect();
+            channels.sort();
+            let mut permissions: Vec<IpAddr> = allocation
+                .permissions
+                .keys()
+                .filter(|ip| self.policy.check_permission(**ip).is_err())
+                .copied()
+                .collect();
+            permissions.sort();
+            let mut changes = Vec::new();
+            for (channel, peer) in channels {
+                if let Some((_, key)) = allocation.channels.remove(&channel) {
+                    self.timers.cancel(key);
+                }
+                allocation.channel_by_peer.remove(&peer);
+                changes.push(TableChange::UnbindChannel { alloc, channel });
+            }
+            for peer_ip in permissions {
+                if let Some(key) = allocation.permissions.remove(&peer_ip) {
+                    self.timers.cancel(key);
+                }
+                changes.push(TableChange::RemovePermission { alloc, peer_ip });
+                let reason = self
+                    .policy
+                    .check_permission(peer_ip)
+                    .err()
+                    .unwrap_or(PeerDenied::Configured);
+                self.outputs
+                    .push_back(Output::Event(Event::PermissionRevoked {
+                        alloc,
+                        peer_ip,
+                        reason,
+                    }));
+            }
+            for change in changes {
+                self.push_table(shard, change);
+            }
+        }
     }
 
     /// Starts or stops draining. While draining every new Allocate is answered 300 (Try
@@ -769,6 +878,9 @@ impl<R: RngCore> Engine<R> {
 
         if request.method == Method::BINDING && !self.settings.binding_requires_auth {
             // RFC 8489 §6.3.1: Binding needs no credentials unless configured otherwise.
+            if !self.unauthenticated_budget(now, &request) {
+                return;
+            }
             let attrs = [Attribute::XorMappedAddress(five_tuple.client)];
             self.respond_success(&request, &attrs, None);
             return;
@@ -817,8 +929,23 @@ impl<R: RngCore> Engine<R> {
         ) {
             // RFC 8489 §6.3.1: a request with a method the server does not handle (including
             // RFC 6062 TCP relaying, which uturn does not offer) is answered 400.
-            self.respond_error(&request, 400, &[], None);
+            if self.unauthenticated_budget(now, &request) {
+                self.respond_error(&request, 400, &[], None);
+            }
             return;
+        }
+        // A source over its budget of failed authentications has every credentialed request
+        // dropped until the budget refills: password guessing from it gets no answer at all.
+        if message.has_integrity() || message.has_integrity_sha256() {
+            let source = source_key(five_tuple.client.ip());
+            if !self.auth_failures_source.has_token(source, now) {
+                let reason = DropReason::AuthRateLimited;
+                self.push_event(Event::Dropped {
+                    client: five_tuple,
+                    reason,
+                });
+                return;
+            }
         }
         let auth = match self
             .auth
@@ -1267,7 +1394,7 @@ impl<R: RngCore> Engine<R> {
             }
             // "If the server is unable to fulfill the request, the server replies with a
             // 403 (Forbidden)" — the peer policy (RFC 8656 §21.5).
-            if let Err(reason) = self.policy.check(*ip) {
+            if let Err(reason) = self.policy.check_permission(*ip) {
                 self.push_event(Event::PeerDenied {
                     alloc,
                     peer_ip: *ip,
@@ -1338,7 +1465,7 @@ impl<R: RngCore> Engine<R> {
         {
             return self.respond_error(request, 400, &[], Some(auth));
         }
-        if let Err(reason) = self.policy.check(peer.ip()) {
+        if let Err(reason) = self.policy.check(peer) {
             self.push_event(Event::PeerDenied {
                 alloc,
                 peer_ip: peer.ip(),
@@ -1544,6 +1671,30 @@ impl<R: RngCore> Engine<R> {
             reason: rejection.reason,
             code: rejection.code,
         });
+        // A missing credential (the first challenge) and a stale nonce are the protocol's
+        // normal course; everything else is a failed attempt and spends the failure budgets.
+        if !matches!(
+            rejection.reason,
+            AuthFailure::NoCredentials | AuthFailure::StaleNonce
+        ) {
+            let source = source_key(request.five_tuple.client.ip());
+            let source_ok = self.auth_failures_source.take(source, now);
+            let user_ok = rejection
+                .username
+                .as_deref()
+                .is_none_or(|user| self.auth_failures_user.take(user_key(user.as_bytes()), now));
+            if !(source_ok && user_ok) {
+                let reason = DropReason::AuthRateLimited;
+                self.push_event(Event::Dropped {
+                    client: request.five_tuple,
+                    reason,
+                });
+                return;
+            }
+        }
+        if !self.unauthenticated_budget(now, request) {
+            return;
+        }
         if rejection.challenge {
             // RFC 8489 §9.2.4: 401 and 438 carry REALM, a fresh NONCE and PASSWORD-ALGORITHMS.
             let nonce = self.auth.issue_nonce(now, &request.five_tuple);
@@ -1558,6 +1709,21 @@ impl<R: RngCore> Engine<R> {
         } else {
             self.respond_error(request, rejection.code, &[], None);
         }
+    }
+
+    /// Spends one answer of the source's unauthenticated budget; false (with a
+    /// [`DropReason::RateLimited`] event) when it is spent: the request goes unanswered, so a
+    /// reflected flood gets at most the budget out of uturn.
+    fn unauthenticated_budget(&mut self, now: Instant, request: &RequestContext) -> bool {
+        let source = source_key(request.five_tuple.client.ip());
+        if self.unauthenticated.take(source, now) {
+            return true;
+        }
+        self.push_event(Event::Dropped {
+            client: request.five_tuple,
+            reason: DropReason::RateLimited,
+        });
+        false
     }
 
     fn respond_success(

@@ -81,11 +81,14 @@ pub mod allocation;
 pub mod auth;
 pub mod config;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod listen;
 pub mod ops;
 pub mod policy;
 pub mod ports;
+mod ratelimit;
 pub mod shell;
 mod stream_transport;
 pub mod telemetry;
@@ -102,7 +105,7 @@ pub use engine::{
     AllocationInfo, AllocationSnapshot, BindFailed, DropReason, Engine, EngineError, Event, Output,
     ReloadRefused, TableChange,
 };
-pub use policy::{PeerDenied, PeerPolicy};
+pub use policy::{Cidr, OwnAddresses, PeerDenied, PeerPolicy};
 
 /// The transport between client and server (RFC 8656 §2.1; the relay side is always UDP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,15 +1,36 @@
 //! Peer address policy: which peers a client may open permissions and channels to.
 //!
 //! RFC 8656 §21.5 warns that a TURN server can be used to reach hosts the operator did not
-//! mean to expose. The default refuses addresses that name the server itself or its local
-//! network services: loopback, unspecified, "this network" 0.0.0.0/8, multicast, broadcast and
-//! link-local (169.254.169.254 is the cloud metadata service). IPv6 forms that embed an IPv4
-//! address (IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::/96` and
-//! 6to4 `2002::/16`) are checked as the IPv4 address they carry, so they cannot bypass the
-//! list. CreatePermission and ChannelBind answer 403 (Forbidden) for a denied peer; the data
-//! plane applies the same check to Send indications.
+//! mean to expose; coturn has been used that way (CVE-2020-26262: `0.0.0.0` and `[::]` reached
+//! loopback services; CVE-2026-27624: `::ffff:127.0.0.1` did too). The verdict for a peer
+//! comes from four tiers, in this order:
+//!
+//! 1. **Own relay addresses** (always allowed): a peer that is one of uturn's relay IPs on a
+//!    port inside the relay range is another allocation of this server, so relay to relay
+//!    works (a browser and the conferencing back end allocating on the same uturn). The same
+//!    IP on any other port is refused ([`PeerDenied::OwnAddress`]): nothing else on the host
+//!    is reachable through it. A peer equal to one of uturn's listening addresses is refused
+//!    (no loops).
+//! 2. **Always denied** (no list opens them; `allow_loopback` opens loopback only, for labs
+//!    and tests): loopback 127.0.0.0/8 and ::1, unspecified 0.0.0.0 and ::, "this network"
+//!    0.0.0.0/8, link-local 169.254.0.0/16 (169.254.169.254 is the cloud metadata service)
+//!    and fe80::/10, multicast 224.0.0.0/4 and ff00::/8, broadcast 255.255.255.255 and the
+//!    reserved 240.0.0.0/4.
+//! 3. **Configured lists**: `allowed_peers` wins over `denied_peers` and over the default deny
+//!    of tier 4, never over tier 2.
+//! 4. **Denied by default**: private ranges 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, shared
+//!    address space 100.64.0.0/10 (RFC 6598) and unique local fc00::/7 — the networks behind
+//!    the relay. Everything else is allowed.
+//!
+//! IPv6 forms that embed an IPv4 address (IPv4-mapped `::ffff:0:0/96`, IPv4-compatible
+//! `::/96`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`, Teredo `2001::/32`) are judged as the IPv4
+//! address they carry, so they cannot bypass the list. CreatePermission, ChannelBind (403,
+//! counted) and, on the data path, Send indications apply the policy; a reload revokes the
+//! permissions and channels the new policy refuses.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
 
 /// Why a peer address is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -27,6 +48,15 @@ pub enum PeerDenied {
     Broadcast,
     /// 169.254.0.0/16 or fe80::/10.
     LinkLocal,
+    /// 240.0.0.0/4, reserved (RFC 1112 §4).
+    Reserved,
+    /// 10/8, 172.16/12, 192.168/16, 100.64/10 or fc00::/7, not in `allowed_peers`.
+    Private,
+    /// In `denied_peers` and not in `allowed_peers`.
+    Configured,
+    /// One of uturn's relay IPs on a port outside the relay range, or one of its listening
+    /// addresses.
+    OwnAddress,
 }
 
 impl PeerDenied {
@@ -39,43 +69,215 @@ impl PeerDenied {
             Self::Multicast => "multicast",
             Self::Broadcast => "broadcast",
             Self::LinkLocal => "link_local",
+            Self::Reserved => "reserved",
+            Self::Private => "private",
+            Self::Configured => "configured",
+            Self::OwnAddress => "own_address",
         }
     }
 }
 
-impl std::fmt::Display for PeerDenied {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for PeerDenied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-/// The peer policy: a pure function of the address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// An IP network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`; a bare address is a /32 or
+/// /128). Host bits are ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// A CIDR string that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an address or ADDRESS/PREFIX network")]
+pub struct CidrError(pub String);
+
+impl Cidr {
+    /// The network `addr/prefix`; `None` when the prefix is longer than the address.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= bits).then_some(Self { addr, prefix })
+    }
+
+    /// Whether `ip` lies in the network (an IPv4 network never contains an IPv6 address; the
+    /// policy compares embedded IPv4 addresses itself).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
+                u128::from(net.to_bits()) << 96,
+                u128::from(ip.to_bits()) << 96,
+                self.prefix,
+            ),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_eq(net.to_bits(), ip.to_bits(), self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: u128, b: u128, prefix: u8) -> bool {
+    prefix == 0 || (a ^ b) >> (128 - u32::from(prefix)) == 0
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let error = || CidrError(s.to_owned());
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((addr, prefix)) => {
+                let addr: IpAddr = addr.parse().map_err(|_| error())?;
+                let prefix: u8 = prefix.parse().map_err(|_| error())?;
+                (addr, prefix)
+            }
+            None => {
+                let addr: IpAddr = s.trim().parse().map_err(|_| error())?;
+                (addr, if addr.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        Self::new(addr, prefix).ok_or_else(error)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// uturn's own addresses, which the policy treats apart (tier 1 of the module doc).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnAddresses {
+    /// The relay IPs (`relay.relay_ips`).
+    pub relay_ips: Vec<IpAddr>,
+    /// The relay port range (`relay.port_min`..=`relay.port_max`).
+    pub relay_ports: (u16, u16),
+    /// The listeners' bound addresses (known once the data plane runs).
+    pub listeners: Vec<SocketAddr>,
+}
+
+impl OwnAddresses {
+    fn is_relay_ip(&self, ip: IpAddr) -> bool {
+        self.relay_ips.contains(&ip)
+    }
+
+    fn in_relay_range(&self, port: u16) -> bool {
+        (self.relay_ports.0..=self.relay_ports.1).contains(&port)
+    }
+}
+
+/// The peer policy (see the module doc for the tiers).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PeerPolicy {
     /// Let loopback peers through (labs and tests).
     pub allow_loopback: bool,
+    /// `peers.allowed_peers`: opens private ranges and `denied_peers` entries.
+    pub allowed: Vec<Cidr>,
+    /// `peers.denied_peers`: refuses more networks.
+    pub denied: Vec<Cidr>,
+    /// uturn's own relay and listening addresses.
+    pub own: OwnAddresses,
 }
 
 impl PeerPolicy {
-    /// Builds the policy from `[peers]`.
-    pub fn from_config(peers: &crate::config::PeersConfig) -> Self {
+    /// Builds the policy from the configuration (`[peers]` and the relay addresses and
+    /// ports). The listening addresses are added with [`PeerPolicy::with_listeners`].
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let peers = &config.peers;
         Self {
             allow_loopback: peers.allow_loopback,
-        }
-    }
-
-    /// Accepts or refuses a peer IP.
-    pub fn check(&self, ip: IpAddr) -> Result<(), PeerDenied> {
-        match ip {
-            IpAddr::V4(v4) => self.check_v4(v4),
-            IpAddr::V6(v6) => match embedded_ipv4(v6) {
-                Some(v4) => self.check_v4(v4),
-                None => self.check_v6(v6),
+            allowed: peers.allowed_peers.clone(),
+            denied: peers.denied_peers.clone(),
+            own: OwnAddresses {
+                relay_ips: config.relay.relay_ips.clone(),
+                relay_ports: (config.relay.port_min, config.relay.port_max),
+                listeners: Vec::new(),
             },
         }
     }
 
-    fn check_v4(&self, ip: Ipv4Addr) -> Result<(), PeerDenied> {
+    /// The same policy, knowing uturn's listening addresses.
+    pub fn with_listeners(mut self, listeners: &[SocketAddr]) -> Self {
+        self.own.listeners = listeners.to_vec();
+        self
+    }
+
+    /// The verdict for a peer transport address (ChannelBind, Send indication).
+    pub fn check(&self, peer: SocketAddr) -> Result<(), PeerDenied> {
+        let ip = peer.ip();
+        if self.own.listeners.contains(&peer) {
+            return Err(PeerDenied::OwnAddress);
+        }
+        if self.own.is_relay_ip(ip) {
+            if self.own.in_relay_range(peer.port()) {
+                return Ok(());
+            }
+            if !(self.allow_loopback && is_loopback(ip)) {
+                return Err(PeerDenied::OwnAddress);
+            }
+        }
+        self.check_ip(ip)
+    }
+
+    /// The verdict for a peer IP (CreatePermission: RFC 8656 §9, permissions are by IP only).
+    /// One of uturn's relay IPs is admitted here; its ports are checked per packet.
+    pub fn check_permission(&self, ip: IpAddr) -> Result<(), PeerDenied> {
+        if self.own.is_relay_ip(ip) {
+            return Ok(());
+        }
+        self.check_ip(ip)
+    }
+
+    /// Tiers 2 to 4 for an IP address, whatever its port.
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), PeerDenied> {
+        // Every IPv4 address the peer stands for: itself, or those an IPv6 form embeds.
+        let embedded = match ip {
+            IpAddr::V4(v4) => [Some(v4), None],
+            IpAddr::V6(v6) => embedded_ipv4(v6),
+        };
+        match ip {
+            IpAddr::V4(_) => {}
+            IpAddr::V6(v6) => {
+                if embedded[0].is_none() {
+                    self.always_denied_v6(v6)?;
+                }
+            }
+        }
+        for v4 in embedded.into_iter().flatten() {
+            self.always_denied_v4(v4)?;
+        }
+        let candidates =
+            || std::iter::once(ip).chain(embedded.into_iter().flatten().map(IpAddr::V4));
+        let listed = |list: &[Cidr]| candidates().any(|c| list.iter().any(|net| net.contains(c)));
+        if listed(&self.allowed) {
+            return Ok(());
+        }
+        if listed(&self.denied) {
+            return Err(PeerDenied::Configured);
+        }
+        let private = match ip {
+            IpAddr::V6(v6) if embedded[0].is_none() => v6.segments()[0] & 0xfe00 == 0xfc00,
+            _ => embedded.into_iter().flatten().any(is_private_v4),
+        };
+        if private {
+            return Err(PeerDenied::Private);
+        }
+        Ok(())
+    }
+
+    fn always_denied_v4(&self, ip: Ipv4Addr) -> Result<(), PeerDenied> {
         let octets = ip.octets();
         if ip.is_unspecified() {
             Err(PeerDenied::Unspecified)
@@ -93,12 +295,14 @@ impl PeerPolicy {
             Err(PeerDenied::Multicast)
         } else if ip.is_link_local() {
             Err(PeerDenied::LinkLocal)
+        } else if octets[0] >= 240 {
+            Err(PeerDenied::Reserved)
         } else {
             Ok(())
         }
     }
 
-    fn check_v6(&self, ip: Ipv6Addr) -> Result<(), PeerDenied> {
+    fn always_denied_v6(&self, ip: Ipv6Addr) -> Result<(), PeerDenied> {
         let first = ip.segments()[0];
         if ip.is_unspecified() {
             Err(PeerDenied::Unspecified)
@@ -118,24 +322,38 @@ impl PeerPolicy {
     }
 }
 
-/// The IPv4 address an IPv6 address stands for, if it embeds one: IPv4-mapped `::ffff:0:0/96`,
-/// IPv4-compatible `::/96` (except `::` and `::1`, which are IPv6's own), NAT64 `64:ff9b::/96`
-/// (RFC 6052) and 6to4 `2002::/16` (RFC 3056, address in bits 16-48).
-fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// 10/8, 172.16/12, 192.168/16 (RFC 1918) and 100.64/10 (RFC 6598).
+fn is_private_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    ip.is_private() || (a == 100 && (b & 0xc0) == 64)
+}
+
+/// The IPv4 addresses an IPv6 address stands for, if it embeds any: IPv4-mapped
+/// `::ffff:0:0/96`, IPv4-compatible `::/96` (except `::` and `::1`, which are IPv6's own),
+/// NAT64 `64:ff9b::/96` (RFC 6052), 6to4 `2002::/16` (RFC 3056, address in bits 16-48) and
+/// Teredo `2001::/32` (RFC 4380: the server in bits 32-63, the client's address inverted in the
+/// last 32 bits; both are checked).
+fn embedded_ipv4(ip: Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
     let s = ip.segments();
-    let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from_bits((u32::from(hi) << 16) | u32::from(lo));
+    let low = v4(s[6], s[7]);
     match s {
-        [0, 0, 0, 0, 0, 0xffff, _, _] => Some(low),
-        [0, 0, 0, 0, 0, 0, 0, 0] | [0, 0, 0, 0, 0, 0, 0, 1] => None,
-        [0, 0, 0, 0, 0, 0, _, _] => Some(low),
-        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(low),
-        [0x2002, a, b, ..] => Some(Ipv4Addr::new(
-            (a >> 8) as u8,
-            a as u8,
-            (b >> 8) as u8,
-            b as u8,
-        )),
-        _ => None,
+        [0, 0, 0, 0, 0, 0xffff, _, _] => [Some(low), None],
+        [0, 0, 0, 0, 0, 0, 0, 0] | [0, 0, 0, 0, 0, 0, 0, 1] => [None, None],
+        [0, 0, 0, 0, 0, 0, _, _] => [Some(low), None],
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => [Some(low), None],
+        [0x2002, a, b, ..] => [Some(v4(a, b)), None],
+        [0x2001, 0, a, b, _, _, c, d] => [Some(v4(!c, !d)), Some(v4(a, b))],
+        _ => [None, None],
     }
 }
 
@@ -143,10 +361,25 @@ fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
 mod tests {
     use super::*;
 
-    fn denied(ip: &str) -> Result<(), PeerDenied> {
-        PeerPolicy::default().check(ip.parse().unwrap())
+    fn policy() -> PeerPolicy {
+        PeerPolicy {
+            own: OwnAddresses {
+                relay_ips: vec![
+                    "203.0.113.5".parse().unwrap(),
+                    "2001:db8::5".parse().unwrap(),
+                ],
+                relay_ports: (49152, 65535),
+                listeners: vec!["203.0.113.5:3478".parse().unwrap()],
+            },
+            ..PeerPolicy::default()
+        }
     }
 
+    fn verdict(policy: &PeerPolicy, ip: &str) -> Result<(), PeerDenied> {
+        policy.check_ip(ip.parse().unwrap())
+    }
+
+    /// Tier 2 of the module doc, with every IPv6 embedding of the IPv4 ranges.
     #[test]
     fn the_default_policy_refuses_every_known_bypass_with_its_reason() {
         let cases = [
@@ -160,20 +393,38 @@ mod tests {
             ("::127.0.0.1", PeerDenied::Loopback),
             ("64:ff9b::7f00:1", PeerDenied::Loopback),
             ("2002:7f00:1::", PeerDenied::Loopback),
+            // Teredo: client 127.0.0.1 inverted is 80ff:fffe.
+            ("2001:0:c633:6401::80ff:fffe", PeerDenied::Loopback),
+            // Teredo whose server is the metadata service.
+            ("2001:0:a9fe:a9fe::3cb8:9bf8", PeerDenied::LinkLocal),
             ("169.254.169.254", PeerDenied::LinkLocal),
             ("::ffff:169.254.169.254", PeerDenied::LinkLocal),
             ("64:ff9b::a9fe:a9fe", PeerDenied::LinkLocal),
+            ("2002:a9fe:a9fe::1", PeerDenied::LinkLocal),
             ("fe80::1", PeerDenied::LinkLocal),
             ("febf::1", PeerDenied::LinkLocal),
             ("224.0.0.1", PeerDenied::Multicast),
             ("239.1.2.3", PeerDenied::Multicast),
             ("ff02::1", PeerDenied::Multicast),
+            ("::ffff:224.0.0.251", PeerDenied::Multicast),
             ("255.255.255.255", PeerDenied::Broadcast),
             ("::ffff:255.255.255.255", PeerDenied::Broadcast),
+            ("240.0.0.1", PeerDenied::Reserved),
+            ("64:ff9b::f000:1", PeerDenied::Reserved),
             ("::ffff:0.0.0.0", PeerDenied::Unspecified),
+            ("10.1.2.3", PeerDenied::Private),
+            ("172.16.0.1", PeerDenied::Private),
+            ("172.31.255.254", PeerDenied::Private),
+            ("192.168.1.1", PeerDenied::Private),
+            ("100.64.0.1", PeerDenied::Private),
+            ("100.127.255.254", PeerDenied::Private),
+            ("fc00::1", PeerDenied::Private),
+            ("fd12:3456::1", PeerDenied::Private),
+            ("::ffff:10.0.0.1", PeerDenied::Private),
+            ("2002:c0a8:101::1", PeerDenied::Private),
         ];
         for (ip, reason) in cases {
-            assert_eq!(denied(ip), Err(reason), "{ip}");
+            assert_eq!(verdict(&policy(), ip), Err(reason), "{ip}");
         }
     }
 
@@ -181,12 +432,14 @@ mod tests {
     fn ordinary_unicast_peers_are_allowed() {
         for ip in [
             "198.51.100.7",
-            "10.0.0.1",
+            "172.32.0.1",
+            "100.128.0.1",
             "2001:db8::1",
             "::ffff:198.51.100.7",
             "fec0::1",
+            "2002:c633:6407::1",
         ] {
-            assert_eq!(denied(ip), Ok(()), "{ip}");
+            assert_eq!(verdict(&policy(), ip), Ok(()), "{ip}");
         }
     }
 
@@ -194,17 +447,124 @@ mod tests {
     fn allow_loopback_admits_loopback_in_every_form_but_nothing_else() {
         let policy = PeerPolicy {
             allow_loopback: true,
+            ..policy()
         };
-        for ip in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
-            assert_eq!(policy.check(ip.parse().unwrap()), Ok(()), "{ip}");
+        for ip in ["127.0.0.1", "::1", "::ffff:127.0.0.1", "64:ff9b::7f00:1"] {
+            assert_eq!(verdict(&policy, ip), Ok(()), "{ip}");
         }
+        assert_eq!(verdict(&policy, "0.0.0.0"), Err(PeerDenied::Unspecified));
         assert_eq!(
-            policy.check("0.0.0.0".parse().unwrap()),
-            Err(PeerDenied::Unspecified)
-        );
-        assert_eq!(
-            policy.check("169.254.169.254".parse().unwrap()),
+            verdict(&policy, "169.254.169.254"),
             Err(PeerDenied::LinkLocal)
         );
+        assert_eq!(verdict(&policy, "10.0.0.1"), Err(PeerDenied::Private));
+    }
+
+    #[test]
+    fn an_allow_list_opens_private_ranges_and_denied_entries_but_never_the_always_denied_set() {
+        let policy = PeerPolicy {
+            allowed: [
+                "10.0.0.0/8",
+                "fd00::/8",
+                "0.0.0.0/0",
+                "::/0",
+                "198.51.100.9",
+            ]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect(),
+            denied: ["198.51.100.0/24", "2001:db8:bad::/48"]
+                .iter()
+                .map(|s| s.parse().unwrap())
+                .collect(),
+            ..policy()
+        };
+        assert_eq!(verdict(&policy, "10.9.8.7"), Ok(()));
+        assert_eq!(verdict(&policy, "::ffff:10.9.8.7"), Ok(()));
+        assert_eq!(verdict(&policy, "fd00::1"), Ok(()));
+        assert_eq!(verdict(&policy, "198.51.100.9"), Ok(()));
+        // Even 0.0.0.0/0 and ::/0 in the allow list leave tier 2 shut.
+        for (ip, reason) in [
+            ("127.0.0.1", PeerDenied::Loopback),
+            ("::ffff:127.0.0.1", PeerDenied::Loopback),
+            ("169.254.169.254", PeerDenied::LinkLocal),
+            ("0.0.0.0", PeerDenied::Unspecified),
+            ("::", PeerDenied::Unspecified),
+            ("224.0.0.1", PeerDenied::Multicast),
+            ("240.0.0.1", PeerDenied::Reserved),
+        ] {
+            assert_eq!(verdict(&policy, ip), Err(reason), "{ip}");
+        }
+        let deny_only = PeerPolicy {
+            allowed: vec!["198.51.100.9".parse().unwrap()],
+            ..policy
+        };
+        assert_eq!(
+            verdict(&deny_only, "198.51.100.10"),
+            Err(PeerDenied::Configured)
+        );
+        assert_eq!(
+            verdict(&deny_only, "::ffff:198.51.100.10"),
+            Err(PeerDenied::Configured)
+        );
+        assert_eq!(
+            verdict(&deny_only, "2001:db8:bad::1"),
+            Err(PeerDenied::Configured)
+        );
+        assert_eq!(verdict(&deny_only, "198.51.100.9"), Ok(()));
+        assert_eq!(verdict(&deny_only, "10.0.0.1"), Err(PeerDenied::Private));
+    }
+
+    #[test]
+    fn own_relay_addresses_are_peers_only_on_relay_ports_and_listeners_never() {
+        let policy = policy();
+        let check = |addr: &str| policy.check(addr.parse().unwrap());
+        assert_eq!(check("203.0.113.5:50000"), Ok(()));
+        assert_eq!(check("[2001:db8::5]:65535"), Ok(()));
+        assert_eq!(check("203.0.113.5:22"), Err(PeerDenied::OwnAddress));
+        assert_eq!(check("203.0.113.5:3478"), Err(PeerDenied::OwnAddress));
+        assert_eq!(check("[2001:db8::5]:49151"), Err(PeerDenied::OwnAddress));
+        assert_eq!(check("203.0.113.6:22"), Ok(()));
+        // Loopback relay IPs (tests, labs): relay ports pass without `allow_loopback`.
+        let lab = PeerPolicy {
+            own: OwnAddresses {
+                relay_ips: vec!["127.0.0.1".parse().unwrap()],
+                relay_ports: (20000, 29999),
+                listeners: vec!["127.0.0.1:3478".parse().unwrap()],
+            },
+            ..PeerPolicy::default()
+        };
+        assert_eq!(lab.check("127.0.0.1:20000".parse().unwrap()), Ok(()));
+        assert_eq!(
+            lab.check("127.0.0.1:8080".parse().unwrap()),
+            Err(PeerDenied::OwnAddress)
+        );
+        assert_eq!(
+            lab.check("127.0.0.2:20000".parse().unwrap()),
+            Err(PeerDenied::Loopback)
+        );
+        assert_eq!(lab.check_permission("127.0.0.1".parse().unwrap()), Ok(()));
+        let open = PeerPolicy {
+            allow_loopback: true,
+            ..lab
+        };
+        assert_eq!(open.check("127.0.0.1:8080".parse().unwrap()), Ok(()));
+        assert_eq!(
+            open.check("127.0.0.1:3478".parse().unwrap()),
+            Err(PeerDenied::OwnAddress)
+        );
+    }
+
+    #[test]
+    fn cidr_parsing_refuses_what_is_not_a_network() {
+        for bad in ["10.0.0.0/33", "::/129", "10.0.0/8", "x", "10.0.0.0/"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        let net: Cidr = "10.1.2.3/8".parse().unwrap();
+        assert!(net.contains("10.200.0.1".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        assert!(!net.contains("::ffff:10.0.0.1".parse().unwrap()));
+        let all: Cidr = "::/0".parse().unwrap();
+        assert!(all.contains("2001:db8::1".parse().unwrap()));
     }
 }

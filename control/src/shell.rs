@@ -84,7 +84,14 @@ impl<R: RngCore> ControlThread<R> {
         rng: R,
     ) -> Result<Self, crate::EngineError> {
         let shard_count = u16::try_from(dataplane.shard_count()).unwrap_or(u16::MAX);
-        let engine = Engine::new(&config, users, shard_count, Instant::now(), rng)?;
+        let mut engine = Engine::new(&config, users, shard_count, Instant::now(), rng)?;
+        let listeners: Vec<SocketAddr> = dataplane
+            .listener_addrs()
+            .iter()
+            .copied()
+            .chain(dataplane.stream_listeners().iter().map(|l| l.addr))
+            .collect();
+        engine.set_listener_addrs(&listeners);
         let counters: Vec<Option<Counters>> = (0..dataplane.shard_count()).map(|_| None).collect();
         Ok(Self {
             engine,

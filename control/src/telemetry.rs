@@ -195,6 +195,9 @@ impl Telemetry {
             Event::PeerDenied { .. } => {
                 counter!("uturn_dropped_packets_total", "reason" => "peer_denied").increment(1);
             }
+            Event::Dropped { reason, .. } => {
+                counter!("uturn_dropped_packets_total", "reason" => reason.as_str()).increment(1);
+            }
             _ => {}
         }
     }

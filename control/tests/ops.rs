@@ -8,8 +8,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::*;
 use hmac::{Hmac, Mac};
-use uturn_control::{Event, Output, PeerPolicy, TableChange};
-use uturn_proto::{Attribute, Method};
+use uturn_control::{Event, Output, PeerDenied, PeerPolicy, TableChange};
+use uturn_proto::{Attribute, ChannelNumber, Method};
 
 fn rest_client(addr: &str, secret: &str) -> Client {
     let username = format!("{}:carol", WALL_UNIX_SECS + 3600);
@@ -110,7 +110,7 @@ fn the_snapshot_shows_permissions_channels_expiry_and_request_counts() {
         Method::CHANNEL_BIND,
         2,
         &[
-            Attribute::ChannelNumber(uturn_proto::ChannelNumber::new(0x4001).unwrap()),
+            Attribute::ChannelNumber(ChannelNumber::new(0x4001).unwrap()),
             Attribute::XorPeerAddress(peer("203.0.113.9:7000")),
         ],
     );
@@ -174,18 +174,52 @@ fn reloaded_rest_secrets_take_effect_for_new_requests() {
 }
 
 #[test]
-fn a_reloaded_peer_policy_applies_to_new_permissions() {
-    let mut h = Harness::new(config());
+fn a_reloaded_peer_policy_applies_to_new_permissions_and_revokes_refused_ones() {
+    let mut config = config();
+    let mut h = Harness::new(config.clone());
     let mut client = Client::new("198.51.100.1:5000");
-    h.allocate(&mut client, 1, &[]);
-    let loopback = [Attribute::XorPeerAddress(peer("127.0.0.1:7000"))];
-    let denied = h.request(&client, Method::CREATE_PERMISSION, 2, &loopback);
+    let (alloc, _, _) = h.allocate(&mut client, 1, &[]);
+    let private = [Attribute::XorPeerAddress(peer("10.20.0.7:7000"))];
+    let channel = Attribute::ChannelNumber(ChannelNumber::new(0x4001).unwrap());
+    let denied = h.request(&client, Method::CREATE_PERMISSION, 2, &private);
     assert_eq!(denied.code(), Some(403));
-    h.engine.set_peer_policy(PeerPolicy {
-        allow_loopback: true,
-    });
-    let allowed = h.request(&client, Method::CREATE_PERMISSION, 3, &loopback);
+    config.peers.allowed_peers = vec!["10.20.0.0/16".parse().unwrap()];
+    h.engine.set_peer_policy(PeerPolicy::from_config(&config));
+    let allowed = h.request(&client, Method::CREATE_PERMISSION, 3, &private);
     assert_eq!(allowed.code(), None);
+    let bound = h.request(
+        &client,
+        Method::CHANNEL_BIND,
+        4,
+        &[channel, Attribute::XorPeerAddress(peer("10.20.0.7:7000"))],
+    );
+    assert_eq!(bound.code(), None);
+
+    // Taking the network off the allow list revokes the permission and its channel at once.
+    config.peers.allowed_peers.clear();
+    h.engine.set_peer_policy(PeerPolicy::from_config(&config));
+    let outputs = h.drain();
+    let ip: std::net::IpAddr = "10.20.0.7".parse().unwrap();
+    assert_eq!(
+        tables(&outputs),
+        vec![
+            TableChange::UnbindChannel {
+                alloc,
+                channel: 0x4001
+            },
+            TableChange::RemovePermission { alloc, peer_ip: ip },
+        ]
+    );
+    assert!(outputs.iter().any(|o| matches!(
+        o,
+        Output::Event(Event::PermissionRevoked {
+            reason: PeerDenied::Private,
+            ..
+        })
+    )));
+    h.engine.check_invariants(h.now);
+    let again = h.request(&client, Method::CREATE_PERMISSION, 5, &private);
+    assert_eq!(again.code(), Some(403));
 }
 
 /// The configuration the .deb installs is valid, and its ops settings are the safe ones.

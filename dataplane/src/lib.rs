@@ -221,6 +221,44 @@ pub struct DataPlaneConfig {
     pub control_queue_depth: usize,
     /// How often each shard reports [`ToControl::Counters`].
     pub counters_interval: Duration,
+    /// uturn's own relay addresses, re-checked per packet (see [`PeerGuard`]).
+    pub peer_guard: PeerGuard,
+    /// Bytes per second each allocation may relay, both directions together (a token bucket
+    /// of one second's burst in the shard); excess is dropped and counted as `bandwidth`.
+    /// 0: no cap.
+    pub allocation_bytes_per_sec: u64,
+}
+
+/// The data path's re-check of the peer policy for uturn's own addresses.
+///
+/// Permissions are per IP (RFC 8656 §9), and control admits a permission for one of uturn's
+/// relay IPs so that relay to relay works. The port is what separates another allocation
+/// (a port inside the relay range) from everything else listening on the host (`sshd`, the
+/// admin API, the listeners themselves): a Send indication to, or a datagram from, a relay IP
+/// on a port outside the range is dropped and counted as `peer_denied`. ChannelBind checks the
+/// whole address in control, so ChannelData needs no re-check. The check compares against at
+/// most two addresses: no allocation, no lock.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerGuard {
+    /// Relay IPs (at most one per family).
+    pub relay_ips: Vec<IpAddr>,
+    /// The relay port range, inclusive.
+    pub relay_ports: (u16, u16),
+    /// Loopback peers are allowed (`--allow-loopback-peers`): a loopback relay IP is then not
+    /// restricted to the relay range.
+    pub allow_loopback: bool,
+}
+
+impl PeerGuard {
+    /// Whether `peer` may be relayed to or from, as far as uturn's own addresses go.
+    pub fn admits(&self, peer: SocketAddr) -> bool {
+        let ip = peer.ip();
+        if !self.relay_ips.contains(&ip) {
+            return true;
+        }
+        (self.relay_ports.0..=self.relay_ports.1).contains(&peer.port())
+            || (self.allow_loopback && ip.is_loopback())
+    }
 }
 
 impl Default for DataPlaneConfig {
@@ -241,6 +279,8 @@ impl Default for DataPlaneConfig {
             batch_size: 256,
             control_queue_depth: 4096,
             counters_interval: Duration::from_secs(1),
+            peer_guard: PeerGuard::default(),
+            allocation_bytes_per_sec: 0,
         }
     }
 }
@@ -349,11 +389,20 @@ pub enum DropReason {
     SendError,
     /// The allocation has no relay socket of the peer's address family.
     FamilyMismatch,
+    /// A Send indication to, or a datagram from, one of uturn's relay IPs on a port outside
+    /// the relay range ([`PeerGuard`]).
+    PeerDenied,
+    /// The allocation is over its bandwidth cap
+    /// ([`DataPlaneConfig::allocation_bytes_per_sec`]).
+    Bandwidth,
+    /// A TCP/TLS connection from a source address that already has
+    /// `StreamLimits::connections_per_source_max` open ones was closed at accept.
+    SourceConnections,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`DropCounts`].
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 11] = [
         Self::NoAllocation,
         Self::NoPermission,
         Self::NoChannel,
@@ -362,6 +411,9 @@ impl DropReason {
         Self::QueueFull,
         Self::SendError,
         Self::FamilyMismatch,
+        Self::PeerDenied,
+        Self::Bandwidth,
+        Self::SourceConnections,
     ];
 
     /// Static name for metric labels.
@@ -375,6 +427,9 @@ impl DropReason {
             Self::QueueFull => "queue_full",
             Self::SendError => "send_error",
             Self::FamilyMismatch => "family_mismatch",
+            Self::PeerDenied => "peer_denied",
+            Self::Bandwidth => "bandwidth",
+            Self::SourceConnections => "source_connections",
         }
     }
 

@@ -83,6 +83,8 @@ pub(crate) fn run(setup: ShardSetup) {
             break;
         }
         core.counters_mut().loop_turns += 1;
+        // epoll_wait may have slept: the bandwidth buckets refill from the time after it.
+        core.set_now(Instant::now());
         let mut handled = 0u64;
         for &token in &tokens {
             if token == WAKE_TOKEN {

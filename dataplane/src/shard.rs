@@ -218,12 +218,14 @@ pub(crate) fn start(
         let wake = sys::eventfd().map_err(|e| setup_error("eventfd", e))?;
         let wake_writer = File::from(wake.try_clone().map_err(|e| setup_error("eventfd", e))?);
         let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
-        let core = Core::new(
+        let mut core = Core::new(
             ShardId(id),
             shard_listeners,
             &stream_addrs,
             to_control.clone(),
         );
+        core.set_peer_guard(config.peer_guard.clone());
+        core.set_bandwidth_cap(config.allocation_bytes_per_sec);
         let base = core.stream_listener_base();
         let streams = Streams::new(
             shard_streams

@@ -52,7 +52,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -118,6 +118,9 @@ pub struct StreamLimits {
     pub send_queue_bytes: usize,
     /// Largest frame a client may send (STUN message or ChannelData with padding).
     pub frame_len_max: usize,
+    /// Connections open at once per source IP on one shard; more are accepted and closed at
+    /// once (`stream_refused`, and dropped as `source_connections`). `0` means no limit.
+    pub connections_per_source_max: usize,
 }
 
 impl Default for StreamLimits {
@@ -129,6 +132,7 @@ impl Default for StreamLimits {
             // A UDP receive buffer holds 2004 payload bytes by default; a stream frame of twice
             // that covers every relayed payload and any sane STUN request.
             frame_len_max: 4096,
+            connections_per_source_max: 256,
         }
     }
 }
@@ -284,6 +288,9 @@ pub(crate) struct Streams {
     limits: StreamLimits,
     tokens: Vec<u64>,
     open: usize,
+    /// Open connections per source IP; an entry lives only while its source has a
+    /// connection, so the map is bounded by `connections_max`.
+    per_source: HashMap<IpAddr, u32>,
 }
 
 impl Streams {
@@ -317,6 +324,7 @@ impl Streams {
             limits,
             tokens: Vec::with_capacity(256),
             open: 0,
+            per_source: HashMap::new(),
         })
     }
 
@@ -424,6 +432,16 @@ impl Streams {
                 core.counters_mut().stream_refused += 1;
                 continue; // Dropping `socket` closes it.
             }
+            // Issue 8: one source cannot take the shard's connections for itself.
+            let source = canonical(client).ip();
+            let from_source = self.per_source.get(&source).copied().unwrap_or(0);
+            if self.limits.connections_per_source_max != 0
+                && from_source as usize >= self.limits.connections_per_source_max
+            {
+                core.counters_mut().stream_refused += 1;
+                core.count_drop(DropReason::SourceConnections);
+                continue;
+            }
             if socket.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -473,6 +491,7 @@ impl Streams {
                 self.by_tuple.insert((listener_index, client), slot);
             }
             self.open += 1;
+            *self.per_source.entry(client.ip()).or_insert(0) += 1;
             let counters = core.counters_mut();
             counters.stream_accepted += 1;
             counters.stream_open = self.open as u64;
@@ -574,6 +593,12 @@ impl Streams {
         }
         self.free.push(slot);
         self.open = self.open.saturating_sub(1);
+        if let Some(count) = self.per_source.get_mut(&conn.client.ip()) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.per_source.remove(&conn.client.ip());
+            }
+        }
         let counters = core.counters_mut();
         counters.stream_closed += 1;
         counters.stream_open = self.open as u64;

@@ -8,6 +8,7 @@
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
 
 use crossbeam_channel::{Sender, TrySendError};
 use hashbrown::{HashMap, HashSet};
@@ -20,8 +21,8 @@ use crate::addr::canonical;
 use crate::socket;
 use crate::stream::StreamKind;
 use crate::{
-    AllocationCounters, AllocationId, ClientTransport, Counters, DropReason, RelaySocket,
-    ShardCommand, ShardCounters, ShardId, ToControl,
+    AllocationCounters, AllocationId, ClientTransport, Counters, DropReason, PeerGuard,
+    RelaySocket, ShardCommand, ShardCounters, ShardId, ToControl,
 };
 
 /// What the backend must do with a received datagram.
@@ -114,6 +115,38 @@ struct Allocation {
     peer_ips: Vec<IpAddr>,
     channels: Vec<ChannelNumber>,
     counters: AllocationCounters,
+    /// Bytes the allocation may still relay (both directions), when a cap is set.
+    budget: ByteBucket,
+}
+
+/// A per-allocation token bucket in bytes (issue 8: bandwidth cap). Refilled from the shard's
+/// per-turn clock ([`Core::set_now`]), so the packet path reads no clock.
+#[derive(Debug, Clone, Copy)]
+struct ByteBucket {
+    tokens: u64,
+    last: Instant,
+}
+
+impl ByteBucket {
+    /// Takes `len` bytes at `rate` bytes per second (burst: one second's worth); false when
+    /// the bucket is short (the packet is dropped, and takes nothing).
+    fn take(&mut self, len: u64, rate: u64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last);
+        let refill = u64::try_from(elapsed.as_micros())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(rate)
+            / 1_000_000;
+        if refill > 0 {
+            self.tokens = self.tokens.saturating_add(refill).min(rate);
+            self.last = now;
+        }
+        if self.tokens >= len {
+            self.tokens -= len;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// A shard's state apart from its I/O.
@@ -139,6 +172,12 @@ pub(crate) struct Core {
     channel_of_peer: HashMap<(AllocationId, SocketAddr), ChannelNumber>,
     /// (allocation, peer IP) with a permission.
     permissions: HashSet<(AllocationId, IpAddr)>,
+    /// uturn's own relay addresses: peers there only on relay ports.
+    guard: PeerGuard,
+    /// Bytes per second each allocation may relay, both directions together; 0: no cap.
+    bandwidth_bytes_per_sec: u64,
+    /// The clock of the current loop turn (one read per turn, none per packet).
+    now: Instant,
     to_control: Sender<ToControl>,
     counters: ShardCounters,
     removed: Vec<(AllocationId, AllocationCounters)>,
@@ -168,6 +207,9 @@ impl Core {
             channels: HashMap::new(),
             channel_of_peer: HashMap::new(),
             permissions: HashSet::new(),
+            guard: PeerGuard::default(),
+            bandwidth_bytes_per_sec: 0,
+            now: Instant::now(),
             to_control,
             counters: ShardCounters::default(),
             removed: Vec::new(),
@@ -186,6 +228,21 @@ impl Core {
             core.listener_kinds.push(Some(kind));
         }
         core
+    }
+
+    /// Caps what each allocation relays, in bytes per second (both directions; 0: no cap).
+    pub(crate) fn set_bandwidth_cap(&mut self, bytes_per_sec: u64) {
+        self.bandwidth_bytes_per_sec = bytes_per_sec;
+    }
+
+    /// The time of this loop turn, read once per turn by the backend.
+    pub(crate) fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    /// Sets the data path's re-check of uturn's own addresses.
+    pub(crate) fn set_peer_guard(&mut self, guard: PeerGuard) {
+        self.guard = guard;
     }
 
     /// Index of the first stream listener (the UDP listeners come first).
@@ -451,6 +508,10 @@ impl Core {
         if !self.permissions.contains(&(alloc, peer.ip())) {
             return self.drop(DropReason::NoPermission);
         }
+        // A permission for one of uturn's relay IPs reaches its relay ports only.
+        if !self.guard.admits(peer) {
+            return self.drop(DropReason::PeerDenied);
+        }
         // The DATA value borrows the datagram; its offset in `buf` is where the payload lives.
         let start = data.as_ptr() as usize - buf.as_ptr() as usize;
         self.relay_to_peer(alloc, peer, start..start + data.len())
@@ -475,6 +536,11 @@ impl Core {
             self.counters.drops.add(DropReason::FamilyMismatch);
             return Action::Done;
         };
+        let rate = self.bandwidth_bytes_per_sec;
+        if rate != 0 && !allocation.budget.take(range.len() as u64, rate, self.now) {
+            self.counters.drops.add(DropReason::Bandwidth);
+            return Action::Done;
+        }
         allocation.counters.to_peer_packets += 1;
         allocation.counters.to_peer_bytes += range.len() as u64;
         self.counters.to_peer_packets += 1;
@@ -504,10 +570,18 @@ impl Core {
         if !self.permissions.contains(&(alloc, peer.ip())) {
             return self.drop(DropReason::NoPermission);
         }
+        if !self.guard.admits(peer) {
+            return self.drop(DropReason::PeerDenied);
+        }
         let Some(allocation) = self.allocations.get_mut(&alloc) else {
             self.counters.drops.add(DropReason::NoAllocation);
             return Action::Done;
         };
+        let rate = self.bandwidth_bytes_per_sec;
+        if rate != 0 && !allocation.budget.take(range.len() as u64, rate, self.now) {
+            self.counters.drops.add(DropReason::Bandwidth);
+            return Action::Done;
+        }
         let to = allocation.client;
         let payload_len = range.len();
         let Some(&via) = self.listener_slots.get(usize::from(allocation.listener)) else {
@@ -807,6 +881,10 @@ impl Core {
                 peer_ips: Vec::new(),
                 channels: Vec::new(),
                 counters: AllocationCounters::default(),
+                budget: ByteBucket {
+                    tokens: self.bandwidth_bytes_per_sec,
+                    last: self.now,
+                },
             },
         );
         self.by_client.insert((listener, client), alloc);
@@ -1058,6 +1136,16 @@ mod tests {
     #[test]
     fn a_send_indication_without_an_allocation_is_dropped_not_forwarded() {
         let (mut core, rx) = core();
+        let (mut buf, range) = buffer(&send_indication("198.51.100.1:9"));
+        let listener = core.listener_slots()[0];
+        let action =
+            core.handle_datagram(listener, CLIENT.parse().expect("literal"), &mut buf, range);
+        assert!(matches!(action, Action::Done));
+        assert_eq!(core.counters.drops.get(DropReason::NoAllocation), 1);
+        assert!(rx.try_recv().is_err(), "nothing sent to control");
+    }
+
+    fn send_indication(peer: &str) -> Vec<u8> {
         let mut out = [0u8; 128];
         let mut builder = uturn_proto::MessageBuilder::new(
             &mut out,
@@ -1067,20 +1155,94 @@ mod tests {
         );
         builder
             .attribute(&uturn_proto::Attribute::XorPeerAddress(
-                "198.51.100.1:9".parse().expect("literal"),
+                peer.parse().expect("literal"),
             ))
             .expect("room");
         builder
             .attribute(&uturn_proto::Attribute::Data(b"x"))
             .expect("room");
         let n = builder.finish();
-        let (mut buf, range) = buffer(&out[..n]);
+        out[..n].to_vec()
+    }
+
+    /// Issue 8: a permission for one of uturn's relay IPs (relay to relay) reaches that IP's
+    /// relay ports only; a Send indication to any other port of it, and a datagram from one,
+    /// are dropped and counted as `peer_denied`, never relayed.
+    #[test]
+    fn a_permission_for_a_relay_ip_reaches_relay_ports_only_in_both_directions() {
+        let (mut core, _rx) = core();
+        core.set_peer_guard(PeerGuard {
+            relay_ips: vec!["127.0.0.1".parse().expect("literal")],
+            relay_ports: (20000, 29999),
+            allow_loopback: false,
+        });
+        let relay = open(&mut core, 1, CLIENT.parse().expect("literal"));
+        core.handle_command(ShardCommand::SetPermission {
+            alloc: AllocationId(1),
+            peer_ip: "127.0.0.1".parse().expect("literal"),
+        });
         let listener = core.listener_slots()[0];
-        let action =
-            core.handle_datagram(listener, CLIENT.parse().expect("literal"), &mut buf, range);
-        assert!(matches!(action, Action::Done));
-        assert_eq!(core.counters.drops.get(DropReason::NoAllocation), 1);
-        assert!(rx.try_recv().is_err(), "nothing sent to control");
+        let client: SocketAddr = CLIENT.parse().expect("literal");
+        for (peer, relayed) in [
+            ("127.0.0.1:20000", true),
+            ("127.0.0.1:29999", true),
+            ("127.0.0.1:22", false),
+            ("127.0.0.1:9641", false),
+            ("127.0.0.1:30000", false),
+        ] {
+            let (mut buf, range) = buffer(&send_indication(peer));
+            let action = core.handle_datagram(listener, client, &mut buf, range);
+            assert_eq!(
+                matches!(action, Action::Send { .. }),
+                relayed,
+                "send to {peer}"
+            );
+            let action = from_peer(&mut core, relay, peer.parse().expect("literal"), b"hello");
+            assert_eq!(
+                !matches!(action, Action::Done),
+                relayed,
+                "datagram from {peer}"
+            );
+        }
+        assert_eq!(core.counters.drops.get(DropReason::PeerDenied), 6);
+    }
+
+    /// Issue 8: a per-allocation bandwidth cap. One second's worth passes, the excess is
+    /// dropped and counted as `bandwidth` (both directions share the bucket), and the bucket
+    /// refills with the shard's clock.
+    #[test]
+    fn an_allocation_over_its_bandwidth_cap_has_the_excess_dropped_and_counted() {
+        let (mut core, _rx) = core();
+        core.set_bandwidth_cap(1000);
+        let start = Instant::now();
+        core.set_now(start);
+        let relay = open(&mut core, 1, CLIENT.parse().expect("literal"));
+        core.handle_command(ShardCommand::SetPermission {
+            alloc: AllocationId(1),
+            peer_ip: "198.51.100.1".parse().expect("literal"),
+        });
+        let peer: SocketAddr = "198.51.100.1:9".parse().expect("literal");
+        let relayed = |core: &mut Core| {
+            (0..20)
+                .filter(|_| !matches!(from_peer(core, relay, peer, &[0u8; 100]), Action::Done))
+                .count()
+        };
+        assert_eq!(relayed(&mut core), 10, "1000 bytes of burst");
+        assert_eq!(core.counters.drops.get(DropReason::Bandwidth), 10);
+        let listener = core.listener_slots()[0];
+        let (mut buf, range) = buffer(&send_indication("198.51.100.1:9"));
+        let client: SocketAddr = CLIENT.parse().expect("literal");
+        assert!(matches!(
+            core.handle_datagram(listener, client, &mut buf, range.clone()),
+            Action::Done
+        ));
+        core.set_now(start + std::time::Duration::from_millis(500));
+        // Half a second refills 500 bytes: the 1-byte Send, then four 100-byte datagrams.
+        assert!(matches!(
+            core.handle_datagram(listener, client, &mut buf, range),
+            Action::Send { .. }
+        ));
+        assert_eq!(relayed(&mut core), 4);
     }
 
     #[test]

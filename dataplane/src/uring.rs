@@ -114,6 +114,7 @@ pub(crate) fn run(setup: ShardSetup) {
             break;
         }
         let sq_full = ring.take_sq_full_submits();
+        core.set_now(std::time::Instant::now());
         let counters = core.counters_mut();
         counters.submits += 1 + sq_full;
         counters.sq_full_submits += sq_full;

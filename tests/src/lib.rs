@@ -1144,20 +1144,31 @@ pub fn peer_socket(ipv6: bool) -> UdpSocket {
     s
 }
 
-/// A relay port range of its own for each test server: a slice of 20000-31999, below Linux's
-/// ephemeral range (32768-60999) so the tests' client sockets never hold a relay port, and
-/// chosen by process id and a counter so that servers running at the same time (tests in
-/// parallel, other test processes on the machine) rarely share ports. A shared port is still
-/// correct, just slower: the engine retries a port it cannot bind, but a reserved EVEN-PORT
-/// pair cannot move.
+/// A relay port range of its own for each test server: a 200-port slice of 20000-31999, below
+/// Linux's ephemeral range (32768-60999) so the tests' client sockets never hold a relay port.
+/// A process takes the 60 slices in turn from an offset given by its process id, so servers
+/// alive at the same time (tests in parallel, other test processes on the machine) do not share
+/// ports. A shared port would still be correct, just slower: the engine retries a port it cannot
+/// bind, but a reserved EVEN-PORT pair cannot move. A test that needs more ports passes its own
+/// `--ports` below 20000 (see [`with_relay_ports`]).
 pub fn relay_port_slice() -> String {
     const FIRST: u32 = 20_000;
-    const SLICE: u32 = 1_500;
-    const SLICES: u32 = 8;
+    const SLICE: u32 = 200;
+    const SLICES: u32 = 60;
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let low = FIRST + ((std::process::id() + n) % SLICES) * SLICE;
+    let low = FIRST + ((std::process::id().wrapping_mul(7) + n) % SLICES) * SLICE;
     format!("{low}-{}", low + SLICE - 1)
+}
+
+/// `args` with the value of `--ports` replaced by `ports`.
+pub fn with_relay_ports(mut args: Vec<String>, ports: &str) -> Vec<String> {
+    if let Some(i) = args.iter().position(|a| a == "--ports") {
+        if let Some(value) = args.get_mut(i + 1) {
+            ports.clone_into(value);
+        }
+    }
+    args
 }
 
 /// The standard flags of a test server: loopback listeners on both families with OS ports, both
@@ -1179,6 +1190,11 @@ pub fn standard_args(backend: &str, threads: usize) -> Vec<String> {
         "--user",
         "alice:wonderland",
         "--allow-loopback-peers",
+        // Every test client shares the source 127.0.0.1, and some tests open a thousand
+        // allocations at once: the per-source budget of unauthenticated answers is off here
+        // (tests/tests/amplification.rs checks it with its own budget).
+        "--unauthenticated-rate",
+        "0",
         "--io",
         backend,
         "--threads",

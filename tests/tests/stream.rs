@@ -143,6 +143,7 @@ fn every_stream_transport_relays_channel_data_and_indications_both_ways(backend:
             assert_eq!(response.message().class(), Class::SuccessResponse);
         }
     }
+    // The "allocation created" line carries the transport's metric label (`tcp`, `tls`).
     let log = server.log();
     assert!(
         log.contains("transport=\"tcp\""),
@@ -523,5 +524,52 @@ fn connections_beyond_the_per_shard_limit_are_closed() {
         served = !fourth.wait_closed(Duration::from_millis(200));
     }
     assert!(served, "a new connection is served once one closed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 8: at most `server.stream_connections_per_source_max` connections from one source
+/// IP per shard; one more is closed at once and counted as `source_connections`, while the
+/// shard still has room for other sources (here ::1).
+#[test]
+fn connections_beyond_the_per_source_limit_are_closed_and_counted() {
+    let dir = std::env::temp_dir().join(format!("uturn-e2e-per-source-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("uturn.toml");
+    std::fs::write(&config, "[server]\nstream_connections_per_source_max = 2\n").expect("config");
+    let mut args = standard_args("mmsg", 1);
+    args.extend(
+        [
+            "--config",
+            config.to_str().expect("utf-8 path"),
+            "--counters-interval-ms",
+            "50",
+        ]
+        .map(str::to_owned),
+    );
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Uturn::start(&refs);
+    let addr = server.stream_listener("tcp", false);
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let mut client = TurnClient::new_tcp(addr, "alice", "wonderland");
+        let response = client.request(Method::BINDING, &[]);
+        assert_eq!(response.message().class(), Class::SuccessResponse);
+        kept.push(client);
+    }
+    let third = TurnClient::new_tcp(addr, "alice", "wonderland");
+    assert!(
+        third.wait_closed(ANSWER_TIMEOUT),
+        "the third connection from 127.0.0.1 is closed"
+    );
+    let mut other = TurnClient::new_tcp(server.stream_listener("tcp", true), "alice", "wonderland");
+    let response = other.request(Method::BINDING, &[]);
+    assert_eq!(response.message().class(), Class::SuccessResponse);
+    let refused = server.wait_metric(
+        "uturn_dropped_packets_total",
+        &[("reason", "source_connections")],
+        1.0,
+        Duration::from_secs(5),
+    );
+    assert_eq!(refused, 1.0);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -303,10 +303,16 @@ fn loopback_peers_are_forbidden_unless_allowed(backend: &str) {
     client
         .allocate(&[Attribute::AdditionalAddressFamily(AddressFamily::V6)])
         .unwrap();
+    // 127.0.0.1 and ::1 are the relay IPs here: a permission for it is admitted (relay to relay,
+    // tests/peers.rs), but a channel to a port outside the relay range is not.
+    assert_eq!(
+        client.channel_bind(0x4000, "127.0.0.1:9".parse().unwrap()),
+        Err(FORBIDDEN)
+    );
     for peer in [
-        "127.0.0.1:9",
+        "127.0.0.2:9",
         "[::ffff:127.0.0.1]:9",
-        "[::1]:9",
+        "[::2]:9",
         "0.0.0.0:9",
         "[::]:9",
         "169.254.169.254:80",
@@ -325,7 +331,10 @@ fn loopback_peers_are_forbidden_unless_allowed(backend: &str) {
 #[test]
 fn a_thousand_allocations_over_two_shards_each_relay_their_own_traffic() {
     for backend in uturn_e2e::BACKENDS {
-        let server = start(backend, 2, &[]);
+        // 1,000 relay ports: a range of its own, away from the small slices other servers use.
+        let args = uturn_e2e::with_relay_ports(standard_args(backend, 2), "14000-16999");
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = Uturn::start(&refs);
         let peer = EchoPeer::start(false);
         let mut clients: Vec<TurnClient> = (0..1000)
             .map(|_| TurnClient::new(server.listener(false), "alice", "wonderland"))

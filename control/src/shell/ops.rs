@@ -13,7 +13,7 @@ use super::ControlThread;
 use crate::engine::Event;
 use crate::http::{AdminCall, AdminReply, AdminRequest, Readiness};
 use crate::telemetry::{Telemetry, transport_label};
-use crate::{AllocationId, AuthFailure, Config, PeerPolicy, UserTable};
+use crate::{AllocationId, AuthFailure, Config, DropReason, PeerPolicy, UserTable};
 
 /// Re-reads the configuration (file and flags) for a reload.
 pub type Reloader = Box<dyn FnMut() -> Result<Config, String> + Send>;
@@ -290,7 +290,7 @@ impl<R: RngCore> ControlThread<R> {
             .map_err(|e| e.to_string())?;
         self.engine.reload_users(users).map_err(|e| e.to_string())?;
         self.engine
-            .set_peer_policy(PeerPolicy::from_config(&config.peers));
+            .set_peer_policy(PeerPolicy::from_config(&config));
         applied.extend(["users", "secrets", "peers"]);
         if config.ops.log_level != self.config.ops.log_level
             && let Some(set) = &self.ops.log_level
@@ -399,6 +399,21 @@ impl<R: RngCore> ControlThread<R> {
             | Event::PermissionExpired { .. }
             | Event::ChannelBound { .. }
             | Event::ChannelExpired { .. } => self.ops.gauges_dirty = true,
+            Event::PermissionRevoked {
+                alloc,
+                peer_ip,
+                reason,
+            } => {
+                self.ops.gauges_dirty = true;
+                if self.ops.limiter.allow("peer_revoked", now) {
+                    warn!(
+                        alloc = alloc.0,
+                        peer = %peer_ip,
+                        reason = reason.as_str(),
+                        "permission revoked: the reloaded peer policy refuses this peer"
+                    );
+                }
+            }
             // The limiter sits in the guards: a line held back is counted there and the event
             // falls through to the no-op arm.
             Event::AuthFailed {
@@ -417,6 +432,18 @@ impl<R: RngCore> ControlThread<R> {
                     reason = reason.as_str(),
                     code,
                     "authentication failed: {advice}"
+                );
+            }
+            // Rate limiting is itself rate-limited in the log: a flood shows as one line per
+            // limiter interval plus the "suppressed" summary, and in the counters.
+            Event::Dropped {
+                client,
+                reason: reason @ (DropReason::RateLimited | DropReason::AuthRateLimited),
+            } if self.ops.limiter.allow(reason.as_str(), now) => {
+                warn!(
+                    client = %client.client,
+                    reason = reason.as_str(),
+                    "source over its request budget: requests dropped without an answer"
                 );
             }
             Event::PeerDenied {

@@ -64,6 +64,11 @@ pub(crate) struct Cli {
     #[arg(long = "allow-loopback-peers")]
     pub(crate) allow_loopback_peers: bool,
 
+    /// Answers to unauthenticated requests per source address per second (`limits.
+    /// unauthenticated_per_source_per_sec`; 0 turns the limit off). The burst is twice this.
+    #[arg(long = "unauthenticated-rate", value_name = "PER_SEC")]
+    pub(crate) unauthenticated_rate: Option<u32>,
+
     /// Data-plane shards (threads); 0 means one per core this process may use.
     #[arg(long, value_name = "N")]
     pub(crate) threads: Option<u16>,
@@ -151,6 +156,10 @@ impl Cli {
         config.auth.secrets.extend(self.auth_secret.iter().cloned());
         if self.allow_loopback_peers {
             config.peers.allow_loopback = true;
+        }
+        if let Some(rate) = self.unauthenticated_rate {
+            config.limits.unauthenticated_per_source_per_sec = rate;
+            config.limits.unauthenticated_burst = rate.saturating_mul(2);
         }
         if let Some(threads) = self.threads {
             config.server.threads = threads;

@@ -32,7 +32,9 @@ use uturn_control::listen;
 use uturn_control::ops::LogFormat;
 use uturn_control::shell::{ControlThread, LogLevelSetter, OpsHooks, Signal, default_relay_ips};
 use uturn_control::{Config, UserTable};
-use uturn_dataplane::{BackendChoice, DataPlane, DataPlaneConfig, StreamLimits, TlsConfig};
+use uturn_dataplane::{
+    BackendChoice, DataPlane, DataPlaneConfig, PeerGuard, StreamLimits, TlsConfig,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -266,6 +268,10 @@ fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig 
             connections_max: usize::try_from(config.server.stream_connections_max)
                 .unwrap_or(usize::MAX),
             idle_timeout: Duration::from_secs(u64::from(config.server.stream_idle_timeout_secs)),
+            connections_per_source_max: usize::try_from(
+                config.server.stream_connections_per_source_max,
+            )
+            .unwrap_or(usize::MAX),
             ..StreamLimits::default()
         },
         threads: match config.server.threads {
@@ -280,6 +286,12 @@ fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig 
         socket_recv_buffer_bytes: buffer,
         socket_send_buffer_bytes: buffer,
         counters_interval: config.ops.counters_interval(),
+        allocation_bytes_per_sec: u64::from(config.limits.allocation_bytes_per_sec),
+        peer_guard: PeerGuard {
+            relay_ips: config.relay.relay_ips.clone(),
+            relay_ports: (config.relay.port_min, config.relay.port_max),
+            allow_loopback: config.peers.allow_loopback,
+        },
         ..DataPlaneConfig::default()
     }
 }
