@@ -96,6 +96,9 @@ async function runScenario(context, baseUrl, scenario) {
         `side ${side}: selected pair is not relay/relay: ${JSON.stringify(p)}`);
       check(failures, p && p.local.relayProtocol === scenario.relayProtocol,
         `side ${side}: relay protocol ${p && p.local.relayProtocol}, expected ${scenario.relayProtocol}`);
+      const other = pairs[side === 'a' ? 'b' : 'a'];
+      check(failures, p && other && p.remote.address === other.local.address,
+        `side ${side}: remote end ${p && p.remote.address} is not the other side's relayed address`);
     }
 
     // uturn's view of the same call: the two allocations whose relayed addresses are the
