@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Real browser end to end: headless Chromium (Debian's package, driven by playwright-core from
+# scripts/browser/) makes relay-only WebRTC calls between two RTCPeerConnections of one page
+# through uturn, on loopback. Scenarios (scripts/browser/e2e.mjs):
+#   udp    turn:127.0.0.1:PORT?transport=udp, long-term credentials
+#   tcp    turn:127.0.0.1:PORT?transport=tcp
+#   tls    turns:localhost:PORT?transport=tcp, certificate from a test CA in the browser's NSS db
+#   rest   UDP with TURN REST (shared-secret) credentials
+# Each asserts: N data-channel messages each way arrived in order; audio and video RTP packets
+# received on both sides (getStats); the selected candidate pair is relay/relay on both sides
+# over the scenario's transport; uturn's /api/v1/allocations lists both allocations (by the
+# selected relayed addresses) and their packet counters grow each way between two reads.
+#
+# Usage: scripts/browser-e2e.sh [--keep-logs] [SCENARIO...]
+# Env:   UTURN_BIN (default: release build of this checkout, built if unset).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+keep_logs=0
+only=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --keep-logs) keep_logs=1; shift ;;
+    udp|tcp|tls|rest) only+=("$1"); shift ;;
+    *) echo "usage: $0 [--keep-logs] [udp|tcp|tls|rest ...]" >&2; exit 2 ;;
+  esac
+done
+
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v certutil >/dev/null 2>&1 || missing+=(libnss3-tools)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# playwright-core only (no browser download: it drives /usr/bin/chromium).
+if [ ! -d scripts/browser/node_modules/playwright-core ]; then
+  (cd scripts/browser && npm ci --no-audit --no-fund)
+fi
+
+bin="${UTURN_BIN:-}"
+if [ -z "$bin" ]; then
+  cargo build --release -p uturn-control --bin uturn
+  bin="${CARGO_TARGET_DIR:-target}/release/uturn"
+fi
+
+work=$(mktemp -d)
+uturn_pid=
+cleanup() {
+  if [ -n "$uturn_pid" ]; then kill "$uturn_pid" 2>/dev/null || true; wait "$uturn_pid" 2>/dev/null || true; fi
+  if [ "$keep_logs" = 1 ]; then echo "logs kept in $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+# A test CA and a server certificate for "localhost" signed by it, made for this run only.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -subj "/CN=uturn browser-e2e test CA" -addext basicConstraints=critical,CA:TRUE \
+  -addext keyUsage=critical,keyCertSign,cRLSign \
+  -keyout "$work/ca-key.pem" -out "$work/ca.pem" >/dev/null 2>&1
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+  -keyout "$work/key.pem" -out "$work/server.csr" >/dev/null 2>&1
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' >"$work/ext.cnf"
+openssl x509 -req -in "$work/server.csr" -CA "$work/ca.pem" -CAkey "$work/ca-key.pem" \
+  -CAcreateserial -days 1 -extfile "$work/ext.cnf" -out "$work/cert.pem" >/dev/null 2>&1
+
+# Chromium on Linux takes user-added trust anchors from the NSS database in $HOME/.pki/nssdb:
+# the browser runs with a throwaway HOME whose database trusts the test CA for TLS servers.
+export HOME="$work/home"
+mkdir -p "$HOME/.pki/nssdb"
+certutil -d "sql:$HOME/.pki/nssdb" -N --empty-password
+certutil -d "sql:$HOME/.pki/nssdb" -A -n "uturn browser-e2e test CA" -t "C,," -i "$work/ca.pem"
+
+secret="browser-e2e-shared-secret"
+password="browser-e2e-password"
+# Counters published every 200 ms so that two reads of the allocations API during a call of a
+# few seconds see them move.
+cat >"$work/uturn.toml" <<TOML
+[ops]
+counters_interval_ms = 200
+TOML
+
+"$bin" --config "$work/uturn.toml" \
+  --listen udp://127.0.0.1:0 --listen tcp://127.0.0.1:0 --listen tls://127.0.0.1:0 \
+  --tls-cert "$work/cert.pem" --tls-key "$work/key.pem" --relay-ip 127.0.0.1 \
+  --realm browser-e2e.test --auth-secret "$secret" \
+  --user "chrome-udp:$password" --user "chrome-tcp:$password" --user "chrome-tls:$password" \
+  --http 127.0.0.1:0 >"$work/uturn.out" 2>"$work/uturn.log" &
+uturn_pid=$!
+
+# Readiness and OS-assigned ports from uturn's own "listening on ..." / "uturn is ready" lines
+# (bounded: 20 s).
+ready=0
+for _ in $(seq 1 200); do
+  if grep -q '^uturn is ready' "$work/uturn.out"; then ready=1; break; fi
+  if ! kill -0 "$uturn_pid" 2>/dev/null; then break; fi
+  sleep 0.1
+done
+if [ "$ready" != 1 ]; then
+  echo "FAIL: uturn did not become ready" >&2
+  cat "$work/uturn.out" "$work/uturn.log" >&2
+  exit 1
+fi
+addr() { sed -n "s/^listening on $1 //p" "$work/uturn.out" | head -1; }
+port() { addr "$1" | sed 's/.*://'; }
+
+only_json=null
+if [ ${#only[@]} -gt 0 ]; then only_json=$(printf '"%s",' "${only[@]}"); only_json="[${only_json%,}]"; fi
+mkdir -p "$work/profile"
+cat >"$work/config.json" <<JSON
+{
+  "udpPort": $(port udp), "tcpPort": $(port tcp), "tlsPort": $(port tls), "http": "$(addr http)",
+  "password": "$password", "secret": "$secret", "only": $only_json,
+  "userDataDir": "$work/profile", "consoleLog": "$work/console.log", "resultsJson": "$work/results.json"
+}
+JSON
+
+status=0
+timeout 300 node "$root/scripts/browser/e2e.mjs" "$work/config.json" || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "browser-e2e: FAILED (status $status); browser console:" >&2
+  cat "$work/console.log" >&2 2>/dev/null || true
+  echo "--- uturn log (last 80 lines):" >&2
+  tail -80 "$work/uturn.log" >&2
+  exit 1
+fi
+echo "browser-e2e: all scenarios passed"

@@ -1,0 +1,195 @@
+// Drives headless Chromium (Debian's /usr/bin/chromium, through playwright-core) through
+// relay-only WebRTC calls on index.html, one per scenario, against a uturn that
+// scripts/browser-e2e.sh started, and asserts on what the browser and uturn's allocations API
+// report. Usage: node e2e.mjs CONFIG.json (fields: see scripts/browser-e2e.sh). Exit status 0
+// only if every scenario passed; the browser console goes to config.consoleLog.
+import { chromium } from 'playwright-core';
+import { createHmac } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
+const here = path.dirname(fileURLToPath(import.meta.url));
+const page = readFileSync(path.join(here, 'index.html'));
+const consoleLines = [];
+
+// Messages each way on the data channel, and RTP packets each side must have received per kind.
+const MESSAGES = config.messages ?? 200;
+const MEDIA_PACKETS = 50;
+
+function restCredential(user) {
+  // TURN REST (draft-uberti-behave-turn-rest-00): username "expiry:user",
+  // password base64(HMAC-SHA1(secret, username)).
+  const username = `${Math.floor(Date.now() / 1000) + 3600}:${user}`;
+  const credential = createHmac('sha1', config.secret).update(username).digest('base64');
+  return { username, credential };
+}
+
+const scenarios = [
+  { name: 'udp', relayProtocol: 'udp', transport: 'udp',
+    server: { urls: `turn:127.0.0.1:${config.udpPort}?transport=udp`, username: 'chrome-udp', credential: config.password } },
+  { name: 'tcp', relayProtocol: 'tcp', transport: 'tcp',
+    server: { urls: `turn:127.0.0.1:${config.tcpPort}?transport=tcp`, username: 'chrome-tcp', credential: config.password } },
+  // turns: by name: Chromium verifies uturn's certificate for "localhost" against the test CA
+  // that browser-e2e.sh put in the NSS database of the browser's HOME.
+  { name: 'tls', relayProtocol: 'tls', transport: 'tls',
+    server: { urls: `turns:localhost:${config.tlsPort}?transport=tcp`, username: 'chrome-tls', credential: config.password } },
+  // uturn lists a TURN REST allocation under the user part of "expiry:user".
+  { name: 'rest', relayProtocol: 'udp', transport: 'udp', apiUser: 'chrome-rest',
+    server: { urls: `turn:127.0.0.1:${config.udpPort}?transport=udp`, ...restCredential('chrome-rest') } },
+].filter((s) => !config.only || config.only.includes(s.name));
+
+async function allocations(username) {
+  const res = await fetch(`http://${config.http}/api/v1/allocations?user=${encodeURIComponent(username)}`);
+  if (!res.ok) throw new Error(`allocations API answered ${res.status}`);
+  return (await res.json()).allocations;
+}
+
+// The allocation whose relayed addresses include `address` ("IP:PORT").
+function byRelayed(list, address) {
+  return list.find((a) => a.relayed.includes(address));
+}
+
+async function poll(fn, what, timeoutMs) {
+  const started = Date.now();
+  for (;;) {
+    const value = await fn();
+    if (value) return value;
+    if (Date.now() - started > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+function check(failures, ok, message) {
+  if (!ok) failures.push(message);
+}
+
+async function runScenario(context, baseUrl, scenario) {
+  const started = Date.now();
+  const failures = [];
+  const tab = await context.newPage();
+  tab.on('console', (m) => consoleLines.push(`[${scenario.name}] ${m.type()}: ${m.text()}`));
+  tab.on('pageerror', (e) => consoleLines.push(`[${scenario.name}] pageerror: ${e}`));
+  try {
+    await tab.goto(`${baseUrl}/index.html`);
+    await tab.evaluate((iceServers) => startCall({ iceServers }), [scenario.server]);
+
+    const { atA, atB } = await tab.evaluate((n) => exchange({ n }), MESSAGES);
+    for (const [side, got, prefix] of [['b', atB, 'a->b'], ['a', atA, 'b->a']]) {
+      const wrong = got.findIndex((m, i) => m !== `${prefix} ${i}`);
+      check(failures, got.length === MESSAGES && wrong === -1,
+        `side ${side} received ${got.length}/${MESSAGES} messages, first out of order at ${wrong} (${got[wrong]})`);
+    }
+
+    const media = await poll(async () => {
+      const m = await tab.evaluate(() => mediaStats());
+      const enough = ['a', 'b'].every((s) => m[s].audio >= MEDIA_PACKETS && m[s].video >= MEDIA_PACKETS);
+      return enough && m;
+    }, `${MEDIA_PACKETS} audio and video packets received on both sides`, 20000);
+
+    const pairs = await tab.evaluate(() => selectedPairs());
+    for (const side of ['a', 'b']) {
+      const p = pairs[side];
+      check(failures, p && p.local.type === 'relay' && p.remote.type === 'relay',
+        `side ${side}: selected pair is not relay/relay: ${JSON.stringify(p)}`);
+      check(failures, p && p.local.relayProtocol === scenario.relayProtocol,
+        `side ${side}: relay protocol ${p && p.local.relayProtocol}, expected ${scenario.relayProtocol}`);
+      const other = pairs[side === 'a' ? 'b' : 'a'];
+      check(failures, p && other && p.remote.address === other.local.address,
+        `side ${side}: remote end ${p && p.remote.address} is not the other side's relayed address`);
+    }
+
+    // uturn's view of the same call: the two allocations whose relayed addresses are the
+    // selected pairs' local ends, with counters that grow between two reads during the call.
+    const username = scenario.apiUser ?? scenario.server.username;
+    const relayed = ['a', 'b'].map((s) => pairs[s] && pairs[s].local.address);
+    const first = await allocations(username);
+    const firstPair = relayed.map((r) => byRelayed(first, r));
+    check(failures, firstPair.every(Boolean),
+      `allocations API (user ${username}) lacks the selected relayed addresses ${relayed}: ${JSON.stringify(first)}`);
+    let grown = null;
+    if (firstPair.every(Boolean)) {
+      for (const a of firstPair) {
+        check(failures, a.username === username, `allocation ${a.id}: username ${a.username}, expected ${username}`);
+        check(failures, a.transport === scenario.transport,
+          `allocation ${a.id}: transport ${a.transport}, expected ${scenario.transport}`);
+      }
+      grown = await poll(async () => {
+        const second = await allocations(username);
+        const secondPair = relayed.map((r) => byRelayed(second, r));
+        const moved = secondPair.every((a, i) => a && a.id === firstPair[i].id &&
+          a.to_peer.packets > firstPair[i].to_peer.packets && a.to_client.packets > firstPair[i].to_client.packets);
+        return moved && secondPair;
+      }, 'both allocations\' packet counters to grow each way', 10000).catch((e) => {
+        failures.push(e.message);
+        return null;
+      });
+    }
+    const seconds = (Date.now() - started) / 1000;
+    await tab.evaluate(() => hangup());
+    return {
+      name: scenario.name, ok: failures.length === 0, seconds, failures,
+      messages: MESSAGES, media, pairs,
+      allocations: firstPair.map((a, i) => a && {
+        id: a.id, transport: a.transport, relayed: relayed[i],
+        to_peer_packets: [a.to_peer.packets, grown?.[i]?.to_peer.packets],
+        to_client_packets: [a.to_client.packets, grown?.[i]?.to_client.packets],
+      }),
+    };
+  } catch (e) {
+    failures.push(String(e.stack || e));
+    return { name: scenario.name, ok: false, seconds: (Date.now() - started) / 1000, failures };
+  } finally {
+    await tab.close();
+  }
+}
+
+const server = http.createServer((req, res) => {
+  if (req.url.split('?')[0] === '/index.html') {
+    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
+    res.end(page);
+  } else if (req.url === '/favicon.ico') {
+    res.writeHead(204);
+    res.end();
+  } else {
+    res.writeHead(404);
+    res.end();
+  }
+});
+await new Promise((r) => server.listen(0, '127.0.0.1', r));
+// getUserMedia needs a secure context: http://localhost is one.
+const baseUrl = `http://localhost:${server.address().port}`;
+
+const context = await chromium.launchPersistentContext(config.userDataDir, {
+  executablePath: config.chromium ?? '/usr/bin/chromium',
+  headless: true,
+  args: [
+    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    '--no-first-run', '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
+  ],
+});
+const results = [];
+try {
+  for (const scenario of scenarios) {
+    const r = await runScenario(context, baseUrl, scenario);
+    results.push(r);
+    const status = r.ok ? 'PASS' : 'FAIL';
+    console.log(`${status} ${r.name.padEnd(5)} ${r.seconds.toFixed(1)} s` + (r.ok
+      ? `: ${r.messages} messages each way in order; media packets a=${JSON.stringify(r.media.a)} b=${JSON.stringify(r.media.b)};` +
+        ` pairs relay/relay over ${r.pairs.a.local.relayProtocol}; allocations ${r.allocations.map((a) =>
+          `${a.id} to_peer ${a.to_peer_packets.join('->')} to_client ${a.to_client_packets.join('->')}`).join(', ')}`
+      : ''));
+    for (const f of r.failures) console.log(`  ${f}`);
+  }
+} finally {
+  await context.close();
+  server.close();
+  writeFileSync(config.consoleLog, consoleLines.join('\n') + '\n');
+  if (config.resultsJson) writeFileSync(config.resultsJson, JSON.stringify(results, null, 1));
+}
+const failed = results.filter((r) => !r.ok).length;
+console.log(`${results.length - failed} passed, ${failed} failed`);
+process.exit(failed === 0 && results.length === scenarios.length ? 0 : 1);
