@@ -17,6 +17,7 @@
 //!  report (report.rs, plot.rs): JSON, Markdown table with ratios, SVG plots
 //! ```
 //!
+//! `metrics.rs` reads a server's Prometheus page (the soak polls it until allocations drain).
 //! Besides the load modes it holds the bare UDP forwarder (`forwarder.rs`, the physical-limit
 //! reference) and the `probe` (`probe.rs`, with `tls.rs` for `turns:`), which checks a live
 //! server step by step.
@@ -31,6 +32,7 @@ pub mod cpu;
 pub mod forwarder;
 pub mod io;
 pub mod load;
+pub mod metrics;
 pub mod pacing;
 pub mod plot;
 pub mod probe;

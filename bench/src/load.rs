@@ -116,6 +116,9 @@ pub struct LoadConfig {
     pub drain: Duration,
     /// Period of the event loop (see [`TICK_MIN_DEFAULT`]).
     pub tick: Duration,
+    /// LIFETIME asked for in each Allocate (`None`: the server's default). A run longer than
+    /// the granted lifetime loses its allocations mid-run: the traffic loop does not refresh.
+    pub lifetime_secs: Option<u32>,
 }
 
 /// The counters of one step, summed over workers.
@@ -364,7 +367,7 @@ fn setup_flow(
     let turn = |source| LoadError::Turn { index, source };
     let mut client =
         TurnClient::udp(socket, config.server, &config.user, &config.pass).map_err(turn)?;
-    client.allocate().map_err(turn)?;
+    client.allocate_for(config.lifetime_secs).map_err(turn)?;
     client.create_permission(peer).map_err(turn)?;
     if config.framing == Framing::Channel {
         client.channel_bind(channel, peer).map_err(turn)?;
@@ -630,25 +633,51 @@ fn fill_slot(
 pub struct Churn {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
+    abandoned: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What a churn did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChurnCounts {
+    /// Allocations made, deleted or abandoned (failures not included).
+    pub made: u64,
+    /// Of those, left to expire on the server.
+    pub abandoned: u64,
+    /// Handshakes (or deletions) that failed.
+    pub failed: u64,
+}
+
+/// Whether churned allocation `n` is left to expire: every second one when abandoning.
+pub fn churn_abandons(abandon: bool, n: u64) -> bool {
+    abandon && n % 2 == 1
+}
+
 impl Churn {
-    /// Starts churning against `server`; stops by itself after `max_duration`.
+    /// Starts churning against `server`; stops by itself after `max_duration`. With `abandon`,
+    /// every second allocation is not deleted but left to expire, so the server's expiry runs
+    /// beside its deletions.
     pub fn start(
         server: SocketAddr,
         user: &str,
         pass: &str,
         per_sec: f64,
         max_duration: Duration,
+        abandon: bool,
     ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
+        let abandoned = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let (user, pass) = (user.to_owned(), pass.to_owned());
         let thread = {
-            let (stop, done, failed) = (Arc::clone(&stop), Arc::clone(&done), Arc::clone(&failed));
+            let (stop, done, abandoned, failed) = (
+                Arc::clone(&stop),
+                Arc::clone(&done),
+                Arc::clone(&abandoned),
+                Arc::clone(&failed),
+            );
             std::thread::spawn(move || {
                 let mut pacer = Pacer::new(per_sec, max_duration);
                 let start = Instant::now();
@@ -659,29 +688,51 @@ impl Churn {
                     }
                     let n = pacer.issued();
                     pacer.issue(1);
-                    let ok = crate::alloc::allocate_and_delete(server, &user, &pass, n).is_ok();
+                    let leave = churn_abandons(abandon, n);
+                    let ok = if leave {
+                        crate::alloc::allocate_and_abandon(server, &user, &pass, n).is_ok()
+                    } else {
+                        crate::alloc::allocate_and_delete(server, &user, &pass, n).is_ok()
+                    };
                     let counter = if ok { &done } else { &failed };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    if ok && leave {
+                        abandoned.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             })
         };
         Self {
             stop,
             done,
+            abandoned,
             failed,
             thread: Some(thread),
         }
     }
 
-    /// Stops and returns (allocations made and deleted, failures).
-    pub fn finish(mut self) -> (u64, u64) {
+    /// Stops and returns what was done.
+    pub fn finish(mut self) -> ChurnCounts {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        (
-            self.done.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
+        ChurnCounts {
+            made: self.done.load(Ordering::Relaxed),
+            abandoned: self.abandoned.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_abandoning_churn_leaves_every_second_allocation() {
+        let left: Vec<u64> = (0..6).filter(|&n| churn_abandons(true, n)).collect();
+        assert_eq!(left, vec![1, 3, 5]);
+        assert!((0..6).all(|n| !churn_abandons(false, n)));
     }
 }

@@ -50,8 +50,11 @@ pub struct RunReport {
     pub half_knee: Option<StepReport>,
     /// `alloc` mode results.
     pub alloc: Option<AllocReport>,
-    /// Churn beside the traffic: (allocations made and deleted, failures).
+    /// Churn beside the traffic: (allocations made, failures).
     pub churn: Option<(u64, u64)>,
+    /// Of the churned allocations, those left to expire on the server (`--churn-abandon`).
+    #[serde(default)]
+    pub churn_abandoned: Option<u64>,
     /// Everything the reader must know to trust the figures.
     pub warnings: Vec<String>,
 }
@@ -464,6 +467,7 @@ mod tests {
             half_knee: None,
             alloc: None,
             churn: None,
+            churn_abandoned: None,
             warnings: vec![],
         }
     }

@@ -301,10 +301,17 @@ impl TurnClient {
 
     /// Allocate a UDP relay (the full handshake: 401 challenge, then authenticated).
     pub fn allocate(&mut self) -> Result<Allocation, TurnError> {
-        let r = self.request(
-            Method::ALLOCATE,
-            &[Attribute::RequestedTransport(Protocol::UDP)],
-        )?;
+        self.allocate_for(None)
+    }
+
+    /// [`TurnClient::allocate`] asking for a LIFETIME (the server grants at most its maximum,
+    /// and at least its default).
+    pub fn allocate_for(&mut self, lifetime_secs: Option<u32>) -> Result<Allocation, TurnError> {
+        let transport = Attribute::RequestedTransport(Protocol::UDP);
+        let r = match lifetime_secs {
+            Some(secs) => self.request(Method::ALLOCATE, &[transport, Attribute::Lifetime(secs)]),
+            None => self.request(Method::ALLOCATE, &[transport]),
+        }?;
         let msg = r
             .message()
             .ok_or_else(|| malformed(Method::ALLOCATE, "unparsable"))?;
