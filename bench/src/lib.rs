@@ -8,6 +8,8 @@
 //!  traffic (load.rs, one event loop per worker, batched with sendmmsg/recvmmsg):
 //!    client socket ──ChannelData / Send ind.──► relay ──► peer socket (echo or sink)
 //!    client socket ◄──ChannelData / Data ind.── relay ◄──┘
+//!    (client socket: UDP, or with --transport tcp|tls one TCP/TLS connection per allocation,
+//!     written whole frames at a time, read through a StreamFramer; the peer side stays UDP)
 //!  each payload carries [magic | flow | seq | send time | peer hold] (stats.rs) → loss,
 //!    reordering, latency (send stamp to the kernel's SO_TIMESTAMPNS arrival stamp)
 //!  pacing (pacing.rs): open loop, packet k leaves at start + k / rate, never waits for answers

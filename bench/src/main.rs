@@ -17,12 +17,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use uturn_bench::alloc;
 use uturn_bench::forwarder;
 use uturn_bench::load::{
-    Churn, ChurnCounts, Framing, LoadConfig, LoadRun, PeerMode, TICK_MIN_DEFAULT,
+    Churn, ChurnCounts, Framing, LoadConfig, LoadRun, PeerMode, TICK_MIN_DEFAULT, Transport,
 };
 use uturn_bench::probe;
 use uturn_bench::report::{AllocReport, RunReport, StepReport, markdown};
 use uturn_bench::sweep::{Outcome, Sweep};
-use uturn_bench::tls::TlsTrust;
+use uturn_bench::tls::{self, TlsTrust};
 use uturn_bench::workload::{DRAIN, Workload};
 use uturn_bench::{check_load_target, metrics, plot};
 
@@ -104,6 +104,19 @@ struct Common {
     /// Shortest pause between two send bursts, µs (longer: bigger batches, burstier load).
     #[arg(long, default_value_t = TICK_MIN_DEFAULT.as_micros() as u64)]
     tick_us: u64,
+    /// Client transport of the traffic: one UDP socket, TCP or TLS connection per allocation
+    /// (the relay to the peer is UDP in every case).
+    #[arg(long, value_enum, default_value = "udp")]
+    transport: Transport,
+    /// TLS: trust the CA certificates in this PEM file instead of the Mozilla roots.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// TLS: accept any server certificate.
+    #[arg(long)]
+    insecure: bool,
+    /// TLS: the name the server certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
     /// LIFETIME asked for in each traffic allocation's Allocate, seconds (default: the
     /// server's). The traffic loop does not refresh, so a run must fit in the granted lifetime.
     #[arg(long)]
@@ -445,9 +458,24 @@ fn bar(quiet: bool, len: u64, msg: String) -> ProgressBar {
     pb
 }
 
-fn load_config(c: &Common, server: SocketAddr, framing: Framing) -> LoadConfig {
+fn load_config(c: &Common, server: SocketAddr, framing: Framing) -> Result<LoadConfig> {
     let shape = c.workload.shape();
-    LoadConfig {
+    let tls = match c.transport {
+        Transport::Tls => {
+            let trust = match (&c.ca_file, c.insecure) {
+                (_, true) => TlsTrust::InsecureAcceptAny,
+                (Some(path), false) => TlsTrust::CaFile(path.clone()),
+                (None, false) => TlsTrust::WebPki,
+            };
+            let mut config = Arc::unwrap_or_clone(tls::client_config(&trust)?);
+            config.alpn_protocols = vec![b"stun.turn".to_vec()];
+            Some((Arc::new(config), c.tls_name.clone()))
+        }
+        Transport::Udp | Transport::Tcp => None,
+    };
+    Ok(LoadConfig {
+        transport: c.transport,
+        tls,
         server,
         user: c.user.clone(),
         pass: c.pass.clone(),
@@ -459,7 +487,7 @@ fn load_config(c: &Common, server: SocketAddr, framing: Framing) -> LoadConfig {
         drain: Duration::from_millis(c.drain_ms),
         tick: Duration::from_micros(c.tick_us.clamp(1, 10_000)),
         lifetime_secs: c.lifetime,
-    }
+    })
 }
 
 /// Sets up the allocations, runs the plan, and writes the report.
@@ -477,7 +505,10 @@ fn traffic_with(
     if c.workload == Workload::Alloc {
         bail!("the alloc workload has no traffic: use the alloc command");
     }
-    let config = load_config(c, server, framing);
+    if framing == Framing::Bare && c.transport != Transport::Udp {
+        bail!("the bare forwarder speaks UDP only: --transport tcp|tls applies to run and sweep");
+    }
+    let config = load_config(c, server, framing)?;
     let setup_bar = bar(
         c.quiet,
         u64::from(config.allocations),
@@ -515,6 +546,7 @@ fn traffic_with(
         workload: c.workload.name().to_owned(),
         target: server.to_string(),
         framing: Some(framing),
+        transport: Some(c.transport),
         peer_mode: Some(c.peer),
         allocations: config.allocations,
         payload_len: config.payload_len,
@@ -694,6 +726,7 @@ fn alloc_mode(a: &AllocArgs) -> Result<RunReport> {
         workload: "alloc".to_owned(),
         target: server.to_string(),
         framing: None,
+        transport: None,
         peer_mode: None,
         allocations: 0,
         payload_len: 0,
