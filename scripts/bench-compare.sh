@@ -15,6 +15,9 @@
 #   IO=auto                     uturn's data-plane backend: auto, uring or mmsg
 #   OUT=target/bench-compare    where JSON, Markdown and plots go
 #   SKIP_BUILD=1                use the binaries already built
+#   PERF=1                      also profile each server (perf record -g) during one `small`
+#                               step at PERF_PPS (default: half uturn's knee, else 50000) for
+#                               PERF_SECS (3); top entries in $OUT/perf/SERVER-top.txt
 # With the defaults the whole run stays under ~10 minutes on a 2-core machine.
 set -euo pipefail
 
@@ -145,6 +148,37 @@ for run in $(seq "$RUNS"); do
     done
 done
 log "measured in $(( $(date +%s) - start )) s"
+
+if [[ "${PERF:-0}" == 1 ]]; then
+    # Where the server's time goes at a mid rate. Hardware cycle counters are often missing in
+    # a VM (`perf stat -e cycles` says <not supported>); the cpu-clock software event samples
+    # the same way there.
+    mkdir -p "$OUT/perf"
+    event=cycles
+    perf stat -e cycles true 2>&1 | grep -q 'not supported' && event=cpu-clock
+    knee=$(sed -n 's/^  "knee_pps": \([0-9.]*\),$/\1/p' "$OUT/json/uturn-small-1.json" 2>/dev/null || true)
+    pps=${PERF_PPS:-$(awk -v k="${knee:-0}" 'BEGIN { printf "%d", (k > 0 ? k / 2 : 50000) }')}
+    for s in uturn coturn; do
+        addr=$UTURN_ADDR pid=$UTURN_PID
+        [[ $s == coturn ]] && addr=$COTURN_ADDR pid=$COTURN_PID
+        log "perf: $s during small at $pps pps for ${PERF_SECS:-3} s ($event)"
+        perf record -e "$event" -g -p "$pid" -o "$OUT/perf/$s.data" 2>"$OUT/logs/perf-$s.log" &
+        perf_pid=$!
+        "${GEN[@]}" run --server "$addr" --server-pid "$pid" --label "$s" --workload small \
+            --rate "$pps" --duration "${PERF_SECS:-3}" -q --json "$OUT/perf/$s-run.json" \
+            2>>"$OUT/logs/perf-$s.log"
+        kill -INT "$perf_pid"
+        wait "$perf_pid" || true
+        {
+            echo "# $s, workload small at $pps pps, perf record -e $event -g -p PID; perf report --no-children -g none"
+            perf report -i "$OUT/perf/$s.data" --stdio --no-children -g none --percent-limit 0.3 \
+                2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 40
+        } >"$OUT/perf/$s-top.txt"
+        perf report -i "$OUT/perf/$s.data" --stdio --no-children 2>/dev/null \
+            >"$OUT/perf/$s-callgraph.txt" || true
+    done
+    log "perf: $OUT/perf/uturn-top.txt, $OUT/perf/coturn-top.txt (call graphs beside them)"
+fi
 
 "$BENCH" report "$OUT"/json/*.json --markdown "$OUT/results.md" --plots "$OUT/plots"
 {

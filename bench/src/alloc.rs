@@ -49,6 +49,22 @@ pub fn allocate_and_delete(
     allocate_and_delete_on(server, user, pass, n).map(|(took, _)| took)
 }
 
+/// One full handshake whose allocation is then left alone: the server must expire it by
+/// itself (the soak checks that it does). The socket closes here, as a client that vanished.
+pub fn allocate_and_abandon(
+    server: SocketAddr,
+    user: &str,
+    pass: &str,
+    n: u64,
+) -> Result<Duration, TurnError> {
+    let socket = bind_udp(client_ip(server, n))?;
+    let mut client = TurnClient::udp(socket, server, user, pass)?;
+    client.timeout = Duration::from_secs(2);
+    let start = Instant::now();
+    client.allocate()?;
+    Ok(start.elapsed())
+}
+
 /// The client address of handshake `n`: over IPv4, spread over 127.1.0.1-127.1.249.250 so a
 /// 5-tuple does not come back within seconds (the ephemeral ports of one address would be
 /// reused after ~28,000 handshakes, and coturn keeps deleted 5-tuples for a while).

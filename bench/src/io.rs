@@ -17,7 +17,7 @@ use nix::sys::socket::{
     ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, setsockopt,
     sockopt,
 };
-use nix::sys::time::TimeSpec;
+use nix::sys::time::{TimeSpec, TimeVal};
 
 /// Datagrams per system call.
 pub const BATCH: usize = 64;
@@ -271,6 +271,36 @@ pub fn bind_udp(ip: std::net::IpAddr) -> std::io::Result<UdpSocket> {
     let socket = UdpSocket::bind(SocketAddr::new(ip, 0))?;
     enlarge_buffers(&socket);
     Ok(socket)
+}
+
+/// A TCP connection from `local` (port chosen by the OS) to `server`, the connect bounded by
+/// `timeout` (SO_SNDTIMEO bounds a blocking connect on Linux). The load generator spreads its
+/// stream clients over loopback addresses so that a server's per-source connection limit sees
+/// what it would see from many clients.
+pub fn connect_tcp_from(
+    local: std::net::IpAddr,
+    server: SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect};
+    let family = match local {
+        std::net::IpAddr::V4(_) => AddressFamily::Inet,
+        std::net::IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = nix::sys::socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    let tv = TimeVal::new(
+        timeout.as_secs().try_into().unwrap_or(i64::MAX),
+        timeout.subsec_micros().into(),
+    );
+    setsockopt(&fd, sockopt::SendTimeout, &tv)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::new(local, 0)),
+    )?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(server))?;
+    let stream = std::net::TcpStream::from(fd);
+    stream.set_write_timeout(None)?;
+    Ok(stream)
 }
 
 /// Best-effort larger socket buffers.

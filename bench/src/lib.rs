@@ -8,6 +8,8 @@
 //!  traffic (load.rs, one event loop per worker, batched with sendmmsg/recvmmsg):
 //!    client socket ──ChannelData / Send ind.──► relay ──► peer socket (echo or sink)
 //!    client socket ◄──ChannelData / Data ind.── relay ◄──┘
+//!    (client socket: UDP, or with --transport tcp|tls one TCP/TLS connection per allocation,
+//!     written whole frames at a time, read through a StreamFramer; the peer side stays UDP)
 //!  each payload carries [magic | flow | seq | send time | peer hold] (stats.rs) → loss,
 //!    reordering, latency (send stamp to the kernel's SO_TIMESTAMPNS arrival stamp)
 //!  pacing (pacing.rs): open loop, packet k leaves at start + k / rate, never waits for answers
@@ -17,6 +19,7 @@
 //!  report (report.rs, plot.rs): JSON, Markdown table with ratios, SVG plots
 //! ```
 //!
+//! `metrics.rs` reads a server's Prometheus page (the soak polls it until allocations drain).
 //! Besides the load modes it holds the bare UDP forwarder (`forwarder.rs`, the physical-limit
 //! reference) and the `probe` (`probe.rs`, with `tls.rs` for `turns:`), which checks a live
 //! server step by step.
@@ -31,6 +34,7 @@ pub mod cpu;
 pub mod forwarder;
 pub mod io;
 pub mod load;
+pub mod metrics;
 pub mod pacing;
 pub mod plot;
 pub mod probe;

@@ -7,7 +7,8 @@
 //! accounting at the client. The loop never blocks longer than the next send is due, and ends
 //! at `duration + drain` whatever happens.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,12 +18,14 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uturn_proto::{
-    Attribute, CHANNEL_DATA_HEADER_LEN, ChannelNumber, Class, MessageBuilder, Method,
-    TransactionId, write_channel_data_header,
+    Attribute, CHANNEL_DATA_HEADER_LEN, ChannelNumber, Class, MessageBuilder, Method, StreamFramer,
+    TransactionId, stream_padding, write_channel_data_header,
 };
 
 use crate::cpu::CpuMark;
-use crate::io::{BATCH, Batch, SLOT_LEN, bind_udp, enable_rx_timestamps, realtime_ns};
+use crate::io::{
+    BATCH, Batch, SLOT_LEN, bind_udp, connect_tcp_from, enable_rx_timestamps, realtime_ns,
+};
 use crate::pacing::Pacer;
 use crate::stats::{Accounting, STAMP_LEN, Stamp, read_hold, write_hold};
 use crate::turn::{TurnClient, TurnError, relayed_payload};
@@ -47,6 +50,29 @@ pub enum PeerMode {
     Echo,
     /// Keeps it: one way, measured at the peer.
     Sink,
+}
+
+/// How each client reaches the server; the relay to the peer is UDP in every case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// One UDP socket per allocation.
+    Udp,
+    /// One TCP connection per allocation, ChannelData padded (RFC 8656 §3.1, §12.5).
+    Tcp,
+    /// One TLS connection per allocation (rustls), framed as over TCP.
+    Tls,
+}
+
+impl Transport {
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+        }
+    }
 }
 
 /// Setup failures.
@@ -80,6 +106,10 @@ pub enum LoadError {
     /// The payload cannot hold the stamp or the datagram slot.
     #[error("payload of {0} bytes is outside {STAMP_LEN}..=1400")]
     PayloadSize(usize),
+    /// A combination the harness does not run (the bare forwarder over a stream, TLS without
+    /// a client configuration).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> LoadError {
@@ -116,6 +146,13 @@ pub struct LoadConfig {
     pub drain: Duration,
     /// Period of the event loop (see [`TICK_MIN_DEFAULT`]).
     pub tick: Duration,
+    /// UDP, TCP or TLS between the clients and the server.
+    pub transport: Transport,
+    /// TLS: the client configuration (trust, ALPN) and the name the certificate must carry.
+    pub tls: Option<(Arc<rustls::ClientConfig>, String)>,
+    /// LIFETIME asked for in each Allocate (`None`: the server's default). A run longer than
+    /// the granted lifetime loses its allocations mid-run: the traffic loop does not refresh.
+    pub lifetime_secs: Option<u32>,
 }
 
 /// The counters of one step, summed over workers.
@@ -155,11 +192,144 @@ impl StepRaw {
 }
 
 struct Flow {
-    socket: UdpSocket,
+    link: FlowLink,
     channel: ChannelNumber,
     peer: SocketAddr,
     /// REALM and NONCE of the setup, so the teardown's Refresh is authenticated at once.
     credentials: Option<(String, String)>,
+}
+
+/// A client's connection to the server.
+enum FlowLink {
+    Udp(UdpSocket),
+    Stream(Box<StreamLink>),
+}
+
+/// A TCP or TLS client connection in the traffic loop (non-blocking).
+struct StreamLink {
+    tcp: TcpStream,
+    /// The TLS session over `tcp`, if TLS.
+    tls: Option<rustls::ClientConnection>,
+    /// Bytes received and not yet framed.
+    framer: StreamFramer,
+    /// Frames (or the rest of one) not yet taken by the socket or the TLS session, bounded by
+    /// [`STREAM_BACKLOG_MAX`].
+    out: Vec<u8>,
+    /// Whether the flow is on the worker's list of flows with bytes to write.
+    backlogged: bool,
+    /// The connection failed or closed: nothing more is sent or read on it.
+    closed: bool,
+}
+
+impl Flow {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match &self.link {
+            FlowLink::Udp(s) => s.as_fd(),
+            FlowLink::Stream(s) => s.tcp.as_fd(),
+        }
+    }
+}
+
+impl StreamLink {
+    /// Writes what `out` holds until the socket would block; `Err` when the connection broke.
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.tls {
+            None => {
+                let mut written = 0;
+                while written < self.out.len() {
+                    match self.tcp.write(&self.out[written..]) {
+                        Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                        Ok(n) => written += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                self.out.drain(..written);
+            }
+            Some(conn) => {
+                if !self.out.is_empty() {
+                    // rustls takes what fits under its buffer limit; the rest waits here.
+                    let n = conn.writer().write(&self.out)?;
+                    self.out.drain(..n);
+                }
+                while conn.wants_write() {
+                    match conn.write_tls(&mut self.tcp) {
+                        Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether bytes are waiting to be written (here or in the TLS session).
+    fn has_backlog(&self) -> bool {
+        !self.out.is_empty() || self.tls.as_ref().is_some_and(|c| c.wants_write())
+    }
+
+    /// Reads what the socket has (at most [`STREAM_READS_PER_TURN`] reads) into the framer and
+    /// hands every whole frame to `frame`. `Err` when the connection closed or broke.
+    fn read_frames(&mut self, mut frame: impl FnMut(&[u8])) -> std::io::Result<()> {
+        for _ in 0..STREAM_READS_PER_TURN {
+            let got = match &mut self.tls {
+                None => match self.tcp.read(self.framer.spare_capacity_mut()) {
+                    Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => {
+                        self.framer.commit(n);
+                        n
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                },
+                Some(conn) => {
+                    let tls_read = match conn.read_tls(&mut self.tcp) {
+                        Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    };
+                    conn.process_new_packets()
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                    let mut plain = 0;
+                    loop {
+                        match conn.reader().read(self.framer.spare_capacity_mut()) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                self.framer.commit(n);
+                                plain += n;
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    tls_read.max(plain)
+                }
+            };
+            loop {
+                match self.framer.pop() {
+                    Ok(Some(f)) => frame(f),
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("stream framing: {e:?}"),
+                        ));
+                    }
+                }
+            }
+            if got == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One worker's allocations and sockets.
@@ -193,6 +363,13 @@ const RECV_BATCHES_PER_SOCKET: usize = 4;
 const TEARDOWN_MAX: Duration = Duration::from_secs(5);
 /// Allocations in one worker at most: each is a socket.
 pub const ALLOCATIONS_MAX: u32 = 20_000;
+/// Bytes a stream client holds for a server that does not read fast enough. Past it, a new
+/// packet is dropped here, as a full socket buffer drops a datagram, and counts as lost.
+const STREAM_BACKLOG_MAX: usize = 256 * 1024;
+/// Reads of one ready stream per loop turn at most.
+const STREAM_READS_PER_TURN: usize = 8;
+/// Time for connecting and completing a TLS handshake during setup.
+const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The loopback address of `server`'s family, for client and peer sockets.
 pub fn local_ip_for(server: SocketAddr) -> IpAddr {
@@ -209,6 +386,12 @@ impl LoadRun {
         if !(STAMP_LEN..=1400).contains(&config.payload_len) {
             return Err(LoadError::PayloadSize(config.payload_len));
         }
+        if config.transport != Transport::Udp && config.framing == Framing::Bare {
+            return Err(LoadError::Unsupported("the bare forwarder speaks UDP only"));
+        }
+        if config.transport == Transport::Tls && config.tls.is_none() {
+            return Err(LoadError::Unsupported("TLS needs a client configuration"));
+        }
         let workers_n = config.workers.clamp(1, 64);
         let allocations = config.allocations.clamp(1, ALLOCATIONS_MAX);
         let ip = local_ip_for(config.server);
@@ -221,22 +404,28 @@ impl LoadRun {
             let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(nix_err("epoll"))?;
             let mut flows = Vec::new();
             for _ in 0..share {
-                let socket = bind_udp(ip).map_err(io_err("bind client socket"))?;
-                let flow = setup_flow(&config, socket, peer, index)?;
+                let flow = setup_flow(&config, peer, index)?;
                 flows.push(flow);
                 index += 1;
                 progress(1);
             }
             for (i, f) in flows.iter().enumerate() {
-                enable_rx_timestamps(&f.socket);
-                f.socket
-                    .set_nonblocking(true)
-                    .map_err(io_err("nonblocking"))?;
+                match &f.link {
+                    FlowLink::Udp(socket) => {
+                        enable_rx_timestamps(socket);
+                        socket
+                            .set_nonblocking(true)
+                            .map_err(io_err("nonblocking"))?;
+                    }
+                    FlowLink::Stream(s) => {
+                        s.tcp
+                            .set_read_timeout(None)
+                            .map_err(io_err("read timeout"))?;
+                        s.tcp.set_nonblocking(true).map_err(io_err("nonblocking"))?;
+                    }
+                }
                 epoll
-                    .add(
-                        f.socket.as_fd(),
-                        EpollEvent::new(EpollFlags::EPOLLIN, i as u64),
-                    )
+                    .add(f.fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
                     .map_err(nix_err("epoll add"))?;
             }
             peer_socket
@@ -322,12 +511,23 @@ impl LoadRun {
         let deadline = Instant::now() + TEARDOWN_MAX;
         for w in self.workers {
             for f in w.flows {
+                let socket = match f.link {
+                    FlowLink::Udp(socket) => socket,
+                    // RFC 8656 §3.1: closing the connection ends its allocation.
+                    FlowLink::Stream(mut s) => {
+                        if let Some(conn) = &mut s.tls {
+                            conn.send_close_notify();
+                            let _ = conn.write_tls(&mut s.tcp);
+                        }
+                        continue;
+                    }
+                };
                 if Instant::now() >= deadline {
                     return;
                 }
-                let _ = f.socket.set_nonblocking(false);
+                let _ = socket.set_nonblocking(false);
                 if let Ok(mut c) = TurnClient::udp(
-                    f.socket,
+                    socket,
                     self.config.server,
                     &self.config.user,
                     &self.config.pass,
@@ -343,28 +543,81 @@ impl LoadRun {
     }
 }
 
-fn setup_flow(
-    config: &LoadConfig,
-    socket: UdpSocket,
-    peer: SocketAddr,
-    index: u32,
-) -> Result<Flow, LoadError> {
+/// The local address of stream client `index`: over IPv4 one loopback address per client
+/// (127.2.0.1-127.2.249.250, then again), as many clients would have, so that a per-source
+/// connection limit does not cap the load.
+fn stream_client_ip(server: SocketAddr, index: u32) -> IpAddr {
+    match server {
+        SocketAddr::V4(_) => {
+            let a = ((index / 250) % 250) as u8;
+            let b = (index % 250) as u8 + 1;
+            IpAddr::V4(Ipv4Addr::new(127, 2, a, b))
+        }
+        SocketAddr::V6(_) => local_ip_for(server),
+    }
+}
+
+fn setup_flow(config: &LoadConfig, peer: SocketAddr, index: u32) -> Result<Flow, LoadError> {
     let channel = ChannelNumber::MIN;
-    if config.framing == Framing::Bare {
-        socket.connect(config.server).map_err(io_err("connect"))?;
-        crate::forwarder::hello(&socket, peer)
-            .map_err(|source| LoadError::Hello { index, source })?;
+    let turn = |source| LoadError::Turn { index, source };
+    if config.transport != Transport::Udp {
+        let tcp = connect_tcp_from(
+            stream_client_ip(config.server, index),
+            config.server,
+            STREAM_SETUP_TIMEOUT,
+        )
+        .map_err(io_err("connect"))?;
+        let mut client = match &config.tls {
+            Some((tls, name)) if config.transport == Transport::Tls => TurnClient::over_tls(
+                tcp,
+                config.server,
+                name,
+                Arc::clone(tls),
+                &config.user,
+                &config.pass,
+                STREAM_SETUP_TIMEOUT,
+            ),
+            _ => TurnClient::over_tcp(tcp, config.server, &config.user, &config.pass),
+        }
+        .map_err(turn)?;
+        client.allocate_for(config.lifetime_secs).map_err(turn)?;
+        client.create_permission(peer).map_err(turn)?;
+        if config.framing == Framing::Channel {
+            client.channel_bind(channel, peer).map_err(turn)?;
+        }
+        let (tcp, tls, framer) = client
+            .into_stream()
+            .ok_or(LoadError::Unsupported("a stream client without a stream"))?;
         return Ok(Flow {
-            socket,
+            link: FlowLink::Stream(Box::new(StreamLink {
+                tcp,
+                tls,
+                framer,
+                out: Vec::with_capacity(STREAM_BACKLOG_MAX),
+                backlogged: false,
+                closed: false,
+            })),
             channel,
             peer,
             credentials: None,
         });
     }
-    let turn = |source| LoadError::Turn { index, source };
+    let ip = local_ip_for(config.server);
+    let socket = bind_udp(ip).map_err(io_err("bind client socket"))?;
+    if config.framing == Framing::Bare {
+        socket.connect(config.server).map_err(io_err("connect"))?;
+        crate::forwarder::hello(&socket, peer)
+            .map_err(|source| LoadError::Hello { index, source })?;
+        return Ok(Flow {
+            link: FlowLink::Udp(socket),
+            channel,
+            peer,
+            credentials: None,
+        });
+    }
     let mut client =
         TurnClient::udp(socket, config.server, &config.user, &config.pass).map_err(turn)?;
-    client.allocate().map_err(turn)?;
+    client.allocate_for(config.lifetime_secs).map_err(turn)?;
     client.create_permission(peer).map_err(turn)?;
     if config.framing == Framing::Channel {
         client.channel_bind(channel, peer).map_err(turn)?;
@@ -375,7 +628,7 @@ fn setup_flow(
         source: std::io::Error::other("not a UDP client"),
     })?;
     Ok(Flow {
-        socket,
+        link: FlowLink::Udp(socket),
         channel,
         peer,
         credentials,
@@ -415,6 +668,8 @@ impl Worker {
         let mut inbox = Batch::new();
         let mut echo = Batch::new();
         let mut scratch = vec![0u8; config.payload_len];
+        // Stream flows with bytes the socket did not take yet, retried every turn.
+        let mut backlog: Vec<usize> = Vec::new();
         let mut events = vec![EpollEvent::empty(); 256];
         // Timer slack (50 µs by default) would delay every wake-up of this loop, and so every
         // latency sample; ask for 1 µs. Best effort: a failure only costs precision.
@@ -431,8 +686,19 @@ impl Worker {
             if due > 0 {
                 out.lag_max = out.lag_max.max(pacer.lag(elapsed));
                 let k0 = base + pacer.issued();
-                self.send_due(config, k0, due, &mut batch, &mut scratch, &mut out);
+                self.send_due(
+                    config,
+                    k0,
+                    due,
+                    &mut batch,
+                    &mut scratch,
+                    &mut backlog,
+                    &mut out,
+                );
                 pacer.issue(due);
+            }
+            if !backlog.is_empty() {
+                self.flush_backlog(&mut backlog);
             }
             if pacer.is_done() && out.accounting.received + out.send_failed >= pacer.limit() {
                 break; // everything came back: no need to wait for the drain to pass
@@ -466,40 +732,107 @@ impl Worker {
         due: u64,
         batch: &mut Batch,
         scratch: &mut [u8],
+        backlog: &mut Vec<usize>,
         out: &mut WorkerStep,
     ) {
         let n = self.flows.len() as u64;
         if n == 0 {
             return;
         }
+        let mut frame = [0u8; SLOT_LEN];
         for offset in 0..due.min(n) {
             let flow_index = ((k0 + offset) % n) as usize;
-            let Some(flow) = self.flows.get(flow_index) else {
+            let Some(flow) = self.flows.get_mut(flow_index) else {
                 continue;
             };
             let count = (due - offset).div_ceil(n);
-            for j in 0..count {
-                let seq = k0 + offset + j * n;
+            let stamp = |j: u64| Stamp {
+                flow: flow_index as u32,
+                seq: k0 + offset + j * n,
                 // Stamped per packet (a vDSO clock read), so a burst's last packet does not
                 // carry its first packet's time.
-                let stamp = Stamp {
-                    flow: flow_index as u32,
-                    seq,
-                    sent_ns: realtime_ns(),
-                };
-                if !fill_slot(config, flow, stamp, batch, scratch) {
-                    out.send_failed += 1;
-                }
-                if batch.is_full() {
-                    let (s, f) = batch.send(&flow.socket);
+                sent_ns: realtime_ns(),
+            };
+            match &mut flow.link {
+                FlowLink::Udp(socket) => {
+                    for j in 0..count {
+                        let written = batch.slot().and_then(|slot| {
+                            write_packet(
+                                config,
+                                flow.channel,
+                                flow.peer,
+                                stamp(j),
+                                slot,
+                                scratch,
+                                false,
+                            )
+                        });
+                        match written {
+                            Some(len) => batch.commit(len, None),
+                            None => out.send_failed += 1,
+                        }
+                        if batch.is_full() {
+                            let (s, f) = batch.send(socket);
+                            out.sent += s;
+                            out.send_failed += f;
+                        }
+                    }
+                    let (s, f) = batch.send(socket);
                     out.sent += s;
                     out.send_failed += f;
                 }
+                FlowLink::Stream(link) => {
+                    for j in 0..count {
+                        let Some(len) = write_packet(
+                            config,
+                            flow.channel,
+                            flow.peer,
+                            stamp(j),
+                            &mut frame,
+                            scratch,
+                            true,
+                        ) else {
+                            out.send_failed += 1;
+                            continue;
+                        };
+                        // Offered either way: a packet that finds the connection closed or
+                        // its backlog full is lost on the way, like a datagram dropped by a
+                        // full socket buffer, and shows as loss.
+                        out.sent += 1;
+                        if !link.closed && link.out.len() + len <= STREAM_BACKLOG_MAX {
+                            link.out.extend_from_slice(&frame[..len]);
+                        }
+                    }
+                    if link.closed {
+                        continue;
+                    }
+                    if let Err(e) = link.flush() {
+                        close_stream(link, flow_index, &e);
+                    } else if link.has_backlog() && !link.backlogged {
+                        link.backlogged = true;
+                        backlog.push(flow_index);
+                    }
+                }
             }
-            let (s, f) = batch.send(&flow.socket);
-            out.sent += s;
-            out.send_failed += f;
         }
+    }
+
+    /// Retries the writes the sockets did not take; keeps the flows still behind.
+    fn flush_backlog(&mut self, backlog: &mut Vec<usize>) {
+        backlog.retain(|&i| {
+            let Some(FlowLink::Stream(link)) = self.flows.get_mut(i).map(|f| &mut f.link) else {
+                return false;
+            };
+            if link.closed {
+                link.backlogged = false;
+                return false;
+            }
+            if let Err(e) = link.flush() {
+                close_stream(link, i, &e);
+            }
+            link.backlogged = !link.closed && link.has_backlog();
+            link.backlogged
+        });
     }
 
     fn receive(
@@ -513,8 +846,34 @@ impl Worker {
         let socket = if token == PEER_TOKEN {
             &self.peer_socket
         } else {
-            match self.flows.get(token as usize) {
-                Some(f) => &f.socket,
+            match self.flows.get_mut(token as usize).map(|f| &mut f.link) {
+                Some(FlowLink::Udp(socket)) => &*socket,
+                Some(FlowLink::Stream(link)) => {
+                    if link.closed {
+                        return;
+                    }
+                    let accounting = &mut out.accounting;
+                    let read = link.read_frames(|frame| {
+                        // No kernel arrival stamp on a stream: the read time stands in, so
+                        // latency over TCP and TLS includes up to one loop tick.
+                        let now_ns = realtime_ns();
+                        match relayed_payload(frame) {
+                            Some(payload) => account(accounting, payload, now_ns),
+                            None => accounting.foreign += 1,
+                        }
+                    });
+                    if let Err(e) = read {
+                        let fd = link.tcp.as_fd();
+                        let _ = self.epoll.delete(fd);
+                        close_stream(link, token as usize, &e);
+                    } else if link.has_backlog() {
+                        // TLS may owe the server bytes after reading (a key update).
+                        if let Err(e) = link.flush() {
+                            close_stream(link, token as usize, &e);
+                        }
+                    }
+                    return;
+                }
                 None => return,
             }
         };
@@ -581,74 +940,109 @@ fn account(acc: &mut Accounting, payload: &[u8], now_ns: u64) {
     }
 }
 
-/// Writes one datagram for `flow` into the batch's next slot; `false` if it did not fit.
-fn fill_slot(
+/// A stream connection failed or closed: nothing more is sent on it (what would have been is
+/// lost), and the run says so once.
+fn close_stream(link: &mut StreamLink, flow: usize, error: &std::io::Error) {
+    if !link.closed {
+        link.closed = true;
+        link.out.clear();
+        eprintln!("uturn-bench: flow {flow}: connection lost: {error}");
+    }
+}
+
+/// Writes one packet for a flow (ChannelData on `channel`, or a Send indication to `peer`)
+/// into `buf`, padded to a multiple of four on a stream (RFC 8656 §12.5); its length, or
+/// `None` if it did not fit.
+fn write_packet(
     config: &LoadConfig,
-    flow: &Flow,
+    channel: ChannelNumber,
+    peer: SocketAddr,
     stamp: Stamp,
-    batch: &mut Batch,
+    buf: &mut [u8],
     scratch: &mut [u8],
-) -> bool {
+    padded: bool,
+) -> Option<usize> {
     let len = config.payload_len;
-    let Some(slot) = batch.slot() else {
-        return false;
-    };
-    let written = match config.framing {
+    match config.framing {
         Framing::Channel | Framing::Bare => {
             let end = CHANNEL_DATA_HEADER_LEN + len;
-            if end > SLOT_LEN || write_channel_data_header(slot, flow.channel, len).is_err() {
-                return false;
+            let padding = if padded { stream_padding(len) } else { 0 };
+            if end + padding > buf.len() || write_channel_data_header(buf, channel, len).is_err() {
+                return None;
             }
-            if !stamp.write(&mut slot[CHANNEL_DATA_HEADER_LEN..end]) {
-                return false;
+            if !stamp.write(&mut buf[CHANNEL_DATA_HEADER_LEN..end]) {
+                return None;
             }
-            end
+            buf[end..end + padding].fill(0);
+            Some(end + padding)
         }
         Framing::Send => {
+            // STUN messages are multiples of four bytes already.
             if !stamp.write(scratch) {
-                return false;
+                return None;
             }
             let mut tid = [0u8; 12];
             tid[..8].copy_from_slice(&stamp.seq.to_be_bytes());
             tid[8..].copy_from_slice(&stamp.flow.to_be_bytes());
             let mut b =
-                MessageBuilder::new(slot, Class::Indication, Method::SEND, TransactionId(tid));
-            if b.attribute(&Attribute::XorPeerAddress(flow.peer))
+                MessageBuilder::new(buf, Class::Indication, Method::SEND, TransactionId(tid));
+            b.attribute(&Attribute::XorPeerAddress(peer))
                 .and_then(|b| b.attribute(&Attribute::Data(scratch)))
-                .is_err()
-            {
-                return false;
-            }
-            b.finish()
+                .ok()?;
+            Some(b.finish())
         }
-    };
-    batch.commit(written, None);
-    true
+    }
 }
 
 /// A background churn of allocations (create, then delete) at `per_sec`, while traffic flows.
 pub struct Churn {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
+    abandoned: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What a churn did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChurnCounts {
+    /// Allocations made, deleted or abandoned (failures not included).
+    pub made: u64,
+    /// Of those, left to expire on the server.
+    pub abandoned: u64,
+    /// Handshakes (or deletions) that failed.
+    pub failed: u64,
+}
+
+/// Whether churned allocation `n` is left to expire: every second one when abandoning.
+pub fn churn_abandons(abandon: bool, n: u64) -> bool {
+    abandon && n % 2 == 1
+}
+
 impl Churn {
-    /// Starts churning against `server`; stops by itself after `max_duration`.
+    /// Starts churning against `server`; stops by itself after `max_duration`. With `abandon`,
+    /// every second allocation is not deleted but left to expire, so the server's expiry runs
+    /// beside its deletions.
     pub fn start(
         server: SocketAddr,
         user: &str,
         pass: &str,
         per_sec: f64,
         max_duration: Duration,
+        abandon: bool,
     ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
+        let abandoned = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let (user, pass) = (user.to_owned(), pass.to_owned());
         let thread = {
-            let (stop, done, failed) = (Arc::clone(&stop), Arc::clone(&done), Arc::clone(&failed));
+            let (stop, done, abandoned, failed) = (
+                Arc::clone(&stop),
+                Arc::clone(&done),
+                Arc::clone(&abandoned),
+                Arc::clone(&failed),
+            );
             std::thread::spawn(move || {
                 let mut pacer = Pacer::new(per_sec, max_duration);
                 let start = Instant::now();
@@ -659,29 +1053,51 @@ impl Churn {
                     }
                     let n = pacer.issued();
                     pacer.issue(1);
-                    let ok = crate::alloc::allocate_and_delete(server, &user, &pass, n).is_ok();
+                    let leave = churn_abandons(abandon, n);
+                    let ok = if leave {
+                        crate::alloc::allocate_and_abandon(server, &user, &pass, n).is_ok()
+                    } else {
+                        crate::alloc::allocate_and_delete(server, &user, &pass, n).is_ok()
+                    };
                     let counter = if ok { &done } else { &failed };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    if ok && leave {
+                        abandoned.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             })
         };
         Self {
             stop,
             done,
+            abandoned,
             failed,
             thread: Some(thread),
         }
     }
 
-    /// Stops and returns (allocations made and deleted, failures).
-    pub fn finish(mut self) -> (u64, u64) {
+    /// Stops and returns what was done.
+    pub fn finish(mut self) -> ChurnCounts {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        (
-            self.done.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
+        ChurnCounts {
+            made: self.done.load(Ordering::Relaxed),
+            abandoned: self.abandoned.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_abandoning_churn_leaves_every_second_allocation() {
+        let left: Vec<u64> = (0..6).filter(|&n| churn_abandons(true, n)).collect();
+        assert_eq!(left, vec![1, 3, 5]);
+        assert!((0..6).all(|n| !churn_abandons(false, n)));
     }
 }

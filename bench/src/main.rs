@@ -16,13 +16,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use uturn_bench::alloc;
 use uturn_bench::forwarder;
-use uturn_bench::load::{Churn, Framing, LoadConfig, LoadRun, PeerMode, TICK_MIN_DEFAULT};
+use uturn_bench::load::{
+    Churn, ChurnCounts, Framing, LoadConfig, LoadRun, PeerMode, TICK_MIN_DEFAULT, Transport,
+};
 use uturn_bench::probe;
 use uturn_bench::report::{AllocReport, RunReport, StepReport, markdown};
 use uturn_bench::sweep::{Outcome, Sweep};
-use uturn_bench::tls::TlsTrust;
+use uturn_bench::tls::{self, TlsTrust};
 use uturn_bench::workload::{DRAIN, Workload};
-use uturn_bench::{check_load_target, plot};
+use uturn_bench::{check_load_target, metrics, plot};
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +53,8 @@ enum Cmd {
     Probe(ProbeArgs),
     /// Merges JSON results into one Markdown table with ratios, and SVG plots.
     Report(ReportArgs),
+    /// Reads a server's Prometheus page: every sample, one sum, or a bounded wait for a value.
+    Metrics(MetricsArgs),
 }
 
 #[derive(Args, Clone)]
@@ -100,6 +104,27 @@ struct Common {
     /// Shortest pause between two send bursts, µs (longer: bigger batches, burstier load).
     #[arg(long, default_value_t = TICK_MIN_DEFAULT.as_micros() as u64)]
     tick_us: u64,
+    /// Client transport of the traffic: one UDP socket, TCP or TLS connection per allocation
+    /// (the relay to the peer is UDP in every case).
+    #[arg(long, value_enum, default_value = "udp")]
+    transport: Transport,
+    /// TLS: trust the CA certificates in this PEM file instead of the Mozilla roots.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// TLS: accept any server certificate.
+    #[arg(long)]
+    insecure: bool,
+    /// TLS: the name the server certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
+    /// LIFETIME asked for in each traffic allocation's Allocate, seconds (default: the
+    /// server's). The traffic loop does not refresh, so a run must fit in the granted lifetime.
+    #[arg(long)]
+    lifetime: Option<u32>,
+    /// Churn (workload `churn`): leave every second allocation to expire instead of deleting
+    /// it, so the server's expiry runs beside its deletions (the soak uses it).
+    #[arg(long)]
+    churn_abandon: bool,
     /// Allow a target outside loopback (only a server you own).
     #[arg(long)]
     allow_remote: bool,
@@ -238,6 +263,67 @@ struct ReportArgs {
     plots: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct MetricsArgs {
+    /// The server's HTTP address (uturn's --http).
+    #[arg(long)]
+    http: SocketAddr,
+    /// Path of the Prometheus page.
+    #[arg(long, default_value = "/metrics")]
+    path: String,
+    /// Print only the sum of this metric (over --label filters) instead of every sample.
+    #[arg(long)]
+    sum: Option<String>,
+    /// Label filter for --sum, KEY=VALUE; repeat for several (all must match).
+    #[arg(long, value_parser = parse_label)]
+    label: Vec<(String, String)>,
+    /// With --sum: poll (every 100 ms) until the sum equals this value; exit status 1 when it
+    /// has not by --timeout.
+    #[arg(long, requires = "sum")]
+    until: Option<f64>,
+    /// Seconds to wait for an answer, or for --until.
+    #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+fn metrics_mode(a: &MetricsArgs) -> Result<i32> {
+    let timeout = secs(a.timeout)?;
+    let labels: Vec<(&str, &str)> = a
+        .label
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let Some(name) = &a.sum else {
+        let body = metrics::fetch(a.http, &a.path, timeout)?;
+        for sample in metrics::parse(&body) {
+            println!("{}", metrics::render(&sample));
+        }
+        return Ok(0);
+    };
+    if let Some(want) = a.until {
+        return match metrics::wait_for(a.http, &a.path, name, &labels, want, timeout) {
+            Ok(took) => {
+                println!("{want}");
+                eprintln!("{name} reached {want} after {:.1} s", took.as_secs_f64());
+                Ok(0)
+            }
+            Err(e) => {
+                eprintln!("uturn-bench: {e}");
+                Ok(1)
+            }
+        };
+    }
+    let body = metrics::fetch(a.http, &a.path, timeout)?;
+    println!("{}", metrics::sum(&metrics::parse(&body), name, &labels));
+    Ok(0)
+}
+
 fn main() {
     let cli = Cli::parse();
     let code = match run_cli(cli) {
@@ -254,9 +340,12 @@ fn run_cli(cli: Cli) -> Result<i32> {
     match cli.command {
         Cmd::Run(a) => {
             let server = target(&a.common)?;
+            // The workload's rate per allocation, on the allocations actually set up.
+            let shape = a.common.workload.shape();
+            let allocations = a.common.allocations.unwrap_or(shape.allocations).max(1);
             let rate = a
                 .rate
-                .unwrap_or_else(|| a.common.workload.shape().nominal_pps());
+                .unwrap_or(shape.pps_per_allocation * f64::from(allocations));
             let plan = Plan::Fixed {
                 rate,
                 duration: secs(a.duration)?,
@@ -309,6 +398,7 @@ fn run_cli(cli: Cli) -> Result<i32> {
             }
             Ok(if report.passed() { 0 } else { 1 })
         }
+        Cmd::Metrics(a) => metrics_mode(&a),
         Cmd::Report(a) => {
             let mut reports = Vec::new();
             for p in &a.inputs {
@@ -368,9 +458,24 @@ fn bar(quiet: bool, len: u64, msg: String) -> ProgressBar {
     pb
 }
 
-fn load_config(c: &Common, server: SocketAddr, framing: Framing) -> LoadConfig {
+fn load_config(c: &Common, server: SocketAddr, framing: Framing) -> Result<LoadConfig> {
     let shape = c.workload.shape();
-    LoadConfig {
+    let tls = match c.transport {
+        Transport::Tls => {
+            let trust = match (&c.ca_file, c.insecure) {
+                (_, true) => TlsTrust::InsecureAcceptAny,
+                (Some(path), false) => TlsTrust::CaFile(path.clone()),
+                (None, false) => TlsTrust::WebPki,
+            };
+            let mut config = Arc::unwrap_or_clone(tls::client_config(&trust)?);
+            config.alpn_protocols = vec![b"stun.turn".to_vec()];
+            Some((Arc::new(config), c.tls_name.clone()))
+        }
+        Transport::Udp | Transport::Tcp => None,
+    };
+    Ok(LoadConfig {
+        transport: c.transport,
+        tls,
         server,
         user: c.user.clone(),
         pass: c.pass.clone(),
@@ -381,7 +486,8 @@ fn load_config(c: &Common, server: SocketAddr, framing: Framing) -> LoadConfig {
         workers: c.workers.max(1),
         drain: Duration::from_millis(c.drain_ms),
         tick: Duration::from_micros(c.tick_us.clamp(1, 10_000)),
-    }
+        lifetime_secs: c.lifetime,
+    })
 }
 
 /// Sets up the allocations, runs the plan, and writes the report.
@@ -399,7 +505,10 @@ fn traffic_with(
     if c.workload == Workload::Alloc {
         bail!("the alloc workload has no traffic: use the alloc command");
     }
-    let config = load_config(c, server, framing);
+    if framing == Framing::Bare && c.transport != Transport::Udp {
+        bail!("the bare forwarder speaks UDP only: --transport tcp|tls applies to run and sweep");
+    }
+    let config = load_config(c, server, framing)?;
     let setup_bar = bar(
         c.quiet,
         u64::from(config.allocations),
@@ -421,14 +530,23 @@ fn traffic_with(
         Plan::Fixed { duration, .. } => *duration,
         Plan::Sweep(o) => Duration::from_secs_f64(o.step_secs * f64::from(o.max_steps + 1)),
     };
-    let churn = (shape.churn_per_sec > 0.0 && framing != Framing::Bare)
-        .then(|| Churn::start(server, &c.user, &c.pass, shape.churn_per_sec, churn_budget));
+    let churn = (shape.churn_per_sec > 0.0 && framing != Framing::Bare).then(|| {
+        Churn::start(
+            server,
+            &c.user,
+            &c.pass,
+            shape.churn_per_sec,
+            churn_budget,
+            c.churn_abandon,
+        )
+    });
     let mut report = RunReport {
         label: c.label.clone(),
         mode: mode.to_owned(),
         workload: c.workload.name().to_owned(),
         target: server.to_string(),
         framing: Some(framing),
+        transport: Some(c.transport),
         peer_mode: Some(c.peer),
         allocations: config.allocations,
         payload_len: config.payload_len,
@@ -439,6 +557,7 @@ fn traffic_with(
         half_knee: None,
         alloc: None,
         churn: None,
+        churn_abandoned: None,
         warnings: Vec::new(),
     };
     let mut one_step = |rate: f64, duration: Duration| -> StepReport {
@@ -529,11 +648,17 @@ fn traffic_with(
         }
     }
     if let Some(ch) = churn {
-        let (made, failed) = ch.finish();
+        let ChurnCounts {
+            made,
+            abandoned,
+            failed,
+        } = ch.finish();
         report.churn = Some((made, failed));
+        report.churn_abandoned = Some(abandoned);
         eprintln!(
-            "{}: churn made and deleted {made} allocations, {failed} failed",
-            c.label
+            "{}: churn made {made} allocations ({} deleted, {abandoned} left to expire), {failed} failed",
+            c.label,
+            made - abandoned,
         );
         if failed > 0 {
             report
@@ -601,6 +726,7 @@ fn alloc_mode(a: &AllocArgs) -> Result<RunReport> {
         workload: "alloc".to_owned(),
         target: server.to_string(),
         framing: None,
+        transport: None,
         peer_mode: None,
         allocations: 0,
         payload_len: 0,
@@ -611,6 +737,7 @@ fn alloc_mode(a: &AllocArgs) -> Result<RunReport> {
         half_knee: None,
         alloc: Some(ar),
         churn: None,
+        churn_abandoned: None,
         warnings: Vec::new(),
     };
     if let Some(e) = &raw.first_error {

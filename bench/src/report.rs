@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::alloc::AllocRaw;
-use crate::load::{Framing, PeerMode, StepRaw};
+use crate::load::{Framing, PeerMode, StepRaw, Transport};
 use crate::stats::{LatencySummary, loss_ratio};
 
 /// Loss at or under this fraction counts as loss-free (the knee criterion): 0.1 %.
@@ -32,6 +32,9 @@ pub struct RunReport {
     pub target: String,
     /// ChannelData, Send indications or bare.
     pub framing: Option<Framing>,
+    /// Client transport (absent in reports from before TCP and TLS: UDP).
+    #[serde(default)]
+    pub transport: Option<Transport>,
     /// Echo or sink.
     pub peer_mode: Option<PeerMode>,
     /// Allocations carrying traffic.
@@ -50,8 +53,11 @@ pub struct RunReport {
     pub half_knee: Option<StepReport>,
     /// `alloc` mode results.
     pub alloc: Option<AllocReport>,
-    /// Churn beside the traffic: (allocations made and deleted, failures).
+    /// Churn beside the traffic: (allocations made, failures).
     pub churn: Option<(u64, u64)>,
+    /// Of the churned allocations, those left to expire on the server (`--churn-abandon`).
+    #[serde(default)]
+    pub churn_abandoned: Option<u64>,
     /// Everything the reader must know to trust the figures.
     pub warnings: Vec<String>,
 }
@@ -202,6 +208,19 @@ impl AllocReport {
 }
 
 impl RunReport {
+    /// The mode, with the client transport when it is not UDP (`sweep (tcp)`).
+    pub fn mode_shown(&self) -> String {
+        match self.transport {
+            Some(t) if t != Transport::Udp => format!("{} ({})", self.mode, t.name()),
+            _ => self.mode.clone(),
+        }
+    }
+
+    /// Whether the clients spoke TCP or TLS.
+    pub fn is_stream(&self) -> bool {
+        matches!(self.transport, Some(Transport::Tcp | Transport::Tls))
+    }
+
     /// The step that stands for the run: the knee step of a sweep, else the last step.
     pub fn headline(&self) -> Option<&StepReport> {
         if let Some(knee) = self.knee_pps {
@@ -260,7 +279,7 @@ pub fn medians(reports: &[RunReport]) -> Vec<(RunReport, usize)> {
     let mut groups: BTreeMap<(String, String, String), Vec<&RunReport>> = BTreeMap::new();
     for r in reports {
         groups
-            .entry((r.workload.clone(), r.label.clone(), r.mode.clone()))
+            .entry((r.workload.clone(), r.label.clone(), r.mode_shown()))
             .or_default()
             .push(r);
     }
@@ -324,7 +343,7 @@ pub fn markdown(reports: &[RunReport]) -> String {
             "| {} | {} | {} | {} | {} | {:.0} | {:.3} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
             r.label,
             r.workload,
-            r.mode,
+            r.mode_shown(),
             n,
             knee,
             h.received_pps,
@@ -346,7 +365,9 @@ pub fn markdown(reports: &[RunReport]) -> String {
 fn ratios(rows: &[(RunReport, usize)]) -> String {
     // Per workload, every (label, mode) that ran.
     let mut by_workload: BTreeMap<&str, Vec<&RunReport>> = BTreeMap::new();
-    for (r, _) in rows {
+    // The ratios compare UDP runs (the goals are about UDP); TCP and TLS runs have
+    // their own rows in the table.
+    for (r, _) in rows.iter().filter(|(r, _)| !r.is_stream()) {
         by_workload.entry(&r.workload).or_default().push(r);
     }
     let mut md = String::new();
@@ -454,6 +475,7 @@ mod tests {
             workload: "small".to_owned(),
             target: "127.0.0.1:3478".to_owned(),
             framing: Some(Framing::Channel),
+            transport: None,
             peer_mode: Some(PeerMode::Echo),
             allocations: 1,
             payload_len: 64,
@@ -464,6 +486,7 @@ mod tests {
             half_knee: None,
             alloc: None,
             churn: None,
+            churn_abandoned: None,
             warnings: vec![],
         }
     }

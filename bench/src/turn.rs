@@ -103,6 +103,8 @@ pub struct TurnClient {
     pending: Vec<Vec<u8>>,
 }
 
+/// Stream framer capacity: the largest ChannelData (64 KiB payload, 4-byte header) fits.
+pub const STREAM_FRAMER_LEN: usize = 65_536 + 4;
 /// Relayed data kept while waiting for a response, at most.
 const PENDING_MAX: usize = 64;
 
@@ -126,9 +128,20 @@ impl TurnClient {
         timeout: Duration,
     ) -> Result<Self, TurnError> {
         let stream = TcpStream::connect_timeout(&server, timeout)?;
+        Self::over_tcp(stream, server, user, pass)
+    }
+
+    /// A TCP client on a connection already made to `server` (the load generator chooses the
+    /// local address).
+    pub fn over_tcp(
+        stream: TcpStream,
+        server: SocketAddr,
+        user: &str,
+        pass: &str,
+    ) -> Result<Self, TurnError> {
         stream.set_nodelay(true)?;
         Ok(Self::with_link(
-            Link::Tcp(stream, StreamFramer::new(65_536 + 4)),
+            Link::Tcp(stream, StreamFramer::new(STREAM_FRAMER_LEN)),
             server,
             user,
             pass,
@@ -146,11 +159,24 @@ impl TurnClient {
         timeout: Duration,
     ) -> Result<Self, TurnError> {
         let tcp = TcpStream::connect_timeout(&server, timeout)?;
+        Self::over_tls(tcp, server, host, config, user, pass, timeout)
+    }
+
+    /// A TLS client on a TCP connection already made to `server`: the handshake runs here.
+    pub fn over_tls(
+        tcp: TcpStream,
+        server: SocketAddr,
+        host: &str,
+        config: std::sync::Arc<rustls::ClientConfig>,
+        user: &str,
+        pass: &str,
+        timeout: Duration,
+    ) -> Result<Self, TurnError> {
         tcp.set_nodelay(true)?;
         let stream = crate::tls::connect(tcp, host, config, timeout)
             .map_err(|e| TurnError::Tls(e.to_string()))?;
         Ok(Self::with_link(
-            Link::Tls(Box::new(stream), StreamFramer::new(65_536 + 4)),
+            Link::Tls(Box::new(stream), StreamFramer::new(STREAM_FRAMER_LEN)),
             server,
             user,
             pass,
@@ -194,6 +220,21 @@ impl TurnClient {
         match self.link {
             Link::Udp(s) => Some(s),
             Link::Tcp(..) | Link::Tls(..) => None,
+        }
+    }
+
+    /// Gives a stream client's connection back (for the traffic loop): the TCP socket, the TLS
+    /// session over it if any, and the framer with whatever it already buffered; `None` over UDP.
+    pub fn into_stream(
+        self,
+    ) -> Option<(TcpStream, Option<rustls::ClientConnection>, StreamFramer)> {
+        match self.link {
+            Link::Udp(_) => None,
+            Link::Tcp(s, framer) => Some((s, None, framer)),
+            Link::Tls(s, framer) => {
+                let rustls::StreamOwned { conn, sock } = *s;
+                Some((sock, Some(conn), framer))
+            }
         }
     }
 
@@ -301,10 +342,17 @@ impl TurnClient {
 
     /// Allocate a UDP relay (the full handshake: 401 challenge, then authenticated).
     pub fn allocate(&mut self) -> Result<Allocation, TurnError> {
-        let r = self.request(
-            Method::ALLOCATE,
-            &[Attribute::RequestedTransport(Protocol::UDP)],
-        )?;
+        self.allocate_for(None)
+    }
+
+    /// [`TurnClient::allocate`] asking for a LIFETIME (the server grants at most its maximum,
+    /// and at least its default).
+    pub fn allocate_for(&mut self, lifetime_secs: Option<u32>) -> Result<Allocation, TurnError> {
+        let transport = Attribute::RequestedTransport(Protocol::UDP);
+        let r = match lifetime_secs {
+            Some(secs) => self.request(Method::ALLOCATE, &[transport, Attribute::Lifetime(secs)]),
+            None => self.request(Method::ALLOCATE, &[transport]),
+        }?;
         let msg = r
             .message()
             .ok_or_else(|| malformed(Method::ALLOCATE, "unparsable"))?;

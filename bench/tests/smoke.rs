@@ -40,6 +40,34 @@ impl Uturn {
         Self { process, addr }
     }
 
+    /// A uturn that also listens on TCP and TLS (a certificate made for this run).
+    fn start_with_streams(cert: &uturn_e2e::TestCertificate) -> Self {
+        let ports = uturn_e2e::relay_port_slice();
+        let process = uturn_e2e::Uturn::start(&[
+            "--listen",
+            "udp://127.0.0.1:0",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--listen",
+            "tls://127.0.0.1:0",
+            "--tls-cert",
+            cert.cert_path.to_str().expect("UTF-8 path"),
+            "--tls-key",
+            cert.key_path.to_str().expect("UTF-8 path"),
+            "--relay-ip",
+            "127.0.0.1",
+            "--user",
+            "u1:p1",
+            "--allow-loopback-peers",
+            "--threads",
+            "1",
+            "--ports",
+            &ports,
+        ]);
+        let addr = process.listener(false);
+        Self { process, addr }
+    }
+
     fn pid(&self) -> String {
         self.process.pid().to_string()
     }
@@ -136,6 +164,60 @@ fn a_fixed_run_relays_send_indications_through_uturn() {
         "-q",
     ]);
     assert_step_sane(&json_report(&out));
+}
+
+/// A fixed run over a stream transport: same accounting as over UDP, transport in the report.
+fn a_fixed_run_over(transport: &str, framing: &str) {
+    let cert = uturn_e2e::TestCertificate::generate();
+    let server = Uturn::start_with_streams(&cert);
+    let addr = server.process.stream_listener(transport, false);
+    let out = bench(&[
+        "run",
+        "--server",
+        &addr.to_string(),
+        "--server-pid",
+        &server.pid(),
+        "--transport",
+        transport,
+        "--ca-file",
+        cert.cert_path.to_str().expect("UTF-8 path"),
+        "--framing",
+        framing,
+        // Not a multiple of four: every ChannelData frame carries padding on the stream.
+        "--size",
+        "101",
+        "--allocations",
+        "4",
+        "--rate",
+        "400",
+        "--duration",
+        "1",
+        "--json",
+        "-",
+        "-q",
+    ]);
+    let r = json_report(&out);
+    assert_step_sane(&r);
+    assert_eq!(
+        serde_json::to_value(r.transport).expect("transport serializes"),
+        serde_json::json!(transport)
+    );
+    assert!(r.mode_shown().ends_with(&format!("({transport})")));
+}
+
+#[test]
+fn a_fixed_run_relays_padded_channel_data_over_tcp() {
+    a_fixed_run_over("tcp", "channel");
+}
+
+#[test]
+fn a_fixed_run_relays_channel_data_over_tls() {
+    a_fixed_run_over("tls", "channel");
+}
+
+#[test]
+fn a_fixed_run_relays_send_indications_over_tcp() {
+    a_fixed_run_over("tcp", "send");
 }
 
 #[test]
