@@ -1761,6 +1761,12 @@ impl<R: RngCore> Engine<R> {
     /// of the request (RFC 8489 §9.2.4: responses to an authenticated request are protected
     /// with the same key) and FINGERPRINT when the request carried one (RFC 8489 §7.3:
     /// mirroring the client's choice is how uturn decides it).
+    ///
+    /// An error answer without integrity goes to a source that proved nothing and may be a
+    /// spoofed victim (401, 438, 400 to an unauthenticated request), so it carries no reason
+    /// phrase and no SOFTWARE: RFC 8489 §14.8 leaves the phrase free ("meant for diagnostic
+    /// purposes"; empty is fewer than 128 characters) and clients act on the code. What is
+    /// left is what the client needs (SECURITY.md, amplification).
     fn build(
         &mut self,
         request: &RequestContext,
@@ -1781,14 +1787,24 @@ impl<R: RngCore> Engine<R> {
         );
         // Every response uturn writes fits RESPONSE_LEN_MAX; a failed write would leave the
         // attribute out rather than panic.
+        let unprotected_error = code.is_some() && auth.is_none();
         if let Some(code) = code {
-            let error = ErrorCodeAttribute::new(ErrorCode(code));
+            let error = if unprotected_error {
+                ErrorCodeAttribute {
+                    code: ErrorCode(code),
+                    reason: "",
+                }
+            } else {
+                ErrorCodeAttribute::new(ErrorCode(code))
+            };
             let _ = builder.attribute(&Attribute::ErrorCode(error));
         }
         for attr in attrs {
             let _ = builder.attribute(attr);
         }
-        if let Some(software) = &self.settings.software {
+        if let Some(software) = &self.settings.software
+            && !unprotected_error
+        {
             let _ = builder.attribute(&Attribute::Software(software));
         }
         if let Some(auth) = auth {
