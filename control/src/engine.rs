@@ -624,15 +624,18 @@ impl<R: RngCore> Engine<R> {
         self.policy.own.listeners = listeners.to_vec();
     }
 
-    /// Replaces the peer policy (a reload). The listening addresses carry over when `policy`
-    /// has none. Permissions and channels the new policy refuses are revoked at once
-    /// ([`TableChange::RemovePermission`], [`TableChange::UnbindChannel`],
+    /// Replaces the peer policy (a reload): `allow_loopback` and the allowed and denied
+    /// lists. uturn's own addresses (relay IPs, relay port range, listeners) carry over from
+    /// the running policy whatever `policy` says, because they change only with a restart: a
+    /// reloaded file that edits them must not make the engine judge peers by relay ports
+    /// nothing is bound on. Permissions and channels the new policy refuses are revoked at
+    /// once ([`TableChange::RemovePermission`], [`TableChange::UnbindChannel`],
     /// [`Event::PermissionRevoked`]), so a peer taken off the allow list stops receiving
     /// within one command round trip instead of living on until its permission expires.
+    /// The shell sends the shards the policy's data-path part as well
+    /// (`shell::data_path_guard`).
     pub fn set_peer_policy(&mut self, mut policy: PeerPolicy) {
-        if policy.own.listeners.is_empty() {
-            policy.own.listeners = std::mem::take(&mut self.policy.own.listeners);
-        }
+        policy.own = std::mem::take(&mut self.policy.own);
         self.policy = policy;
         let mut ids: Vec<AllocationId> = self.allocations.keys().copied().collect();
         ids.sort();
@@ -684,6 +687,11 @@ impl<R: RngCore> Engine<R> {
                 self.push_table(shard, change);
             }
         }
+    }
+
+    /// The peer policy in force.
+    pub fn peer_policy(&self) -> &PeerPolicy {
+        &self.policy
     }
 
     /// Starts or stops draining. While draining every new Allocate is answered 300 (Try

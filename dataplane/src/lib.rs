@@ -341,6 +341,10 @@ pub enum ShardCommand {
     },
     /// Remove the allocation, its permissions and channels, and close its relay sockets.
     RemoveAllocation { alloc: AllocationId },
+    /// Replace the data path's re-check of uturn's own addresses (a reload changed the peer
+    /// policy). Applied between batches like every command: the packet path reads the
+    /// shard's own copy, with no lock.
+    SetPeerGuard(PeerGuard),
     /// Stop the shard: close its sockets and end its thread.
     Shutdown,
 }

@@ -798,6 +798,10 @@ impl Core {
                 Effect::None
             }
             ShardCommand::RemoveAllocation { alloc } => self.remove_allocation(alloc),
+            ShardCommand::SetPeerGuard(guard) => {
+                self.guard = guard;
+                Effect::None
+            }
             ShardCommand::Shutdown => Effect::Shutdown,
         }
     }
@@ -1205,6 +1209,37 @@ mod tests {
             );
         }
         assert_eq!(core.counters.drops.get(DropReason::PeerDenied), 6);
+    }
+
+    /// A reload replaces the guard between batches (`SetPeerGuard`): closing loopback makes
+    /// the relay IP's other ports unreachable from the next packet on.
+    #[test]
+    fn a_new_peer_guard_applies_from_the_next_packet() {
+        let (mut core, _rx) = core();
+        let guard = |allow_loopback| PeerGuard {
+            relay_ips: vec!["127.0.0.1".parse().expect("literal")],
+            relay_ports: (20000, 29999),
+            allow_loopback,
+        };
+        core.set_peer_guard(guard(true));
+        open(&mut core, 1, CLIENT.parse().expect("literal"));
+        core.handle_command(ShardCommand::SetPermission {
+            alloc: AllocationId(1),
+            peer_ip: "127.0.0.1".parse().expect("literal"),
+        });
+        let listener = core.listener_slots()[0];
+        let client: SocketAddr = CLIENT.parse().expect("literal");
+        let (mut buf, range) = buffer(&send_indication("127.0.0.1:22"));
+        let action = core.handle_datagram(listener, client, &mut buf, range);
+        assert!(matches!(action, Action::Send { .. }), "loopback open");
+        assert!(matches!(
+            core.handle_command(ShardCommand::SetPeerGuard(guard(false))),
+            Effect::None
+        ));
+        let (mut buf, range) = buffer(&send_indication("127.0.0.1:22"));
+        let action = core.handle_datagram(listener, client, &mut buf, range);
+        assert!(matches!(action, Action::Done), "loopback closed");
+        assert_eq!(core.counters.drops.get(DropReason::PeerDenied), 1);
     }
 
     /// Issue 8: a per-allocation bandwidth cap. One second's worth passes, the excess is
