@@ -1303,12 +1303,8 @@ impl<R: RngCore> Engine<R> {
         message: &Message<'_>,
         auth: &Authenticated,
     ) {
-        if self.reject_unknown(request, message, auth) {
+        let Some(alloc) = self.admit_on_allocation(request, message, auth) else {
             return;
-        }
-        let Some(alloc) = self.active_allocation(&request.five_tuple) else {
-            // RFC 8656 §5: a request on a 5-tuple without allocation gets 437.
-            return self.respond_error(request, 437, &[], Some(auth));
         };
         // "If the server receives a Refresh Request with a REQUESTED-ADDRESS-FAMILY attribute
         // and the attribute value does not match the address family of the allocation, the
@@ -1365,11 +1361,8 @@ impl<R: RngCore> Engine<R> {
         message: &Message<'_>,
         auth: &Authenticated,
     ) {
-        if self.reject_unknown(request, message, auth) {
+        let Some(alloc) = self.admit_on_allocation(request, message, auth) else {
             return;
-        }
-        let Some(alloc) = self.active_allocation(&request.five_tuple) else {
-            return self.respond_error(request, 437, &[], Some(auth));
         };
         // All-or-nothing: every XOR-PEER-ADDRESS is checked before any permission is touched.
         let mut peers: Vec<IpAddr> = Vec::new();
@@ -1434,11 +1427,8 @@ impl<R: RngCore> Engine<R> {
         message: &Message<'_>,
         auth: &Authenticated,
     ) {
-        if self.reject_unknown(request, message, auth) {
+        let Some(alloc) = self.admit_on_allocation(request, message, auth) else {
             return;
-        }
-        let Some(alloc) = self.active_allocation(&request.five_tuple) else {
-            return self.respond_error(request, 437, &[], Some(auth));
         };
         // "The request contains both a CHANNEL-NUMBER and an XOR-PEER-ADDRESS attribute; The
         // channel number is in the range 0x4000 through 0x4FFF (inclusive)" — else 400.
@@ -1653,6 +1643,25 @@ impl<R: RngCore> Engine<R> {
             addrs,
         });
         self.pending.insert(token, pending);
+    }
+
+    /// The common opening of every request on an existing allocation (Refresh,
+    /// CreatePermission, ChannelBind): 420 for unknown comprehension-required attributes,
+    /// then 437 when the 5-tuple has no allocation (RFC 8656 §5). `None` when it answered.
+    fn admit_on_allocation(
+        &mut self,
+        request: &RequestContext,
+        message: &Message<'_>,
+        auth: &Authenticated,
+    ) -> Option<AllocationId> {
+        if self.reject_unknown(request, message, auth) {
+            return None;
+        }
+        let alloc = self.active_allocation(&request.five_tuple);
+        if alloc.is_none() {
+            self.respond_error(request, 437, &[], Some(auth));
+        }
+        alloc
     }
 
     /// 420 with UNKNOWN-ATTRIBUTES when the request has comprehension-required attributes
