@@ -24,24 +24,7 @@ fn start_default_policy(backend: &str) -> Uturn {
     Uturn::start(&refs)
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[test]
-                fn uring() {
-                    super::$name("uring");
-                }
-                #[test]
-                fn mmsg() {
-                    super::$name("mmsg");
-                }
-            }
-        )*
-    };
-}
-
-on_both_backends!(
+uturn_e2e::on_both_backends!(
     two_allocations_on_one_server_relay_to_each_other_under_the_default_policy,
     the_relay_ip_is_reachable_on_relay_ports_only,
     a_peer_that_a_reload_denies_stops_relaying,
