@@ -221,6 +221,9 @@ pub struct DataPlaneConfig {
     pub control_queue_depth: usize,
     /// How often each shard reports [`ToControl::Counters`].
     pub counters_interval: Duration,
+    /// Whether shards send those reports at all. Off only to measure what metrics cost: the
+    /// shard still counts (plain local integers), the report is never built or sent.
+    pub publish_counters: bool,
     /// uturn's own relay addresses, re-checked per packet (see [`PeerGuard`]).
     pub peer_guard: PeerGuard,
     /// Bytes per second each allocation may relay, both directions together (a token bucket
@@ -279,6 +282,7 @@ impl Default for DataPlaneConfig {
             batch_size: 256,
             control_queue_depth: 4096,
             counters_interval: Duration::from_secs(1),
+            publish_counters: true,
             peer_guard: PeerGuard::default(),
             allocation_bytes_per_sec: 0,
         }

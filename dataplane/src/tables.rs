@@ -181,6 +181,8 @@ pub(crate) struct Core {
     to_control: Sender<ToControl>,
     counters: ShardCounters,
     removed: Vec<(AllocationId, AllocationCounters)>,
+    /// Whether `report_counters` sends reports (off: metrics cost measurements).
+    publish_counters: bool,
     /// Relay sockets of an allocation replaced by `OpenAllocation` on the same 5-tuple.
     pending_close: Vec<u32>,
     /// xorshift state for Data indication transaction IDs (RFC 8489 §6: chosen by the sender;
@@ -213,6 +215,7 @@ impl Core {
             to_control,
             counters: ShardCounters::default(),
             removed: Vec::new(),
+            publish_counters: true,
             pending_close: Vec::new(),
             tid_state: 0x9E37_79B9_7F4A_7C15 ^ (u64::from(shard.0) << 32) ^ 1,
         };
@@ -925,8 +928,19 @@ impl Core {
         self.pending_close.pop()
     }
 
+    /// Whether [`Core::report_counters`] sends anything (`DataPlaneConfig::publish_counters`).
+    pub(crate) fn set_counters_published(&mut self, published: bool) {
+        self.publish_counters = published;
+    }
+
     /// Sends the counters report to control (dropped, not blocking, when the queue is full).
+    /// With publishing off it only forgets the final counters of removed allocations, which
+    /// would otherwise pile up.
     pub(crate) fn report_counters(&mut self) {
+        if !self.publish_counters {
+            self.removed.clear();
+            return;
+        }
         let mut allocations = Vec::with_capacity(self.allocations.len() + self.removed.len());
         allocations.extend(self.allocations.iter().map(|(id, a)| (*id, a.counters)));
         allocations.append(&mut self.removed);
@@ -1209,6 +1223,24 @@ mod tests {
             );
         }
         assert_eq!(core.counters.drops.get(DropReason::PeerDenied), 6);
+    }
+
+    /// With publishing off (`--no-metrics`, for measuring what metrics cost) a report is
+    /// neither built nor sent, and the counters of removed allocations do not pile up.
+    #[test]
+    fn with_publishing_off_no_report_is_sent_and_nothing_piles_up() {
+        let (mut core, rx) = core();
+        core.report_counters();
+        assert!(matches!(rx.try_recv(), Ok(ToControl::Counters(_))));
+        core.set_counters_published(false);
+        open(&mut core, 1, CLIENT.parse().expect("literal"));
+        core.handle_command(ShardCommand::RemoveAllocation {
+            alloc: AllocationId(1),
+        });
+        assert_eq!(core.removed.len(), 1);
+        core.report_counters();
+        assert!(rx.try_recv().is_err(), "nothing sent");
+        assert!(core.removed.is_empty());
     }
 
     /// A reload replaces the guard between batches (`SetPeerGuard`): closing loopback makes

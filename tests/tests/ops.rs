@@ -233,6 +233,21 @@ fn the_allocations_api_shows_and_ends_a_live_allocation() {
     assert!(server.log().contains("allocation ended by an operator"));
 }
 
+/// `--no-metrics` (for measuring what metrics cost): `/metrics` answers 404 and the server
+/// relays as usual.
+#[test]
+fn with_metrics_off_the_exporter_is_gone_and_relaying_goes_on() {
+    let server = start("mmsg", &["--no-metrics"]);
+    let (status, body) = server.http("GET", "/metrics", None);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("metrics are off"), "{body}");
+    let peer = EchoPeer::start(false);
+    let mut client = TurnClient::new(server.listener(false), "alice", "wonderland");
+    client.allocate(&[]).expect("Allocate");
+    client.channel_bind(0x4000, peer.addr).expect("ChannelBind");
+    echo_through(&mut client, &payloads(3, 50));
+}
+
 /// SIGHUP reloads the users file: a user added can allocate; a broken file is refused, the old
 /// users keep working; the live allocation relays throughout.
 #[test]

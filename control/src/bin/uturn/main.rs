@@ -166,6 +166,7 @@ fn run(
     let (http, admin) = HttpServer::start(
         config.ops.http_listen,
         config.ops.http_token.clone(),
+        config.ops.metrics,
         readiness.clone(),
     )?;
 
@@ -286,6 +287,7 @@ fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig 
         socket_recv_buffer_bytes: buffer,
         socket_send_buffer_bytes: buffer,
         counters_interval: config.ops.counters_interval(),
+        publish_counters: config.ops.metrics,
         allocation_bytes_per_sec: u64::from(config.limits.allocation_bytes_per_sec),
         peer_guard: data_path_guard(&PeerPolicy::from_config(config)),
         ..DataPlaneConfig::default()
