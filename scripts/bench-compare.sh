@@ -98,11 +98,17 @@ fi
 # What a Prometheus server does to uturn during the run: one scrape a second (on the
 # generator's core), for as long as the process PID lives (bounded at one hour).
 scrape_while() { # PID
+    local scrapes=0
     for _ in $(seq 3600); do
-        kill -0 "$1" 2>/dev/null || return 0
-        taskset -c "$GEN_CPU" curl -sf -o /dev/null "$METRICS_URL" || log "scrape of $METRICS_URL failed"
+        kill -0 "$1" 2>/dev/null || break
+        if taskset -c "$GEN_CPU" curl -sf -o /dev/null "$METRICS_URL"; then
+            scrapes=$((scrapes + 1))
+        else
+            log "scrape of $METRICS_URL failed"
+        fi
         sleep 1
     done
+    log "scraped $METRICS_URL $scrapes times"
 }
 
 # Runs the generator (arguments after the label) against server LABEL; with METRICS_AB, the
