@@ -18,6 +18,11 @@
 #   PERF=1                      also profile each server (perf record -g) during one `small`
 #                               step at PERF_PPS (default: half uturn's knee, else 50000) for
 #                               PERF_SECS (3); top entries in $OUT/perf/SERVER-top.txt
+#   METRICS_AB=1                instead of coturn and the forwarder: uturn with metrics on
+#                               (its /metrics scraped once a second during each run) beside
+#                               uturn --no-metrics, then CPU per relayed packet and knee of
+#                               both with their ratio (issue 7: metrics must cost nothing
+#                               measurable)
 # With the defaults the whole run stays under ~10 minutes on a 2-core machine.
 set -euo pipefail
 
@@ -32,12 +37,13 @@ SERVER_CPU=${SERVER_CPU:-0}
 GEN_CPU=${GEN_CPU:-1}
 IO=${IO:-auto}
 OUT=${OUT:-target/bench-compare}
+METRICS_AB=${METRICS_AB:-}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 USER_PASS="u1:p1"
 
 log() { printf '[bench-compare] %s\n' "$*" >&2; }
 
-if ! command -v turnserver >/dev/null 2>&1; then
+if [[ -z "$METRICS_AB" ]] && ! command -v turnserver >/dev/null 2>&1; then
     log "coturn is missing: installing the Debian package"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
@@ -64,19 +70,66 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Servers by label: address and pid.
+declare -A ADDR SPID
+
 # uturn: one shard, pinned. It prints its listener and "uturn is ready".
-taskset -c "$SERVER_CPU" "$UTURN" --listen 127.0.0.1:0 --relay-ip 127.0.0.1 --user "$USER_PASS" \
-    --allow-loopback-peers --threads 1 --io "$IO" --ports 10000-19999 --http 127.0.0.1:0 \
-    >"$OUT/logs/uturn.out" 2>"$OUT/logs/uturn.err" &
-UTURN_PID=$!
-PIDS+=("$UTURN_PID")
-for _ in $(seq 100); do
-    grep -q '^uturn is ready' "$OUT/logs/uturn.out" 2>/dev/null && break
-    sleep 0.1
-done
-grep -q '^uturn is ready' "$OUT/logs/uturn.out" || { log "uturn did not start:"; cat "$OUT/logs/uturn.err" >&2; exit 1; }
-UTURN_ADDR=$(sed -n 's/^listening on udp //p' "$OUT/logs/uturn.out" | head -n1)
-log "uturn ($IO) on $UTURN_ADDR, pid $UTURN_PID, core $SERVER_CPU"
+start_uturn() { # LABEL PORTS [EXTRA FLAGS...]
+    local label=$1 ports=$2
+    shift 2
+    taskset -c "$SERVER_CPU" "$UTURN" --listen 127.0.0.1:0 --relay-ip 127.0.0.1 --user "$USER_PASS" \
+        --allow-loopback-peers --threads 1 --io "$IO" --ports "$ports" --http 127.0.0.1:0 "$@" \
+        >"$OUT/logs/$label.out" 2>"$OUT/logs/$label.err" &
+    SPID[$label]=$!
+    PIDS+=("${SPID[$label]}")
+    for _ in $(seq 100); do
+        grep -q '^uturn is ready' "$OUT/logs/$label.out" 2>/dev/null && break
+        sleep 0.1
+    done
+    grep -q '^uturn is ready' "$OUT/logs/$label.out" || { log "$label did not start:"; cat "$OUT/logs/$label.err" >&2; exit 1; }
+    ADDR[$label]=$(sed -n 's/^listening on udp //p' "$OUT/logs/$label.out" | head -n1)
+    log "$label ($IO) on ${ADDR[$label]}, pid ${SPID[$label]}, core $SERVER_CPU"
+}
+start_uturn uturn 10000-19999
+SERVERS="uturn coturn"
+if [[ -n "$METRICS_AB" ]]; then
+    start_uturn uturn-nometrics 20000-29999 --no-metrics
+    SERVERS="uturn uturn-nometrics"
+    METRICS_URL="http://$(sed -n 's/^listening on http //p' "$OUT/logs/uturn.out" | head -n1)/metrics"
+fi
+
+# What a Prometheus server does to uturn during the run: one scrape a second (on the
+# generator's core), for as long as the process PID lives (bounded at one hour).
+scrape_while() { # PID
+    local scrapes=0
+    for _ in $(seq 3600); do
+        kill -0 "$1" 2>/dev/null || break
+        if taskset -c "$GEN_CPU" curl -sf -o /dev/null "$METRICS_URL"; then
+            scrapes=$((scrapes + 1))
+        else
+            log "scrape of $METRICS_URL failed"
+        fi
+        sleep 1
+    done
+    log "scraped $METRICS_URL $scrapes times"
+}
+
+# Runs the generator (arguments after the label) against server LABEL; with METRICS_AB, the
+# metrics-on uturn is scraped meanwhile.
+generate() { # LABEL ARGS...
+    local label=$1
+    shift
+    if [[ -n "$METRICS_AB" && "$label" == uturn ]]; then
+        "${GEN[@]}" "$@" &
+        local gen=$!
+        scrape_while "$gen" &
+        local scraper=$!
+        wait "$gen"
+        wait "$scraper"
+    else
+        "${GEN[@]}" "$@"
+    fi
+}
 
 # A UDP port nobody listens on (coturn binds with SO_REUSEPORT, so a port shared with another
 # server would silently split the load between the two).
@@ -94,22 +147,27 @@ free_udp_port() {
 COTURN_PORT=${COTURN_PORT:-$(free_udp_port)}
 
 # coturn: one relay thread, pinned, long-term credentials, loopback peers allowed.
-taskset -c "$SERVER_CPU" turnserver -n --listening-ip=127.0.0.1 --listening-port="$COTURN_PORT" \
-    --relay-ip=127.0.0.1 --min-port=20000 --max-port=29999 --user="$USER_PASS" --realm=bench \
-    --lt-cred-mech --allow-loopback-peers --no-cli --no-tls --no-dtls --relay-threads=1 \
-    --no-software-attribute --log-file=stdout ${COTURN_EXTRA:-} >"$OUT/logs/coturn.log" 2>&1 &
-COTURN_PID=$!
-PIDS+=("$COTURN_PID")
-COTURN_ADDR="127.0.0.1:$COTURN_PORT"
-for _ in $(seq 50); do
-    "$BENCH" probe "turn:$COTURN_ADDR" -u u1 -p p1 --timeout 0.3 >/dev/null 2>&1 && break
-    sleep 0.2
-done
-log "coturn on $COTURN_ADDR, pid $COTURN_PID, core $SERVER_CPU"
+if [[ -z "$METRICS_AB" ]]; then
+    taskset -c "$SERVER_CPU" turnserver -n --listening-ip=127.0.0.1 --listening-port="$COTURN_PORT" \
+        --relay-ip=127.0.0.1 --min-port=20000 --max-port=29999 --user="$USER_PASS" --realm=bench \
+        --lt-cred-mech --allow-loopback-peers --no-cli --no-tls --no-dtls --relay-threads=1 \
+        --no-software-attribute --log-file=stdout ${COTURN_EXTRA:-} >"$OUT/logs/coturn.log" 2>&1 &
+    COTURN_PID=$!
+    PIDS+=("$COTURN_PID")
+    COTURN_ADDR="127.0.0.1:$COTURN_PORT"
+    for _ in $(seq 50); do
+        "$BENCH" probe "turn:$COTURN_ADDR" -u u1 -p p1 --timeout 0.3 >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    log "coturn on $COTURN_ADDR, pid $COTURN_PID, core $SERVER_CPU"
+    ADDR[coturn]=$COTURN_ADDR
+    SPID[coturn]=$COTURN_PID
+fi
 
 log "probes:"
-"$BENCH" probe "turn:$UTURN_ADDR" -u u1 -p p1 | sed 's/^/  uturn  /' >&2
-"$BENCH" probe "turn:$COTURN_ADDR" -u u1 -p p1 | sed 's/^/  coturn /' >&2
+for s in $SERVERS; do
+    "$BENCH" probe "turn:${ADDR[$s]}" -u u1 -p p1 | sed "s/^/  $s /" >&2
+done
 
 GEN=(taskset -c "$GEN_CPU" "$BENCH")
 SWEEP=(--start-pps "$START_PPS" --max-pps "$MAX_PPS" --factor "$FACTOR" --step-secs "$STEP_SECS" -q)
@@ -117,22 +175,19 @@ start=$(date +%s)
 for run in $(seq "$RUNS"); do
     for w in $WORKLOADS; do
         if [[ "$w" == alloc ]]; then
-            for s in uturn coturn; do
-                addr=$UTURN_ADDR pid=$UTURN_PID
-                [[ $s == coturn ]] && addr=$COTURN_ADDR pid=$COTURN_PID
+            for s in $SERVERS; do
                 log "run $run/$RUNS: alloc on $s"
-                "${GEN[@]}" alloc --server "$addr" --server-pid "$pid" --label "$s" \
+                generate "$s" alloc --server "${ADDR[$s]}" --server-pid "${SPID[$s]}" --label "$s" \
                     --duration "$STEP_SECS" --concurrency 4 -q --json "$OUT/json/$s-alloc-$run.json"
             done
             continue
         fi
-        for s in uturn coturn; do
-            addr=$UTURN_ADDR pid=$UTURN_PID
-            [[ $s == coturn ]] && addr=$COTURN_ADDR pid=$COTURN_PID
+        for s in $SERVERS; do
             log "run $run/$RUNS: sweep $w on $s"
-            "${GEN[@]}" sweep --server "$addr" --server-pid "$pid" --label "$s" --workload "$w" \
-                "${SWEEP[@]}" --json "$OUT/json/$s-$w-$run.json"
+            generate "$s" sweep --server "${ADDR[$s]}" --server-pid "${SPID[$s]}" --label "$s" \
+                --workload "$w" "${SWEEP[@]}" --json "$OUT/json/$s-$w-$run.json"
         done
+        [[ -n "$METRICS_AB" ]] && continue
         log "run $run/$RUNS: sweep $w on the bare forwarder"
         "${GEN[@]}" baseline --forwarder-cpu "$SERVER_CPU" --workload "$w" "${SWEEP[@]}" \
             --json "$OUT/json/baseline-$w-$run.json"
@@ -149,7 +204,7 @@ for run in $(seq "$RUNS"); do
 done
 log "measured in $(( $(date +%s) - start )) s"
 
-if [[ "${PERF:-0}" == 1 ]]; then
+if [[ "${PERF:-0}" == 1 && -z "$METRICS_AB" ]]; then
     # Where the server's time goes at a mid rate. Hardware cycle counters are often missing in
     # a VM (`perf stat -e cycles` says <not supported>); the cpu-clock software event samples
     # the same way there.
@@ -184,7 +239,41 @@ fi
 {
     echo
     echo "Machine: $(nproc) cores, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-    echo "uturn: $(sed -n 's/.*backend="\([a-z_]*\)".*/\1/p' "$OUT/logs/uturn.err" | head -n1) backend, 1 shard; coturn $(turnserver --version 2>/dev/null | head -n1), 1 relay thread; server on core $SERVER_CPU, generator on core $GEN_CPU"
-    echo "Command: RUNS=$RUNS WORKLOADS=\"$WORKLOADS\" STEP_SECS=$STEP_SECS IO=$IO scripts/bench-compare.sh"
+    if [[ -n "$METRICS_AB" ]]; then
+        echo "uturn: $(sed -n 's/.*backend="\([a-z_]*\)".*/\1/p' "$OUT/logs/uturn.err" | head -n1) backend, 1 shard, metrics on (scraped every second) and off (--no-metrics); server on core $SERVER_CPU, generator on core $GEN_CPU"
+    else
+        echo "uturn: $(sed -n 's/.*backend="\([a-z_]*\)".*/\1/p' "$OUT/logs/uturn.err" | head -n1) backend, 1 shard; coturn $(turnserver --version 2>/dev/null | head -n1), 1 relay thread; server on core $SERVER_CPU, generator on core $GEN_CPU"
+    fi
+    echo "Command: ${METRICS_AB:+METRICS_AB=1 }RUNS=$RUNS WORKLOADS=\"$WORKLOADS\" STEP_SECS=$STEP_SECS IO=$IO scripts/bench-compare.sh"
 } | tee -a "$OUT/results.md"
+
+# Metrics on against off, per workload: the median over the runs of server CPU per relayed
+# packet at the knee step (per allocation for alloc) and of the knee (allocations per second).
+if [[ -n "$METRICS_AB" ]]; then
+    command -v jq >/dev/null 2>&1 || { log "jq is required for the METRICS_AB summary"; exit 2; }
+    median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "" }'; }
+    figures() { # LABEL WORKLOAD -> "cpu rate"
+        local files=("$OUT"/json/"$1"-"$2"-*.json) cpu rate
+        # The knee step of each run, as `uturn-bench report` picks it (else its last step).
+        cpu=$(jq -r 'if .alloc then .alloc.server_cpu_us_per_allocation * 1000
+            else (.knee_pps as $k | (first(.steps[] | select(.target_pps == $k)) // .steps[-1])
+                  .server_cpu_ns_per_packet) end // empty' "${files[@]}" | median)
+        rate=$(jq -r 'if .alloc then .alloc.per_sec else .knee_pps end // empty' "${files[@]}" | median)
+        echo "${cpu:-nan} ${rate:-nan}"
+    }
+    {
+        echo
+        echo "| workload | CPU ns/unit, metrics on | off | on ÷ off | knee (alloc: /s), on | off | on ÷ off |"
+        echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        for w in $WORKLOADS; do
+            read -r con ron <<<"$(figures uturn "$w")"
+            read -r coff roff <<<"$(figures uturn-nometrics "$w")"
+            awk -v w="$w" -v a="$con" -v b="$coff" -v c="$ron" -v d="$roff" 'BEGIN {
+                r1 = (b > 0) ? sprintf("%.3f", a / b) : "n/a"; r2 = (d > 0) ? sprintf("%.3f", c / d) : "n/a"
+                printf "| %s | %.0f | %.0f | %s | %.0f | %.0f | %s |\n", w, a, b, r1, c, d, r2 }'
+        done
+        echo
+        echo "Unit: ns of server CPU per relayed packet at the knee step; per allocation for alloc."
+    } | tee -a "$OUT/results.md"
+fi
 log "results: $OUT/results.md, plots: $OUT/plots/"

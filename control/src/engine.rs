@@ -624,15 +624,18 @@ impl<R: RngCore> Engine<R> {
         self.policy.own.listeners = listeners.to_vec();
     }
 
-    /// Replaces the peer policy (a reload). The listening addresses carry over when `policy`
-    /// has none. Permissions and channels the new policy refuses are revoked at once
-    /// ([`TableChange::RemovePermission`], [`TableChange::UnbindChannel`],
+    /// Replaces the peer policy (a reload): `allow_loopback` and the allowed and denied
+    /// lists. uturn's own addresses (relay IPs, relay port range, listeners) carry over from
+    /// the running policy whatever `policy` says, because they change only with a restart: a
+    /// reloaded file that edits them must not make the engine judge peers by relay ports
+    /// nothing is bound on. Permissions and channels the new policy refuses are revoked at
+    /// once ([`TableChange::RemovePermission`], [`TableChange::UnbindChannel`],
     /// [`Event::PermissionRevoked`]), so a peer taken off the allow list stops receiving
     /// within one command round trip instead of living on until its permission expires.
+    /// The shell sends the shards the policy's data-path part as well
+    /// (`shell::data_path_guard`).
     pub fn set_peer_policy(&mut self, mut policy: PeerPolicy) {
-        if policy.own.listeners.is_empty() {
-            policy.own.listeners = std::mem::take(&mut self.policy.own.listeners);
-        }
+        policy.own = std::mem::take(&mut self.policy.own);
         self.policy = policy;
         let mut ids: Vec<AllocationId> = self.allocations.keys().copied().collect();
         ids.sort();
@@ -684,6 +687,11 @@ impl<R: RngCore> Engine<R> {
                 self.push_table(shard, change);
             }
         }
+    }
+
+    /// The peer policy in force.
+    pub fn peer_policy(&self) -> &PeerPolicy {
+        &self.policy
     }
 
     /// Starts or stops draining. While draining every new Allocate is answered 300 (Try
@@ -1295,12 +1303,8 @@ impl<R: RngCore> Engine<R> {
         message: &Message<'_>,
         auth: &Authenticated,
     ) {
-        if self.reject_unknown(request, message, auth) {
+        let Some(alloc) = self.admit_on_allocation(request, message, auth) else {
             return;
-        }
-        let Some(alloc) = self.active_allocation(&request.five_tuple) else {
-            // RFC 8656 §5: a request on a 5-tuple without allocation gets 437.
-            return self.respond_error(request, 437, &[], Some(auth));
         };
         // "If the server receives a Refresh Request with a REQUESTED-ADDRESS-FAMILY attribute
         // and the attribute value does not match the address family of the allocation, the
@@ -1357,11 +1361,8 @@ impl<R: RngCore> Engine<R> {
         message: &Message<'_>,
         auth: &Authenticated,
     ) {
-        if self.reject_unknown(request, message, auth) {
+        let Some(alloc) = self.admit_on_allocation(request, message, auth) else {
             return;
-        }
-        let Some(alloc) = self.active_allocation(&request.five_tuple) else {
-            return self.respond_error(request, 437, &[], Some(auth));
         };
         // All-or-nothing: every XOR-PEER-ADDRESS is checked before any permission is touched.
         let mut peers: Vec<IpAddr> = Vec::new();
@@ -1426,11 +1427,8 @@ impl<R: RngCore> Engine<R> {
         message: &Message<'_>,
         auth: &Authenticated,
     ) {
-        if self.reject_unknown(request, message, auth) {
+        let Some(alloc) = self.admit_on_allocation(request, message, auth) else {
             return;
-        }
-        let Some(alloc) = self.active_allocation(&request.five_tuple) else {
-            return self.respond_error(request, 437, &[], Some(auth));
         };
         // "The request contains both a CHANNEL-NUMBER and an XOR-PEER-ADDRESS attribute; The
         // channel number is in the range 0x4000 through 0x4FFF (inclusive)" — else 400.
@@ -1647,6 +1645,25 @@ impl<R: RngCore> Engine<R> {
         self.pending.insert(token, pending);
     }
 
+    /// The common opening of every request on an existing allocation (Refresh,
+    /// CreatePermission, ChannelBind): 420 for unknown comprehension-required attributes,
+    /// then 437 when the 5-tuple has no allocation (RFC 8656 §5). `None` when it answered.
+    fn admit_on_allocation(
+        &mut self,
+        request: &RequestContext,
+        message: &Message<'_>,
+        auth: &Authenticated,
+    ) -> Option<AllocationId> {
+        if self.reject_unknown(request, message, auth) {
+            return None;
+        }
+        let alloc = self.active_allocation(&request.five_tuple);
+        if alloc.is_none() {
+            self.respond_error(request, 437, &[], Some(auth));
+        }
+        alloc
+    }
+
     /// 420 with UNKNOWN-ATTRIBUTES when the request has comprehension-required attributes
     /// the server does not understand (RFC 8489 §6.3.1). True when it answered.
     fn reject_unknown(
@@ -1761,6 +1778,12 @@ impl<R: RngCore> Engine<R> {
     /// of the request (RFC 8489 §9.2.4: responses to an authenticated request are protected
     /// with the same key) and FINGERPRINT when the request carried one (RFC 8489 §7.3:
     /// mirroring the client's choice is how uturn decides it).
+    ///
+    /// An error answer without integrity goes to a source that proved nothing and may be a
+    /// spoofed victim (401, 438, 400 to an unauthenticated request), so it carries no reason
+    /// phrase and no SOFTWARE: RFC 8489 §14.8 leaves the phrase free ("meant for diagnostic
+    /// purposes"; empty is fewer than 128 characters) and clients act on the code. What is
+    /// left is what the client needs (SECURITY.md, amplification).
     fn build(
         &mut self,
         request: &RequestContext,
@@ -1781,14 +1804,24 @@ impl<R: RngCore> Engine<R> {
         );
         // Every response uturn writes fits RESPONSE_LEN_MAX; a failed write would leave the
         // attribute out rather than panic.
+        let unprotected_error = code.is_some() && auth.is_none();
         if let Some(code) = code {
-            let error = ErrorCodeAttribute::new(ErrorCode(code));
+            let error = if unprotected_error {
+                ErrorCodeAttribute {
+                    code: ErrorCode(code),
+                    reason: "",
+                }
+            } else {
+                ErrorCodeAttribute::new(ErrorCode(code))
+            };
             let _ = builder.attribute(&Attribute::ErrorCode(error));
         }
         for attr in attrs {
             let _ = builder.attribute(attr);
         }
-        if let Some(software) = &self.settings.software {
+        if let Some(software) = &self.settings.software
+            && !unprotected_error
+        {
             let _ = builder.attribute(&Attribute::Software(software));
         }
         if let Some(auth) = auth {

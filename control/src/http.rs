@@ -142,23 +142,30 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Installs the global Prometheus recorder, binds `addr` and starts the HTTP thread.
-    /// Returns the server and the receiver of admin calls for the control thread.
+    /// Installs the global Prometheus recorder (unless `metrics` is false: then no recorder,
+    /// every metric update is a no-op and `/metrics` answers 404), binds `addr` and starts the
+    /// HTTP thread. Returns the server and the receiver of admin calls for the control thread.
     pub fn start(
         addr: SocketAddr,
         token: Option<String>,
+        metrics: bool,
         readiness: Readiness,
     ) -> Result<(Self, Receiver<AdminCall>), HttpError> {
-        let prometheus = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                metrics_exporter_prometheus::Matcher::Full(
-                    "uturn_allocation_lifetime_seconds".to_owned(),
-                ),
-                crate::telemetry::LIFETIME_BUCKETS_SECS,
-            )
-            .map_err(|e| HttpError::Recorder(e.to_string()))?
-            .install_recorder()
-            .map_err(|e| HttpError::Recorder(e.to_string()))?;
+        let prometheus = if metrics {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        "uturn_allocation_lifetime_seconds".to_owned(),
+                    ),
+                    crate::telemetry::LIFETIME_BUCKETS_SECS,
+                )
+                .map_err(|e| HttpError::Recorder(e.to_string()))?
+                .install_recorder()
+                .map_err(|e| HttpError::Recorder(e.to_string()))?;
+            Some(handle)
+        } else {
+            None
+        };
         let server = Server::http(addr).map_err(|e| HttpError::Bind {
             addr,
             reason: e.to_string(),
@@ -204,7 +211,8 @@ impl Drop for HttpServer {
 struct Handler {
     token: Option<String>,
     readiness: Readiness,
-    prometheus: PrometheusHandle,
+    /// None with `ops.metrics = false`.
+    prometheus: Option<PrometheusHandle>,
     calls: Sender<AdminCall>,
 }
 
@@ -261,11 +269,18 @@ impl Handler {
         }
         let admin = match (method, path) {
             (Method::Get, "/metrics") => {
-                self.prometheus.run_upkeep();
+                let Some(prometheus) = &self.prometheus else {
+                    return (
+                        404,
+                        JSON,
+                        error_json("metrics are off (ops.metrics = false)"),
+                    );
+                };
+                prometheus.run_upkeep();
                 return (
                     200,
                     "text/plain; version=0.0.4; charset=utf-8",
-                    self.prometheus.render(),
+                    prometheus.render(),
                 );
             }
             (Method::Get, "/api/v1/status") => AdminRequest::Status,

@@ -32,6 +32,12 @@ pub struct OpsConfig {
     pub log_level: String,
     /// How often shards publish their counters, milliseconds. Default 1000.
     pub counters_interval_ms: u32,
+    /// Prometheus metrics and the shards' counter reports. Default true. `false` (`--no-metrics`)
+    /// exists to measure what metrics cost (`METRICS_AB=1 scripts/bench-compare.sh`): no
+    /// recorder is installed (every metric update is a no-op), `/metrics` answers 404, shards
+    /// keep counting locally but publish nothing, so the allocations API shows no packet
+    /// counters either.
+    pub metrics: bool,
 }
 
 /// Log output format.
@@ -54,6 +60,7 @@ impl Default for OpsConfig {
             log_format: LogFormat::Human,
             log_level: "info".to_owned(),
             counters_interval_ms: 1000,
+            metrics: true,
         }
     }
 }

@@ -28,13 +28,13 @@ use hashbrown::HashMap;
 use rand::RngCore;
 use tracing::{debug, error, info, warn};
 use uturn_dataplane::{
-    AllocationId as ShardAllocationId, Counters, DataPlane, RelaySocket, ShardCommand,
+    AllocationId as ShardAllocationId, Counters, DataPlane, PeerGuard, RelaySocket, ShardCommand,
     ShardId as DataPlaneShardId, ToControl,
 };
 use uturn_proto::ChannelNumber;
 
 use crate::engine::{BindFailed, Engine, Event, Output, TableChange};
-use crate::{AllocationId, BindToken, Config, FiveTuple, ShardId, UserTable};
+use crate::{AllocationId, BindToken, Config, FiveTuple, PeerPolicy, ShardId, UserTable};
 
 pub use ops::{LogLevelSetter, OpsHooks, ReloadHook, Reloader};
 
@@ -45,6 +45,18 @@ const IDLE_WAKEUP_MAX: Duration = Duration::from_millis(250);
 /// Outputs executed per loop turn before the loop looks at its inputs again. A bound on the
 /// work per wake-up; the engine keeps the rest queued.
 const OUTPUTS_PER_TURN_MAX: usize = 4096;
+
+/// The part of `policy` the shards re-check on every Send indication and peer datagram
+/// (see [`PeerGuard`]): uturn's relay IPs are peers only on relay ports, unless loopback is
+/// allowed. The rest of the policy reaches the data path as permissions and channels, which
+/// the engine grants only to admitted peers and revokes when a reload refuses them.
+pub fn data_path_guard(policy: &PeerPolicy) -> PeerGuard {
+    PeerGuard {
+        relay_ips: policy.own.relay_ips.clone(),
+        relay_ports: policy.own.relay_ports,
+        allow_loopback: policy.allow_loopback,
+    }
+}
 
 /// What the outside world asks of the control thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

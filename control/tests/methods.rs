@@ -588,6 +588,34 @@ fn the_configured_software_is_added_to_responses() {
     assert_eq!(response.message().software().unwrap(), Some("uturn test"));
 }
 
+/// An error without integrity (the 401 a spoofed source could reflect) carries what the client
+/// needs to authenticate (RFC 8489 §9.2.4: REALM, NONCE, PASSWORD-ALGORITHMS) and nothing
+/// else: no reason phrase, no SOFTWARE. An authenticated error keeps both.
+#[test]
+fn an_unauthenticated_error_carries_no_reason_phrase_and_no_software() {
+    let mut config = config();
+    config.server.software = Some("uturn test".into());
+    let mut h = Harness::new(config);
+    let mut client = Client::new("198.51.100.1:5000");
+    let challenge = h.challenge(&mut client);
+    let message = challenge.message();
+    let error = message.error_code().unwrap().unwrap();
+    assert_eq!((error.code.0, error.reason), (401, ""));
+    assert_eq!(message.software().unwrap(), None);
+    assert_eq!(message.realm().unwrap(), Some(REALM));
+    assert!(message.password_algorithms().unwrap().is_some());
+    let nonce = challenge.nonce();
+    assert!(nonce.starts_with("obMatJos2"), "{nonce}");
+    assert_eq!(nonce.len(), 32, "{nonce}");
+
+    h.allocate(&mut client, 2, &[]);
+    let other = h.request(&client, Method::ALLOCATE, 3, &[udp()]);
+    let message = other.message();
+    let error = message.error_code().unwrap().unwrap();
+    assert_eq!((error.code.0, error.reason), (437, "Allocation Mismatch"));
+    assert_eq!(message.software().unwrap(), Some("uturn test"));
+}
+
 /// RFC 8656 §8.2: "If the 'desired lifetime' is zero, then the request succeeds and the
 /// allocation is deleted."
 #[test]

@@ -221,6 +221,9 @@ pub struct DataPlaneConfig {
     pub control_queue_depth: usize,
     /// How often each shard reports [`ToControl::Counters`].
     pub counters_interval: Duration,
+    /// Whether shards send those reports at all. Off only to measure what metrics cost: the
+    /// shard still counts (plain local integers), the report is never built or sent.
+    pub publish_counters: bool,
     /// uturn's own relay addresses, re-checked per packet (see [`PeerGuard`]).
     pub peer_guard: PeerGuard,
     /// Bytes per second each allocation may relay, both directions together (a token bucket
@@ -279,6 +282,7 @@ impl Default for DataPlaneConfig {
             batch_size: 256,
             control_queue_depth: 4096,
             counters_interval: Duration::from_secs(1),
+            publish_counters: true,
             peer_guard: PeerGuard::default(),
             allocation_bytes_per_sec: 0,
         }
@@ -341,6 +345,10 @@ pub enum ShardCommand {
     },
     /// Remove the allocation, its permissions and channels, and close its relay sockets.
     RemoveAllocation { alloc: AllocationId },
+    /// Replace the data path's re-check of uturn's own addresses (a reload changed the peer
+    /// policy). Applied between batches like every command: the packet path reads the
+    /// shard's own copy, with no lock.
+    SetPeerGuard(PeerGuard),
     /// Stop the shard: close its sockets and end its thread.
     Shutdown,
 }

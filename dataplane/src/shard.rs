@@ -226,6 +226,7 @@ pub(crate) fn start(
         );
         core.set_peer_guard(config.peer_guard.clone());
         core.set_bandwidth_cap(config.allocation_bytes_per_sec);
+        core.set_counters_published(config.publish_counters);
         let base = core.stream_listener_base();
         let streams = Streams::new(
             shard_streams

@@ -181,6 +181,8 @@ pub(crate) struct Core {
     to_control: Sender<ToControl>,
     counters: ShardCounters,
     removed: Vec<(AllocationId, AllocationCounters)>,
+    /// Whether `report_counters` sends reports (off: metrics cost measurements).
+    publish_counters: bool,
     /// Relay sockets of an allocation replaced by `OpenAllocation` on the same 5-tuple.
     pending_close: Vec<u32>,
     /// xorshift state for Data indication transaction IDs (RFC 8489 §6: chosen by the sender;
@@ -213,6 +215,7 @@ impl Core {
             to_control,
             counters: ShardCounters::default(),
             removed: Vec::new(),
+            publish_counters: true,
             pending_close: Vec::new(),
             tid_state: 0x9E37_79B9_7F4A_7C15 ^ (u64::from(shard.0) << 32) ^ 1,
         };
@@ -798,6 +801,10 @@ impl Core {
                 Effect::None
             }
             ShardCommand::RemoveAllocation { alloc } => self.remove_allocation(alloc),
+            ShardCommand::SetPeerGuard(guard) => {
+                self.guard = guard;
+                Effect::None
+            }
             ShardCommand::Shutdown => Effect::Shutdown,
         }
     }
@@ -921,8 +928,19 @@ impl Core {
         self.pending_close.pop()
     }
 
+    /// Whether [`Core::report_counters`] sends anything (`DataPlaneConfig::publish_counters`).
+    pub(crate) fn set_counters_published(&mut self, published: bool) {
+        self.publish_counters = published;
+    }
+
     /// Sends the counters report to control (dropped, not blocking, when the queue is full).
+    /// With publishing off it only forgets the final counters of removed allocations, which
+    /// would otherwise pile up.
     pub(crate) fn report_counters(&mut self) {
+        if !self.publish_counters {
+            self.removed.clear();
+            return;
+        }
         let mut allocations = Vec::with_capacity(self.allocations.len() + self.removed.len());
         allocations.extend(self.allocations.iter().map(|(id, a)| (*id, a.counters)));
         allocations.append(&mut self.removed);
@@ -1205,6 +1223,55 @@ mod tests {
             );
         }
         assert_eq!(core.counters.drops.get(DropReason::PeerDenied), 6);
+    }
+
+    /// With publishing off (`--no-metrics`, for measuring what metrics cost) a report is
+    /// neither built nor sent, and the counters of removed allocations do not pile up.
+    #[test]
+    fn with_publishing_off_no_report_is_sent_and_nothing_piles_up() {
+        let (mut core, rx) = core();
+        core.report_counters();
+        assert!(matches!(rx.try_recv(), Ok(ToControl::Counters(_))));
+        core.set_counters_published(false);
+        open(&mut core, 1, CLIENT.parse().expect("literal"));
+        core.handle_command(ShardCommand::RemoveAllocation {
+            alloc: AllocationId(1),
+        });
+        assert_eq!(core.removed.len(), 1);
+        core.report_counters();
+        assert!(rx.try_recv().is_err(), "nothing sent");
+        assert!(core.removed.is_empty());
+    }
+
+    /// A reload replaces the guard between batches (`SetPeerGuard`): closing loopback makes
+    /// the relay IP's other ports unreachable from the next packet on.
+    #[test]
+    fn a_new_peer_guard_applies_from_the_next_packet() {
+        let (mut core, _rx) = core();
+        let guard = |allow_loopback| PeerGuard {
+            relay_ips: vec!["127.0.0.1".parse().expect("literal")],
+            relay_ports: (20000, 29999),
+            allow_loopback,
+        };
+        core.set_peer_guard(guard(true));
+        open(&mut core, 1, CLIENT.parse().expect("literal"));
+        core.handle_command(ShardCommand::SetPermission {
+            alloc: AllocationId(1),
+            peer_ip: "127.0.0.1".parse().expect("literal"),
+        });
+        let listener = core.listener_slots()[0];
+        let client: SocketAddr = CLIENT.parse().expect("literal");
+        let (mut buf, range) = buffer(&send_indication("127.0.0.1:22"));
+        let action = core.handle_datagram(listener, client, &mut buf, range);
+        assert!(matches!(action, Action::Send { .. }), "loopback open");
+        assert!(matches!(
+            core.handle_command(ShardCommand::SetPeerGuard(guard(false))),
+            Effect::None
+        ));
+        let (mut buf, range) = buffer(&send_indication("127.0.0.1:22"));
+        let action = core.handle_datagram(listener, client, &mut buf, range);
+        assert!(matches!(action, Action::Done), "loopback closed");
+        assert_eq!(core.counters.drops.get(DropReason::PeerDenied), 1);
     }
 
     /// Issue 8: a per-allocation bandwidth cap. One second's worth passes, the excess is

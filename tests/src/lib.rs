@@ -372,6 +372,61 @@ pub fn uturn_binary() -> PathBuf {
     .clone()
 }
 
+/// A configuration file for `--config` in a directory of its own under the system's temp
+/// directory; dropping it removes the directory and whatever the test put beside the file
+/// (a users file), also when the test panics.
+pub struct TempConfig {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl TempConfig {
+    /// Writes `text` to `uturn.toml` in a new directory named after `name`, the process and a
+    /// counter, so tests running in parallel never share one.
+    ///
+    /// # Panics
+    ///
+    /// When the directory or the file cannot be written, or the temp directory's path is
+    /// not UTF-8 (the path goes on a command line).
+    pub fn new(name: &str, text: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("uturn-e2e-{name}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let path = dir.join("uturn.toml");
+        assert!(path.to_str().is_some(), "{} is not UTF-8", path.display());
+        let config = Self { dir, path };
+        config.write(text);
+        config
+    }
+
+    /// The file's path, for `--config`.
+    pub fn path(&self) -> &str {
+        self.path.to_str().unwrap_or_default()
+    }
+
+    /// Replaces the file's contents (before a reload).
+    ///
+    /// # Panics
+    ///
+    /// When the file cannot be written.
+    pub fn write(&self, text: &str) {
+        std::fs::write(&self.path, text)
+            .unwrap_or_else(|e| panic!("write {}: {e}", self.path.display()));
+    }
+
+    /// A path beside the file, removed with it.
+    pub fn sibling(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A response (or indication) received by a [`TurnClient`], owned.
 #[derive(Debug, Clone)]
 pub struct Received {

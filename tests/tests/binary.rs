@@ -3,7 +3,7 @@
 
 use std::process::{Command, Stdio};
 
-use uturn_e2e::{TurnClient, Uturn, uturn_binary};
+use uturn_e2e::{TempConfig, TurnClient, Uturn, uturn_binary};
 
 /// With no credentials configured, uturn creates the user `demo` with a random password and
 /// prints a ready-to-paste `turn:` URI; that user can allocate.
@@ -28,8 +28,6 @@ fn with_no_credentials_a_demo_user_is_created_and_printed() {
 /// A malformed config file is one clear line naming the field, and exit code 2.
 #[test]
 fn a_bad_config_field_is_named_and_exits_with_code_2() {
-    let dir = std::env::temp_dir().join(format!("uturn-bad-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let cases = [
         ("[relay]\nport_min = 70000\n", "port_min"),
         ("[relay]\nport_min = 5000\nport_max = 4000\n", "port"),
@@ -37,10 +35,9 @@ fn a_bad_config_field_is_named_and_exits_with_code_2() {
         ("[nonsense]\nx = 1\n", "nonsense"),
     ];
     for (i, (text, field)) in cases.iter().enumerate() {
-        let path = dir.join(format!("bad-{i}.toml"));
-        std::fs::write(&path, text).unwrap();
+        let config = TempConfig::new(&format!("bad-config-{i}"), text);
         let out = Command::new(uturn_binary())
-            .args(["--config", path.to_str().unwrap()])
+            .args(["--config", config.path()])
             .stdin(Stdio::null())
             .output()
             .expect("run uturn");
@@ -64,7 +61,6 @@ fn a_bad_config_field_is_named_and_exits_with_code_2() {
         .expect("run uturn");
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/uturn.toml"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// SIGTERM stops the server: listeners close and the exit code is 0.

@@ -3,25 +3,14 @@
 
 use std::time::Duration;
 
-use uturn_e2e::{EchoPeer, Relayed, TurnClient, Uturn, standard_args};
+use uturn_e2e::{EchoPeer, Relayed, TempConfig, TurnClient, Uturn, standard_args};
 
 #[test]
 fn an_allocation_over_its_bandwidth_cap_loses_the_excess_and_it_is_counted() {
-    let dir = std::env::temp_dir().join(format!("uturn-e2e-bandwidth-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("uturn.toml");
     // 2000 bytes a second, 2000 of burst: twenty 100-byte payloads, counting both directions.
-    std::fs::write(&config, "[limits]\nallocation_bytes_per_sec = 2000\n").expect("config");
+    let config = TempConfig::new("bandwidth", "[limits]\nallocation_bytes_per_sec = 2000\n");
     let mut args = standard_args("mmsg", 1);
-    args.extend(
-        [
-            "--config",
-            config.to_str().expect("utf-8 path"),
-            "--counters-interval-ms",
-            "50",
-        ]
-        .map(str::to_owned),
-    );
+    args.extend(["--config", config.path(), "--counters-interval-ms", "50"].map(str::to_owned));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Uturn::start(&refs);
     let peer = EchoPeer::start(false);
@@ -54,5 +43,4 @@ fn an_allocation_over_its_bandwidth_cap_loses_the_excess_and_it_is_counted() {
         Duration::from_millis(500),
     );
     assert!(dropped >= 60.0, "bandwidth drops counted: {dropped}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use uturn_e2e::{
-    ANSWER_TIMEOUT, EchoPeer, Relayed, TurnClient, Uturn, standard_args, uturn_binary,
+    ANSWER_TIMEOUT, EchoPeer, Relayed, TempConfig, TurnClient, Uturn, standard_args, uturn_binary,
 };
 
 /// How long a test waits for published counters (shards publish every 50 ms here).
@@ -48,12 +48,6 @@ fn payloads(count: usize, len: usize) -> Vec<Vec<u8>> {
 
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("uturn-ops-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
 }
 
 /// During traffic the relayed packet and byte counters move by exactly what was sent, each
@@ -239,23 +233,33 @@ fn the_allocations_api_shows_and_ends_a_live_allocation() {
     assert!(server.log().contains("allocation ended by an operator"));
 }
 
+/// `--no-metrics` (for measuring what metrics cost): `/metrics` answers 404 and the server
+/// relays as usual.
+#[test]
+fn with_metrics_off_the_exporter_is_gone_and_relaying_goes_on() {
+    let server = start("mmsg", &["--no-metrics"]);
+    let (status, body) = server.http("GET", "/metrics", None);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("metrics are off"), "{body}");
+    let peer = EchoPeer::start(false);
+    let mut client = TurnClient::new(server.listener(false), "alice", "wonderland");
+    client.allocate(&[]).expect("Allocate");
+    client.channel_bind(0x4000, peer.addr).expect("ChannelBind");
+    echo_through(&mut client, &payloads(3, 50));
+}
+
 /// SIGHUP reloads the users file: a user added can allocate; a broken file is refused, the old
 /// users keep working; the live allocation relays throughout.
 #[test]
 fn sighup_reloads_users_and_refuses_a_broken_file() {
-    let dir = temp_dir("reload");
-    let users = dir.join("users");
+    let config = TempConfig::new("ops-reload", "");
+    let users = config.sibling("users");
     std::fs::write(&users, "carol:first\n").unwrap();
-    let config = dir.join("uturn.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[auth]\nrealm = \"e2e.test\"\nusers_file = \"{}\"\n",
-            users.display()
-        ),
-    )
-    .unwrap();
-    let server = start("mmsg", &["--config", config.to_str().unwrap()]);
+    config.write(&format!(
+        "[auth]\nrealm = \"e2e.test\"\nusers_file = \"{}\"\n",
+        users.display()
+    ));
+    let server = start("mmsg", &["--config", config.path()]);
     let peer = EchoPeer::start(false);
     let mut live = TurnClient::new(server.listener(false), "carol", "first");
     live.allocate(&[]).expect("carol allocates");
@@ -307,7 +311,6 @@ fn sighup_reloads_users_and_refuses_a_broken_file() {
     );
     assert_eq!(refused, 2.0);
     assert!(server.log().contains("reload refused"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Drain: new Allocates get 508 (no alternate) or 300 with ALTERNATE-SERVER; existing
@@ -536,17 +539,14 @@ fn json_logs_are_one_object_per_line() {
 /// A reload applies a new log level from the config file.
 #[test]
 fn a_reload_applies_the_log_level() {
-    let dir = temp_dir("loglevel");
-    let config = dir.join("uturn.toml");
+    let config = TempConfig::new("ops-loglevel", "");
     let write = |level: &str| {
-        std::fs::write(
-            &config,
-            format!("[auth]\nrealm = \"e2e.test\"\n[ops]\nlog_level = \"{level}\"\n"),
-        )
-        .unwrap();
+        config.write(&format!(
+            "[auth]\nrealm = \"e2e.test\"\n[ops]\nlog_level = \"{level}\"\n"
+        ));
     };
     write("info");
-    let server = start("mmsg", &["--config", config.to_str().unwrap()]);
+    let server = start("mmsg", &["--config", config.path()]);
     write("warn");
     let (status, body) = server.http("POST", "/api/v1/reload", None);
     assert_eq!(status, 200, "{body}");
@@ -570,5 +570,4 @@ fn a_reload_applies_the_log_level() {
             .any(|l| l.contains("allocation created") && l.contains(&quiet_line)),
         "info lines are filtered after the reload: {log}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

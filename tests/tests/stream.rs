@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use uturn_e2e::{
-    ANSWER_TIMEOUT, EchoPeer, Relayed, TestCertificate, TurnClient, Uturn, peer_socket,
+    ANSWER_TIMEOUT, EchoPeer, Relayed, TempConfig, TestCertificate, TurnClient, Uturn, peer_socket,
     standard_args, uturn_binary,
 };
 use uturn_proto::{AddressFamily, Attribute, Class, MessageBuilder, Method, TransactionId};
@@ -465,12 +465,9 @@ fn a_garbage_stream_is_closed() {
 /// with an allocation stays open.
 #[test]
 fn a_connection_without_an_allocation_times_out() {
-    let dir = std::env::temp_dir().join(format!("uturn-e2e-idle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("uturn.toml");
-    std::fs::write(&config, "[server]\nstream_idle_timeout_secs = 1\n").expect("config");
+    let config = TempConfig::new("idle", "[server]\nstream_idle_timeout_secs = 1\n");
     let mut args = standard_args("uring", 1);
-    args.extend(["--config".to_owned(), config.to_string_lossy().into_owned()]);
+    args.extend(["--config".to_owned(), config.path().to_owned()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Uturn::start(&refs);
     let addr = server.stream_listener("tcp", false);
@@ -487,19 +484,15 @@ fn a_connection_without_an_allocation_times_out() {
     // The allocated one still answers.
     let response = busy.request(Method::BINDING, &[]);
     assert_eq!(response.message().class(), Class::SuccessResponse);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// At most `server.stream_connections_max` connections per shard: one more is accepted and
 /// closed at once; when a slot frees, a new connection is served again.
 #[test]
 fn connections_beyond_the_per_shard_limit_are_closed() {
-    let dir = std::env::temp_dir().join(format!("uturn-e2e-max-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("uturn.toml");
-    std::fs::write(&config, "[server]\nstream_connections_max = 2\n").expect("config");
+    let config = TempConfig::new("max", "[server]\nstream_connections_max = 2\n");
     let mut args = standard_args("mmsg", 1);
-    args.extend(["--config".to_owned(), config.to_string_lossy().into_owned()]);
+    args.extend(["--config".to_owned(), config.path().to_owned()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Uturn::start(&refs);
     let addr = server.stream_listener("tcp", false);
@@ -524,7 +517,6 @@ fn connections_beyond_the_per_shard_limit_are_closed() {
         served = !fourth.wait_closed(Duration::from_millis(200));
     }
     assert!(served, "a new connection is served once one closed");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Issue 8: at most `server.stream_connections_per_source_max` connections from one source
@@ -532,20 +524,12 @@ fn connections_beyond_the_per_shard_limit_are_closed() {
 /// shard still has room for other sources (here ::1).
 #[test]
 fn connections_beyond_the_per_source_limit_are_closed_and_counted() {
-    let dir = std::env::temp_dir().join(format!("uturn-e2e-per-source-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("uturn.toml");
-    std::fs::write(&config, "[server]\nstream_connections_per_source_max = 2\n").expect("config");
-    let mut args = standard_args("mmsg", 1);
-    args.extend(
-        [
-            "--config",
-            config.to_str().expect("utf-8 path"),
-            "--counters-interval-ms",
-            "50",
-        ]
-        .map(str::to_owned),
+    let config = TempConfig::new(
+        "per-source",
+        "[server]\nstream_connections_per_source_max = 2\n",
     );
+    let mut args = standard_args("mmsg", 1);
+    args.extend(["--config", config.path(), "--counters-interval-ms", "50"].map(str::to_owned));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Uturn::start(&refs);
     let addr = server.stream_listener("tcp", false);
@@ -571,5 +555,4 @@ fn connections_beyond_the_per_source_limit_are_closed_and_counted() {
         Duration::from_secs(5),
     );
     assert_eq!(refused, 1.0);
-    let _ = std::fs::remove_dir_all(&dir);
 }

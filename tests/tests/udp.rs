@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use uturn_e2e::{
-    ANSWER_TIMEOUT, EchoPeer, FORBIDDEN, Relayed, TurnClient, Uturn, peer_socket, standard_args,
+    ANSWER_TIMEOUT, EchoPeer, FORBIDDEN, Relayed, TempConfig, TurnClient, Uturn, peer_socket,
+    standard_args,
 };
 use uturn_proto::{AddressFamily, Attribute, Class, EvenPort, Message, Method, ReservationToken};
 
@@ -186,11 +187,11 @@ fn refresh_extends_and_lifetime_zero_deletes(backend: &str) {
 /// RFC 8656 §9: a permission lasts its lifetime (300 s by default; 1 s here, from the config
 /// file) unless refreshed; after that, the peer's datagrams are dropped.
 fn permissions_expire_after_their_configured_lifetime(backend: &str) {
-    let dir = std::env::temp_dir().join(format!("uturn-e2e-{}-{backend}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("short-permissions.toml");
-    std::fs::write(&config, "[relay]\npermission_lifetime_secs = 1\n").unwrap();
-    let server = start(backend, 1, &["--config", config.to_str().unwrap()]);
+    let config = TempConfig::new(
+        &format!("short-permissions-{backend}"),
+        "[relay]\npermission_lifetime_secs = 1\n",
+    );
+    let server = start(backend, 1, &["--config", config.path()]);
     let mut client = TurnClient::new(server.listener(false), "alice", "wonderland");
     let allocation = client.allocate(&[]).unwrap();
     let peer = peer_socket(false);
@@ -219,7 +220,6 @@ fn permissions_expire_after_their_configured_lifetime(backend: &str) {
         expired_after >= Duration::from_millis(900),
         "permission must live its full second, ended after {expired_after:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// RFC 8656 §7.1: REQUESTED-ADDRESS-FAMILY IPv6 gets an IPv6 relayed address; ChannelData

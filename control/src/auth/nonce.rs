@@ -1,13 +1,25 @@
 //! Stateless NONCEs (RFC 8489 §9.2): the server keeps nothing for a client before it
 //! authenticates.
 //!
-//! A nonce is `cookie ‖ time ‖ tag`, all printable ASCII (46 characters):
+//! A nonce is `cookie ‖ base64url(time ‖ tag)`, 32 printable ASCII characters, so the NONCE
+//! attribute needs no padding:
 //!
 //! - `cookie`: RFC 8489 §9.2 "nonce cookie", `"obMatJos2"` followed by the base64 of the 24-bit
 //!   STUN Security Features (§18.1: bit 0 "Password algorithms", bit 1 "Username anonymity").
-//! - `time`: milliseconds since the engine started (monotonic), 8 bytes big-endian, base64url.
+//!   An RFC 8489 client reads it to know that the server offers SHA-256 passwords, and the
+//!   echo of PASSWORD-ALGORITHMS is checked against it (bid-down protection), so it stays.
+//! - `time`: milliseconds since the engine started (monotonic), 40 bits big-endian: 34 years
+//!   of uptime before it saturates (every nonce then reads stale, never valid for longer).
 //! - `tag`: HMAC-SHA256 over cookie, time and the client's 5-tuple (transport, client address,
-//!   server address), keyed with a random per-process secret, truncated to 128 bits, base64url.
+//!   server address), keyed with a random per-process secret, truncated to 72 bits.
+//!
+//! Why 72 bits are enough: the key never leaves the process and the tag can only be checked by
+//! asking the server, so a forger is limited to online guesses, each one an authenticated
+//! request that the per-source and per-user failure budgets throttle; 2^71 guesses on average
+//! is out of reach at any rate a network carries. A forged nonce would not authenticate
+//! anyone either: MESSAGE-INTEGRITY still needs the password; the tag only keeps a nonce bound
+//! to the 5-tuple and the time it was issued. Each byte saved here is a byte less in every 401
+//! and 438 a spoofed source can reflect (SECURITY.md, amplification).
 //!
 //! A nonce is valid for the 5-tuple it was issued to, for `nonce_lifetime_secs`: another client
 //! cannot replay it and the server cannot be made to accept a nonce it did not issue. Restarting
@@ -32,11 +44,16 @@ pub const FEATURE_PASSWORD_ALGORITHMS: u32 = 1 << 23;
 /// RFC 8489 §18.1: "Username anonymity" is bit 1.
 pub const FEATURE_USERNAME_ANONYMITY: u32 = 1 << 22;
 
-const TIME_LEN: usize = 11; // base64url of 8 bytes, unpadded
-const TAG_BYTES: usize = 16;
-const TAG_LEN: usize = 22; // base64url of 16 bytes, unpadded
-/// Total length of a nonce this module issues.
-pub const NONCE_LEN: usize = NONCE_COOKIE_LEN + TIME_LEN + TAG_LEN;
+/// 40 bits of milliseconds.
+const TIME_BYTES: usize = 5;
+const TIME_MAX: u64 = (1 << (8 * TIME_BYTES)) - 1;
+/// 72 bits of HMAC-SHA256 (module doc: why that is enough).
+const TAG_BYTES: usize = 9;
+const SEALED_BYTES: usize = TIME_BYTES + TAG_BYTES;
+/// base64url of the 14 sealed bytes, unpadded.
+const SEALED_LEN: usize = (SEALED_BYTES * 8).div_ceil(6);
+/// Total length of a nonce this module issues: 32, a multiple of 4, so no attribute padding.
+pub const NONCE_LEN: usize = NONCE_COOKIE_LEN + SEALED_LEN;
 
 /// Issues and checks nonces.
 #[derive(Clone)]
@@ -75,13 +92,15 @@ impl NonceIssuer {
     }
 
     pub(crate) fn issue(&self, now: Instant, five_tuple: &FiveTuple) -> String {
-        let millis = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let elapsed = now.saturating_duration_since(self.epoch).as_millis();
+        let millis = u64::try_from(elapsed).unwrap_or(u64::MAX).min(TIME_MAX);
+        let mut sealed = [0u8; SEALED_BYTES];
+        sealed[..TIME_BYTES].copy_from_slice(&millis.to_be_bytes()[8 - TIME_BYTES..]);
+        sealed[TIME_BYTES..].copy_from_slice(&self.tag(&self.cookie, millis, five_tuple));
         let mut out = String::with_capacity(NONCE_LEN);
         // The cookie is ASCII by construction.
         out.push_str(std::str::from_utf8(&self.cookie).unwrap_or(NONCE_COOKIE_PREFIX));
-        URL_SAFE_NO_PAD.encode_string(millis.to_be_bytes(), &mut out);
-        let tag = self.tag(&self.cookie, millis, five_tuple);
-        URL_SAFE_NO_PAD.encode_string(tag, &mut out);
+        URL_SAFE_NO_PAD.encode_string(sealed, &mut out);
         out
     }
 
@@ -91,21 +110,18 @@ impl NonceIssuer {
         if nonce.len() != NONCE_LEN {
             return false;
         }
-        let (cookie, rest) = nonce.split_at(NONCE_COOKIE_LEN);
-        let (time, tag) = rest.split_at(TIME_LEN);
-        let mut millis = [0u8; 8];
-        match URL_SAFE_NO_PAD.decode_slice(time, &mut millis) {
-            Ok(8) => {}
+        let (cookie, encoded) = nonce.split_at(NONCE_COOKIE_LEN);
+        // One spare byte: decode_slice refuses an output shorter than its rounded-up estimate.
+        let mut sealed = [0u8; SEALED_BYTES + 1];
+        match URL_SAFE_NO_PAD.decode_slice(encoded, &mut sealed) {
+            Ok(SEALED_BYTES) => {}
             _ => return false,
         }
-        let millis = u64::from_be_bytes(millis);
-        let mut given = [0u8; TAG_BYTES];
-        match URL_SAFE_NO_PAD.decode_slice(tag, &mut given) {
-            Ok(TAG_BYTES) => {}
-            _ => return false,
-        }
+        let mut time = [0u8; 8];
+        time[8 - TIME_BYTES..].copy_from_slice(&sealed[..TIME_BYTES]);
+        let millis = u64::from_be_bytes(time);
         let expected = self.tag(cookie, millis, five_tuple);
-        if !constant_time_eq(&expected, &given) {
+        if !constant_time_eq(&expected, &sealed[TIME_BYTES..SEALED_BYTES]) {
             return false;
         }
         let issued = self.epoch + Duration::from_millis(millis);

@@ -13,7 +13,9 @@ use super::ControlThread;
 use crate::engine::Event;
 use crate::http::{AdminCall, AdminReply, AdminRequest, Readiness};
 use crate::telemetry::{Telemetry, transport_label};
-use crate::{AllocationId, AuthFailure, Config, DropReason, PeerPolicy, UserTable};
+use uturn_dataplane::ShardCommand;
+
+use crate::{AllocationId, AuthFailure, Config, DropReason, PeerPolicy, ShardId, UserTable};
 
 /// Re-reads the configuration (file and flags) for a reload.
 pub type Reloader = Box<dyn FnMut() -> Result<Config, String> + Send>;
@@ -291,6 +293,11 @@ impl<R: RngCore> ControlThread<R> {
         self.engine.reload_users(users).map_err(|e| e.to_string())?;
         self.engine
             .set_peer_policy(PeerPolicy::from_config(&config));
+        let guard = super::data_path_guard(self.engine.peer_policy());
+        for shard in 0..self.dataplane.shard_count() {
+            let shard = ShardId(u16::try_from(shard).unwrap_or(u16::MAX));
+            self.send(shard, ShardCommand::SetPeerGuard(guard.clone()));
+        }
         applied.extend(["users", "secrets", "peers"]);
         if config.ops.log_level != self.config.ops.log_level
             && let Some(set) = &self.ops.log_level

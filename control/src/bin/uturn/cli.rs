@@ -97,6 +97,11 @@ pub(crate) struct Cli {
     /// How often shards publish their counters, milliseconds (`ops.counters_interval_ms`).
     #[arg(long = "counters-interval-ms", value_name = "MS")]
     pub(crate) counters_interval_ms: Option<u32>,
+
+    /// Turn Prometheus metrics and the shards' counter reports off, to measure what they cost
+    /// (`ops.metrics = false`).
+    #[arg(long = "no-metrics")]
+    pub(crate) no_metrics: bool,
 }
 
 /// `--log-format` values.
@@ -182,6 +187,9 @@ impl Cli {
             .extend(self.alternate_server.iter().copied());
         if let Some(ms) = self.counters_interval_ms {
             config.ops.counters_interval_ms = ms;
+        }
+        if self.no_metrics {
+            config.ops.metrics = false;
         }
         if let Some(io) = self.io {
             config.server.io = match io {

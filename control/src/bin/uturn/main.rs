@@ -30,11 +30,11 @@ use uturn_control::config::{IoBackend, UserConfig};
 use uturn_control::http::{HttpServer, Readiness};
 use uturn_control::listen;
 use uturn_control::ops::LogFormat;
-use uturn_control::shell::{ControlThread, LogLevelSetter, OpsHooks, Signal, default_relay_ips};
-use uturn_control::{Config, UserTable};
-use uturn_dataplane::{
-    BackendChoice, DataPlane, DataPlaneConfig, PeerGuard, StreamLimits, TlsConfig,
+use uturn_control::shell::{
+    ControlThread, LogLevelSetter, OpsHooks, Signal, data_path_guard, default_relay_ips,
 };
+use uturn_control::{Config, PeerPolicy, UserTable};
+use uturn_dataplane::{BackendChoice, DataPlane, DataPlaneConfig, StreamLimits, TlsConfig};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -166,6 +166,7 @@ fn run(
     let (http, admin) = HttpServer::start(
         config.ops.http_listen,
         config.ops.http_token.clone(),
+        config.ops.metrics,
         readiness.clone(),
     )?;
 
@@ -286,12 +287,9 @@ fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig 
         socket_recv_buffer_bytes: buffer,
         socket_send_buffer_bytes: buffer,
         counters_interval: config.ops.counters_interval(),
+        publish_counters: config.ops.metrics,
         allocation_bytes_per_sec: u64::from(config.limits.allocation_bytes_per_sec),
-        peer_guard: PeerGuard {
-            relay_ips: config.relay.relay_ips.clone(),
-            relay_ports: (config.relay.port_min, config.relay.port_max),
-            allow_loopback: config.peers.allow_loopback,
-        },
+        peer_guard: data_path_guard(&PeerPolicy::from_config(config)),
         ..DataPlaneConfig::default()
     }
 }
