@@ -67,8 +67,12 @@ cat >"$work/uturn.toml" <<TOML
 counters_interval_ms = 200
 TOML
 
+# Relay ports below Linux's ephemeral range (32768-60999): a relay bind that collides with some
+# client's ephemeral port would fail and, after eight tries, answer 508. Each CI script has its
+# own range (tests 20000-31999, browser 10000-11999, interop 12000-15999, aiortc 16000-16999,
+# soak 17000-18999).
 "$bin" --config "$work/uturn.toml" \
-  --listen udp://127.0.0.1:0 --listen tcp://127.0.0.1:0 --relay-ip 127.0.0.1 \
+  --listen udp://127.0.0.1:0 --listen tcp://127.0.0.1:0 --relay-ip 127.0.0.1 --ports "${PORTS:-16000-16999}" \
   --realm aiortc-e2e.test --auth-secret "$secret" \
   --user "aiortc-udp:$password" --user "aiortc-tcp:$password" \
   --http 127.0.0.1:0 >"$work/uturn.out" 2>"$work/uturn.log" &

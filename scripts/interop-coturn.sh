@@ -83,10 +83,14 @@ cat >"$work/uturn.toml" <<TOML
 accept_rfc5766_channel_numbers = true
 TOML
 
+# Relay ports below Linux's ephemeral range (32768-60999): a relay bind that collides with some
+# client's ephemeral port would fail and, after eight tries, answer 508. Each CI script has its
+# own range (tests 20000-31999, browser 10000-11999, interop 12000-15999, aiortc 16000-16999,
+# soak 17000-18999).
 "$bin" --config "$work/uturn.toml" --listen "127.0.0.1:$turn_port" --listen "[::1]:$turn_port" \
   --listen "tls://127.0.0.1:$tls_port" --listen "auto://127.0.0.1:$auto_port" \
   --tls-cert "$work/cert.pem" --tls-key "$work/key.pem" \
-  --relay-ip 127.0.0.1 --relay-ip ::1 --ports 40000-44999 --realm interop.test \
+  --relay-ip 127.0.0.1 --relay-ip ::1 --ports "${PORTS:-12000-15999}" --realm interop.test \
   --user interop:interop-password --auth-secret "$secret" --allow-loopback-peers \
   --io "$backend" --threads 2 --http 127.0.0.1:0 >"$work/uturn.log" 2>&1 &
 uturn_pid=$!
