@@ -20,28 +20,35 @@
 //!
 //! # Framing and TLS
 //!
-//! Bytes are cut into STUN messages and padded ChannelData by [`uturn_proto::StreamFramer`].
-//! TLS (1.2 and 1.3, ALPN `stun.turn` when the [`TlsConfig`] sets it) is rustls's
-//! [`rustls::ServerConnection`] fed from the socket with `read_tls`/`write_tls`, no async
-//! runtime. An `auto` listener peeks at the first byte: 0x16 (a TLS handshake record) makes the
-//! connection TLS, anything else plain TCP.
+//! The bytes of a connection go through [`conn::Connection`], a sans-IO state machine the I/O
+//! edge feeds with what the socket delivered and asks for what to write. Plain TURN is cut into
+//! STUN messages and padded ChannelData in place in the receive buffer
+//! ([`uturn_proto::frame_len`]). TLS (1.2 and 1.3, ALPN `stun.turn` when the [`TlsConfig`] sets
+//! it) is rustls's buffer-level [`rustls::server::UnbufferedServerConnection`]:
+//! `process_tls_records` reads the records in the connection's receive buffer, handshake records
+//! and encrypted frames are written straight into its send queue; no async runtime. An `auto`
+//! listener looks at the first byte: 0x16 (a TLS handshake record) makes the connection TLS,
+//! anything else plain TCP.
 //!
 //! # Memory and back-pressure
 //!
 //! Per connection, allocated at accept and never grown:
 //!
 //! ```text
-//! framer     = StreamLimits::frame_len_max           // one whole frame in reassembly
-//! send queue = StreamLimits::send_queue_bytes        // bytes waiting for the socket
-//! TLS        = rustls's own buffers (≈ 2 × 16 KiB records) when the connection is TLS
+//! receive buffer = frame_len_max (plain TCP) or one TLS record, 18437 B (tls, auto)
+//! send queue     = StreamLimits::send_queue_bytes     // wire bytes (ciphertext for TLS)
+//! TLS            = the rustls session; decrypted records waiting for the framer get a
+//!                  frame_len_max framer (rustls 0.23 still hands each decrypted record over
+//!                  in a Vec of its own: one allocation per received record)
 //! ```
 //!
-//! and at most [`StreamLimits::connections_max`] connections per shard (more are accepted and
-//! closed at once, counted in `stream_refused`). A frame for a client whose send queue cannot
-//! take it whole is dropped and counted as [`DropReason::QueueFull`], as a full UDP socket buffer
-//! would drop it; a slow reader therefore costs only its own queue, never the shard's time.
-//! Plaintext reaches rustls only when its previous records are on the wire, so rustls holds at
-//! most one batch of records per connection.
+//! plus one 16 KiB plaintext scratch per shard for encryption, and at most
+//! [`StreamLimits::connections_max`] connections per shard (more are accepted and closed at
+//! once, counted in `stream_refused`). A frame for a client whose send queue cannot take it
+//! whole (contiguously: the queue is a two-region circular buffer, so up to one frame of it may
+//! be unusable at the wrap) is dropped and counted as [`DropReason::QueueFull`], as a full UDP
+//! socket buffer would drop it; a slow reader therefore costs only its own queue, never the
+//! shard's time. A handshake record that does not fit ends the connection.
 //!
 //! # Lifetime
 //!
@@ -50,7 +57,8 @@
 //! [`ToControl::ConnectionClosed`](crate::ToControl::ConnectionClosed) and control removes the
 //! allocation (RFC 8656 §3.1).
 
-use std::collections::VecDeque;
+mod conn;
+
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -59,8 +67,8 @@ use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 use socket2::{Domain, Protocol, Socket, Type};
-use uturn_proto::StreamFramer;
 
+pub(crate) use self::conn::{Close, Connection, Start};
 use crate::addr::canonical;
 use crate::sys::Epoll;
 use crate::tables::{Action, Core};
@@ -224,8 +232,6 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
 const ACCEPTS_PER_POLL_MAX: usize = 64;
 /// Socket reads per connection per `poll`, so one busy client cannot starve the others.
 const READS_PER_EVENT_MAX: usize = 16;
-/// Plaintext handed to rustls at once (one TLS record).
-const TLS_PLAINTEXT_CHUNK: usize = 16 * 1024;
 /// Epoll tokens at or above this are listeners; below are connection slots.
 const LISTENER_TOKEN_BASE: u64 = 1 << 32;
 
@@ -239,42 +245,25 @@ struct Listener {
     socket: TcpListener,
 }
 
-enum Mode {
-    /// An `auto` connection before its first byte.
-    Sniff,
-    Plain,
-    Tls(Box<rustls::ServerConnection>),
-}
-
 struct Conn {
     socket: TcpStream,
     listener: u16,
     client: SocketAddr,
-    mode: Mode,
-    framer: StreamFramer,
-    out: VecDeque<u8>,
+    io: Connection,
     out_interest: bool,
     accepted_at: Instant,
     /// Sent at least one message to control (so control may hold state for its 5-tuple).
     reported: bool,
-    /// The send queue has overflowed at least once (logged once per connection).
-    overflowed: bool,
 }
 
 impl Conn {
     fn transport(&self) -> ClientTransport {
-        match self.mode {
-            Mode::Tls(_) => ClientTransport::Tls,
-            Mode::Sniff | Mode::Plain => ClientTransport::Tcp,
+        if self.io.is_tls() {
+            ClientTransport::Tls
+        } else {
+            ClientTransport::Tcp
         }
     }
-}
-
-/// Why a connection closes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Close {
-    Eof,
-    Error,
 }
 
 /// A shard's stream listeners and connections.
@@ -288,6 +277,8 @@ pub(crate) struct Streams {
     limits: StreamLimits,
     tokens: Vec<u64>,
     open: usize,
+    /// Plaintext staging for TLS encryption (one record), allocated once per shard.
+    scratch: Box<[u8]>,
     /// Open connections per source IP; an entry lives only while its source has a
     /// connection, so the map is bounded by `connections_max`.
     per_source: HashMap<IpAddr, u32>,
@@ -324,6 +315,7 @@ impl Streams {
             limits,
             tokens: Vec::with_capacity(256),
             open: 0,
+            scratch: vec![0; conn::TLS_PLAINTEXT_LEN_MAX].into_boxed_slice(),
             per_source: HashMap::new(),
         })
     }
@@ -350,8 +342,7 @@ impl Streams {
                 self.accept(core, (token - LISTENER_TOKEN_BASE) as usize, now);
             } else {
                 let slot = token as u32;
-                let result = self.on_ready(core, slot);
-                if let Err(_why) = result {
+                if self.on_ready(core, slot).is_err() {
                     self.close(core, slot);
                 }
             }
@@ -390,10 +381,9 @@ impl Streams {
         let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
             return Err(DropReason::NoAllocation);
         };
-        let len = parts[0].len() + parts[1].len() + padding;
-        if conn.out.len() + len > self.limits.send_queue_bytes {
-            if !conn.overflowed {
-                conn.overflowed = true;
+        let first_overflow = conn.io.queue_full_drops == 0;
+        if let Err(reason) = conn.io.queue_frame(parts, padding, &mut self.scratch) {
+            if reason == DropReason::QueueFull && first_overflow {
                 tracing::debug!(
                     shard = core.shard().0,
                     %client,
@@ -401,11 +391,8 @@ impl Streams {
                      (logged once per connection)"
                 );
             }
-            return Err(DropReason::QueueFull);
+            return Err(reason);
         }
-        conn.out.extend(parts[0]);
-        conn.out.extend(parts[1]);
-        conn.out.extend(std::iter::repeat_n(0u8, padding));
         if flush(conn, &self.epoll, slot).is_err() {
             self.close(core, slot);
         }
@@ -447,26 +434,34 @@ impl Streams {
             }
             // Relayed media is latency-sensitive and already framed.
             let _ = socket.set_nodelay(true);
-            let mode = match kind {
-                StreamKind::Tcp => Mode::Plain,
-                StreamKind::Auto => Mode::Sniff,
-                StreamKind::Tls => match self.new_tls() {
-                    Some(tls) => Mode::Tls(tls),
+            let start = match kind {
+                StreamKind::Tcp => Start::Plain,
+                StreamKind::Auto => Start::Sniff,
+                StreamKind::Tls => match self.tls.as_ref() {
+                    Some(tls) => Start::Tls(tls.current()),
                     None => continue,
                 },
+            };
+            let io = match Connection::new(
+                start,
+                self.limits.frame_len_max,
+                self.limits.send_queue_bytes,
+            ) {
+                Ok(io) => io,
+                Err(error) => {
+                    tracing::warn!(%error, "TLS session setup failed");
+                    continue;
+                }
             };
             let client = canonical(client);
             let conn = Conn {
                 socket,
                 listener: listener_index,
                 client,
-                mode,
-                framer: StreamFramer::new(self.limits.frame_len_max),
-                out: VecDeque::with_capacity(self.limits.send_queue_bytes),
+                io,
                 out_interest: false,
                 accepted_at: now,
                 reported: false,
-                overflowed: false,
             };
             let slot = match self.free.pop() {
                 Some(slot) => slot,
@@ -498,83 +493,39 @@ impl Streams {
         }
     }
 
-    fn new_tls(&self) -> Option<Box<rustls::ServerConnection>> {
-        let config = self.tls.as_ref()?.current();
-        match rustls::ServerConnection::new(config) {
-            Ok(tls) => Some(Box::new(tls)),
-            Err(error) => {
-                tracing::warn!(%error, "TLS session setup failed");
-                None
-            }
-        }
-    }
-
     fn on_ready(&mut self, core: &mut Core, slot: u32) -> Result<(), Close> {
-        let new_tls = if matches!(
-            self.conns.get(slot as usize).and_then(Option::as_ref),
-            Some(Conn {
-                mode: Mode::Sniff,
-                ..
-            })
-        ) {
-            self.new_tls()
-        } else {
-            None
-        };
         let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
             return Ok(());
         };
-        if let Mode::Sniff = conn.mode {
-            let mut first = [0u8; 1];
-            match conn.socket.peek(&mut first) {
-                Ok(0) => return Err(Close::Eof),
-                Ok(_) if first[0] == 0x16 => match new_tls {
-                    Some(tls) => conn.mode = Mode::Tls(tls),
-                    None => return Err(Close::Error),
-                },
-                Ok(_) => conn.mode = Mode::Plain,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(_) => return Err(Close::Error),
-            }
-        }
+        let tls = self.tls.as_ref();
         for _ in 0..READS_PER_EVENT_MAX {
-            let more = match &mut conn.mode {
-                Mode::Sniff => false,
-                Mode::Plain => {
-                    let spare = conn.framer.spare_capacity_mut();
-                    if spare.is_empty() {
-                        return Err(Close::Error);
-                    }
-                    match conn.socket.read(spare) {
-                        Ok(0) => return Err(Close::Eof),
-                        Ok(n) => {
-                            conn.framer.commit(n);
-                            drain_frames(core, conn)?;
-                            true
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
-                        Err(_) => return Err(Close::Error),
-                    }
-                }
-                Mode::Tls(tls) => match tls.read_tls(&mut conn.socket) {
-                    Ok(0) => return Err(Close::Eof),
-                    Ok(_) => {
-                        if tls.process_new_packets().is_err() {
-                            // Send the alert rustls queued, best effort, then close.
-                            let _ = tls.write_tls(&mut conn.socket);
-                            return Err(Close::Error);
-                        }
-                        read_plaintext(core, conn)?;
-                        true
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
-                    Err(_) => return Err(Close::Error),
-                },
+            let buf = conn.io.read_buf();
+            if buf.is_empty() {
+                return Err(Close::Error);
+            }
+            let n = match conn.socket.read(buf) {
+                Ok(0) => return Err(Close::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Err(Close::Error),
             };
-            if !more {
-                break;
+            let (listener, client) = (conn.listener, conn.client);
+            let reported = &mut conn.reported;
+            let result = conn.io.received(
+                n,
+                || tls.map(TlsConfig::current),
+                &mut self.scratch,
+                &mut |transport, frame| {
+                    handle_frame(core, listener, client, transport, frame, reported);
+                },
+            );
+            if let Err(close) = result {
+                if close == Close::Eof {
+                    // Best effort: our close_notify, queued by `received`.
+                    let _ = conn.socket.write(conn.io.pending());
+                }
+                return Err(close);
             }
         }
         flush(conn, &self.epoll, slot).map_err(|()| Close::Error)
@@ -605,148 +556,55 @@ impl Streams {
     }
 }
 
-/// Moves decrypted bytes from rustls into the framer and handles the frames.
-fn read_plaintext(core: &mut Core, conn: &mut Conn) -> Result<(), Close> {
-    let Mode::Tls(tls) = &mut conn.mode else {
-        return Ok(());
-    };
-    loop {
-        let spare = conn.framer.spare_capacity_mut();
-        if spare.is_empty() {
-            return Err(Close::Error);
-        }
-        match tls.reader().read(spare) {
-            // close_notify: the client is done.
-            Ok(0) => return Err(Close::Eof),
-            Ok(n) => {
-                conn.framer.commit(n);
-                // Reborrow: the framer and the core are separate from `tls`.
-                let transport = ClientTransport::Tls;
-                drain_framer(
-                    core,
-                    &mut conn.framer,
-                    conn.listener,
-                    transport,
-                    conn.client,
-                    &mut conn.reported,
-                )?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(_) => return Err(Close::Error),
-        }
-    }
-}
-
-fn drain_frames(core: &mut Core, conn: &mut Conn) -> Result<(), Close> {
-    let transport = conn.transport();
-    drain_framer(
-        core,
-        &mut conn.framer,
-        conn.listener,
-        transport,
-        conn.client,
-        &mut conn.reported,
-    )
-}
-
-/// Hands every whole frame to the fast path; a framing error closes the connection (the
-/// stream cannot be resynchronised).
-fn drain_framer(
+/// Hands one whole frame to the fast path (ChannelData and Send indications go to the relay
+/// socket here; other STUN goes to control). The transport is the connection's.
+fn handle_frame(
     core: &mut Core,
-    framer: &mut StreamFramer,
     listener: u16,
-    transport: ClientTransport,
     client: SocketAddr,
+    transport: ClientTransport,
+    frame: &[u8],
     reported: &mut bool,
-) -> Result<(), Close> {
-    loop {
-        let frame = match framer.pop() {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return Ok(()),
-            Err(_) => {
-                core.count_drop(DropReason::Malformed);
-                return Err(Close::Error);
-            }
-        };
-        let action = core.handle_stream_frame(listener, transport, client, frame, reported);
-        match action {
-            Action::Send {
-                via,
-                to,
-                range,
-                relay,
-            } => {
-                let sent = match (core.socket(via), frame.get(range)) {
-                    (Some(socket), Some(payload)) => socket.send_to(payload, to).map(|_| ()),
-                    _ => Err(io::Error::from(io::ErrorKind::NotFound)),
+) {
+    let action = core.handle_stream_frame(listener, transport, client, frame, reported);
+    match action {
+        Action::Send {
+            via,
+            to,
+            range,
+            relay,
+        } => {
+            let sent = match (core.socket(via), frame.get(range)) {
+                (Some(socket), Some(payload)) => socket.send_to(payload, to).map(|_| ()),
+                _ => Err(io::Error::from(io::ErrorKind::NotFound)),
+            };
+            if let Err(error) = sent {
+                let reason = match error.kind() {
+                    io::ErrorKind::WouldBlock => DropReason::QueueFull,
+                    io::ErrorKind::NotFound => DropReason::NoAllocation,
+                    _ => DropReason::SendError,
                 };
-                if let Err(error) = sent {
-                    let reason = match error.kind() {
-                        io::ErrorKind::WouldBlock => DropReason::QueueFull,
-                        io::ErrorKind::NotFound => DropReason::NoAllocation,
-                        _ => DropReason::SendError,
-                    };
-                    core.relay_failed(relay, reason);
-                }
+                core.relay_failed(relay, reason);
             }
-            // Client frames only go to peers or to control.
-            Action::Done | Action::SendIndication { .. } | Action::ToStream { .. } => {}
         }
+        // Client frames only go to peers or to control.
+        Action::Done | Action::SendIndication { .. } | Action::ToStream { .. } => {}
     }
 }
 
-/// Writes queued bytes (through rustls for TLS) until the socket would block, and asks epoll
-/// for writability only while something is left.
+/// Writes queued bytes until the socket would block, and asks epoll for writability only while
+/// something is left.
 fn flush(conn: &mut Conn, epoll: &Epoll, slot: u32) -> Result<(), ()> {
-    match &mut conn.mode {
-        Mode::Sniff => {}
-        Mode::Plain => {
-            while !conn.out.is_empty() {
-                let (head, _) = conn.out.as_slices();
-                match conn.socket.write(head) {
-                    Ok(0) => return Err(()),
-                    Ok(n) => {
-                        conn.out.drain(..n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return Err(()),
-                }
-            }
+    while conn.io.wants_write() {
+        match conn.socket.write(conn.io.pending()) {
+            Ok(0) => return Err(()),
+            Ok(n) => conn.io.sent(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(()),
         }
-        Mode::Tls(tls) => loop {
-            let mut blocked = false;
-            while tls.wants_write() {
-                match tls.write_tls(&mut conn.socket) {
-                    Ok(0) => return Err(()),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        blocked = true;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return Err(()),
-                }
-            }
-            if blocked || conn.out.is_empty() {
-                break;
-            }
-            let (head, _) = conn.out.as_slices();
-            let chunk = &head[..head.len().min(TLS_PLAINTEXT_CHUNK)];
-            match tls.writer().write(chunk) {
-                Ok(0) => break,
-                Ok(n) => {
-                    conn.out.drain(..n);
-                }
-                Err(_) => return Err(()),
-            }
-        },
     }
-    let pending = !conn.out.is_empty()
-        || match &conn.mode {
-            Mode::Tls(tls) => tls.wants_write(),
-            _ => false,
-        };
+    let pending = conn.io.wants_write();
     if pending != conn.out_interest {
         let events = if pending { EVENTS_IN_OUT } else { EVENTS_IN };
         epoll
