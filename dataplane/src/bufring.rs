@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::types::BufRingEntry;
 
+use crate::ring::Ended;
+
 /// Buffer group id; each shard has its own ring, so one group is enough.
 pub(crate) const BUFFER_GROUP: u16 = 0;
 
@@ -161,17 +163,6 @@ impl Drop for BufRing {
     }
 }
 
-/// Proof that the io_uring operation a buffer was lent to has ended: made only by
-/// [`Ring::reap`](crate::ring::Ring::reap) for a completion after which the kernel no longer
-/// touches the operation's memory. The sequence number tells it apart from an older operation
-/// that had the same token.
-#[allow(dead_code)] // TEMP: the io_uring edge uses it
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Ended {
-    pub(crate) token: u32,
-    pub(crate) seq: u64,
-}
-
 /// A fixed byte buffer of one stream connection (bytes from or for its socket), allocated once
 /// and never grown. One range of it at a time may be lent to the kernel (an io_uring `Recv`
 /// writes it, a `Send` reads it); while it is, Rust code cannot reach that range, and dropping
@@ -261,7 +252,6 @@ impl IoBuf {
         self.lent.is_some()
     }
 
-    #[allow(dead_code)] // TEMP: the io_uring edge uses it
     /// Marks `range` as the kernel's until the operation `(token, seq)` ends and returns its
     /// address and length; `None` when something is lent already or the range is invalid.
     /// Only the ring calls this, right before it pushes the SQE naming the memory.
@@ -278,11 +268,10 @@ impl IoBuf {
         Some((self.ptr.as_ptr().wrapping_add(range.start), range.len()))
     }
 
-    #[allow(dead_code)] // TEMP: the io_uring edge uses it
     /// Takes the lent range back once its operation ended; returns whether it was that one.
     pub(crate) fn give_back(&mut self, ended: Ended) -> bool {
         match &self.lent {
-            Some((_, token, seq)) if *token == ended.token && *seq == ended.seq => {
+            Some((_, token, seq)) if *token == ended.token() && *seq == ended.seq() => {
                 self.lent = None;
                 true
             }
@@ -290,7 +279,6 @@ impl IoBuf {
         }
     }
 
-    #[allow(dead_code)] // TEMP: the io_uring edge uses it
     /// Undoes a `lend` whose SQE was never pushed (the submission queue was full).
     pub(crate) fn unlend_unpushed(&mut self, token: u32, seq: u64) {
         if matches!(&self.lent, Some((_, t, s)) if *t == token && *s == seq) {
@@ -332,10 +320,10 @@ mod io_buf_tests {
         assert!(buf.lend(40..50, 8, 2).is_none(), "one lend at a time");
         assert!(!buf.move_to_front(40..50));
         assert!(
-            !buf.give_back(Ended { token: 7, seq: 0 }),
+            !buf.give_back(Ended::for_test(7, 0)),
             "an older op of the same token"
         );
-        assert!(buf.give_back(Ended { token: 7, seq: 1 }));
+        assert!(buf.give_back(Ended::for_test(7, 1)));
         assert!(buf.get(10..20).is_some());
         assert!(buf.get(0..65).is_none());
     }

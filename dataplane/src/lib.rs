@@ -521,8 +521,10 @@ pub struct ShardCounters {
     pub stream_closed: u64,
     /// Connections closed because they had no allocation after `idle_timeout`.
     pub stream_timeouts: u64,
-    /// Connections open now.
-    pub stream_open: u64,
+    /// Plain TCP connections open now (an `auto` connection counts here until its first byte).
+    pub stream_open_tcp: u64,
+    /// TLS connections open now.
+    pub stream_open_tls: u64,
 }
 
 /// One counters report.

@@ -131,15 +131,9 @@ impl SendQueue {
         self.buf.get(self.a.clone()).unwrap_or(&[])
     }
 
-    #[allow(dead_code)] // TEMP: the io_uring edge uses it
     /// The range of `head()` in the buffer, and the buffer, for a `Send` the ring lends it to.
     pub(crate) fn head_for_send(&mut self) -> (Range<usize>, &mut IoBuf) {
         (self.a.clone(), &mut self.buf)
-    }
-
-    #[allow(dead_code)] // TEMP: the io_uring edge uses it
-    pub(crate) fn buffer_mut(&mut self) -> &mut IoBuf {
-        &mut self.buf
     }
 
     /// `n` bytes of the head went out.
@@ -206,8 +200,8 @@ impl Connection {
         matches!(self.mode, Mode::Tls(_))
     }
 
-    #[allow(dead_code)] // TEMP: the io_uring edge uses it
     /// Whether the kind is still unknown (an `auto` connection before its first byte).
+    #[cfg(test)]
     pub(crate) fn is_sniffing(&self) -> bool {
         matches!(self.mode, Mode::Sniff)
     }
@@ -438,7 +432,11 @@ impl Connection {
         self.tx.consumed(n);
     }
 
-    #[allow(dead_code)] // TEMP: the io_uring edge uses it
+    /// Takes back a buffer range lent to the io_uring operation that `ended`.
+    pub(crate) fn give_back(&mut self, ended: crate::ring::Ended) -> bool {
+        self.rx.give_back(ended) || self.tx.buf.give_back(ended)
+    }
+
     /// The send queue, for the io_uring edge that lends its head to a `Send`.
     pub(crate) fn send_queue(&mut self) -> &mut SendQueue {
         &mut self.tx

@@ -62,7 +62,7 @@ mod conn;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
@@ -238,22 +238,76 @@ const LISTENER_TOKEN_BASE: u64 = 1 << 32;
 const EVENTS_IN: i32 = libc::EPOLLIN | libc::EPOLLRDHUP;
 const EVENTS_IN_OUT: i32 = EVENTS_IN | libc::EPOLLOUT;
 
-struct Listener {
+pub(crate) struct Listener {
     /// The listener's index in the core's listener table.
     index: u16,
     kind: StreamKind,
-    socket: TcpListener,
+    pub(crate) socket: TcpListener,
 }
 
-struct Conn {
-    socket: TcpStream,
+/// Open TCP/TLS connections per source IP, shared by every shard so the limit is server-wide
+/// (issue 8). A mutex around a map, not atomics: it is touched only on accept and close, never
+/// on the packet path, and an exact count per IP needs no hashing into shared buckets (where
+/// two sources could be refused for each other). Contention is between shards accepting at the
+/// same moment, bounded by the accept rate.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SourceConnections {
+    open: Arc<Mutex<HashMap<IpAddr, u32>>>,
+}
+
+impl SourceConnections {
+    /// Counts one more connection from `ip` unless it already has `max` (0: no limit).
+    fn try_add(&self, ip: IpAddr, max: usize) -> bool {
+        let mut open = match self.open.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let count = open.entry(ip).or_insert(0);
+        if max != 0 && *count as usize >= max {
+            if *count == 0 {
+                open.remove(&ip);
+            }
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn remove(&self, ip: IpAddr) {
+        let mut open = match self.open.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(count) = open.get_mut(&ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&ip);
+            }
+        }
+    }
+}
+
+/// One connection: its socket, its bytes (the sans-IO [`Connection`]) and the state of the
+/// I/O edge that drives it.
+pub(crate) struct Conn {
+    pub(crate) socket: TcpStream,
     listener: u16,
     client: SocketAddr,
-    io: Connection,
+    pub(crate) io: Connection,
+    /// Epoll edge: EPOLLOUT armed.
     out_interest: bool,
     accepted_at: Instant,
     /// Sent at least one message to control (so control may hold state for its 5-tuple).
     reported: bool,
+    /// Counted in the TLS gauge (else the TCP one).
+    counted_tls: bool,
+    /// io_uring edge: token of the `Recv` in flight.
+    pub(crate) recv_op: Option<u32>,
+    /// io_uring edge: token of the `Send` in flight.
+    pub(crate) send_op: Option<u32>,
+    /// Closed for everyone else (tables, control, counters); kept only until the ring gives
+    /// its buffers back.
+    pub(crate) retired: bool,
 }
 
 impl Conn {
@@ -266,9 +320,13 @@ impl Conn {
     }
 }
 
-/// A shard's stream listeners and connections.
+/// A shard's stream listeners and connections: admission, bytes in and out of each
+/// [`Connection`], lifetime. The I/O edge is the backend's: `poll`/`send_frame` below run it
+/// with epoll and non-blocking syscalls (mmsg backend); `uring.rs` runs it with io_uring
+/// `Accept`/`Recv`/`Send` and the methods marked for it.
 pub(crate) struct Streams {
-    epoll: Epoll,
+    /// The mmsg edge's readiness set; `None` on the io_uring backend.
+    epoll: Option<Epoll>,
     listeners: Vec<Listener>,
     conns: Vec<Option<Conn>>,
     free: Vec<u32>,
@@ -276,29 +334,37 @@ pub(crate) struct Streams {
     tls: Option<TlsConfig>,
     limits: StreamLimits,
     tokens: Vec<u64>,
-    open: usize,
+    open_tcp: usize,
+    open_tls: usize,
     /// Plaintext staging for TLS encryption (one record), allocated once per shard.
     scratch: Box<[u8]>,
-    /// Open connections per source IP; an entry lives only while its source has a
-    /// connection, so the map is bounded by `connections_max`.
-    per_source: HashMap<IpAddr, u32>,
+    sources: SourceConnections,
 }
 
 impl Streams {
-    /// `listeners` pairs each bound socket with its core listener index and kind.
+    /// `listeners` pairs each bound socket with its core listener index and kind. With
+    /// `epoll`, the shard drives the streams through [`poll`](Self::poll) (mmsg backend).
     pub(crate) fn new(
         listeners: Vec<(u16, StreamKind, TcpListener)>,
         tls: Option<TlsConfig>,
         limits: StreamLimits,
+        sources: SourceConnections,
+        epoll: bool,
     ) -> io::Result<Self> {
-        let epoll = Epoll::new(256)?;
+        let epoll = if epoll && !listeners.is_empty() {
+            Some(Epoll::new(256)?)
+        } else {
+            None
+        };
         let mut out = Vec::with_capacity(listeners.len());
         for (i, (index, kind, socket)) in listeners.into_iter().enumerate() {
-            epoll.add_events(
-                socket.as_raw_fd(),
-                LISTENER_TOKEN_BASE + i as u64,
-                libc::EPOLLIN,
-            )?;
+            if let Some(epoll) = &epoll {
+                epoll.add_events(
+                    socket.as_raw_fd(),
+                    LISTENER_TOKEN_BASE + i as u64,
+                    libc::EPOLLIN,
+                )?;
+            }
             out.push(Listener {
                 index,
                 kind,
@@ -314,27 +380,284 @@ impl Streams {
             tls,
             limits,
             tokens: Vec::with_capacity(256),
-            open: 0,
+            open_tcp: 0,
+            open_tls: 0,
             scratch: vec![0; conn::TLS_PLAINTEXT_LEN_MAX].into_boxed_slice(),
-            per_source: HashMap::new(),
+            sources,
         })
     }
 
-    /// The descriptor the shard loop waits on: readable when any listener or connection has
-    /// work.
-    pub(crate) fn fd(&self) -> i32 {
-        self.epoll.raw_fd()
+    /// The epoll descriptor the mmsg shard loop waits on, if this shard has stream listeners.
+    pub(crate) fn epoll_fd(&self) -> Option<i32> {
+        self.epoll.as_ref().map(Epoll::raw_fd)
     }
 
-    /// Whether there is anything to poll at all (no stream listeners: the loop skips it).
-    pub(crate) fn is_empty(&self) -> bool {
-        self.listeners.is_empty()
+    /// The listening sockets, in listener-position order (io_uring arms an `Accept` on each).
+    pub(crate) fn listeners(&self) -> &[Listener] {
+        &self.listeners
     }
+
+    pub(crate) fn conn_mut(&mut self, slot: u32) -> Option<&mut Conn> {
+        self.conns.get_mut(slot as usize).and_then(Option::as_mut)
+    }
+
+    /// Stream operations that may be in flight on a ring at once: a receive and a send per
+    /// connection and an accept per listener.
+    pub(crate) fn ops_max(&self) -> usize {
+        self.limits.connections_max.saturating_mul(2) + self.listeners.len()
+    }
+
+    /// Takes in a connection accepted on listener position `position`; returns its slot, or
+    /// `None` when a limit refused it (the socket is closed, the refusal counted).
+    pub(crate) fn admit(
+        &mut self,
+        core: &mut Core,
+        position: usize,
+        socket: TcpStream,
+        client: SocketAddr,
+        now: Instant,
+    ) -> Option<u32> {
+        let listener = self.listeners.get(position)?;
+        let (listener_index, kind) = (listener.index, listener.kind);
+        if self.open_tcp + self.open_tls >= self.limits.connections_max {
+            core.counters_mut().stream_refused += 1;
+            return None; // Dropping `socket` closes it.
+        }
+        let client = canonical(client);
+        // Issue 8: one source cannot take the server's connections for itself.
+        if !self
+            .sources
+            .try_add(client.ip(), self.limits.connections_per_source_max)
+        {
+            core.counters_mut().stream_refused += 1;
+            core.count_drop(DropReason::SourceConnections);
+            return None;
+        }
+        let admitted = self.install(core, listener_index, kind, socket, client, now);
+        if admitted.is_none() {
+            self.sources.remove(client.ip());
+        }
+        admitted
+    }
+
+    fn install(
+        &mut self,
+        core: &mut Core,
+        listener_index: u16,
+        kind: StreamKind,
+        socket: TcpStream,
+        client: SocketAddr,
+        now: Instant,
+    ) -> Option<u32> {
+        socket.set_nonblocking(true).ok()?;
+        // Relayed media is latency-sensitive and already framed.
+        let _ = socket.set_nodelay(true);
+        let start = match kind {
+            StreamKind::Tcp => Start::Plain,
+            StreamKind::Auto => Start::Sniff,
+            StreamKind::Tls => Start::Tls(self.tls.as_ref()?.current()),
+        };
+        let io = match Connection::new(
+            start,
+            self.limits.frame_len_max,
+            self.limits.send_queue_bytes,
+        ) {
+            Ok(io) => io,
+            Err(error) => {
+                tracing::warn!(%error, "TLS session setup failed");
+                return None;
+            }
+        };
+        let counted_tls = io.is_tls();
+        let conn = Conn {
+            socket,
+            listener: listener_index,
+            client,
+            io,
+            out_interest: false,
+            accepted_at: now,
+            reported: false,
+            counted_tls,
+            recv_op: None,
+            send_op: None,
+            retired: false,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.conns.push(None);
+                u32::try_from(self.conns.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        if let Some(epoll) = &self.epoll
+            && let Err(error) =
+                epoll.add_events(conn.socket.as_raw_fd(), u64::from(slot), EVENTS_IN)
+        {
+            tracing::warn!(shard = core.shard().0, %error, "epoll add for a connection failed");
+            self.free.push(slot);
+            return None;
+        }
+        self.conns[slot as usize] = Some(conn);
+        if let Some(old) = self.by_tuple.insert((listener_index, client), slot) {
+            // The kernel handed out a 4-tuple still in our table: the old connection is dead.
+            // Freed now unless an io_uring operation still holds its buffers (then the edge
+            // frees it when that completes, as for any retired connection).
+            self.retire(core, old);
+            if self
+                .conn_mut(old)
+                .is_some_and(|c| c.recv_op.is_none() && c.send_op.is_none())
+            {
+                self.release(old);
+            }
+        }
+        if counted_tls {
+            self.open_tls += 1;
+        } else {
+            self.open_tcp += 1;
+        }
+        let counters = core.counters_mut();
+        counters.stream_accepted += 1;
+        self.publish_gauges(core);
+        Some(slot)
+    }
+
+    fn publish_gauges(&self, core: &mut Core) {
+        let counters = core.counters_mut();
+        counters.stream_open_tcp = self.open_tcp as u64;
+        counters.stream_open_tls = self.open_tls as u64;
+    }
+
+    /// `n` bytes were read into the connection's read range: frames go to the fast path.
+    pub(crate) fn received(&mut self, core: &mut Core, slot: u32, n: usize) -> Result<(), Close> {
+        let tls = self.tls.as_ref();
+        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        let (listener, client) = (conn.listener, conn.client);
+        let reported = &mut conn.reported;
+        let result = conn.io.received(
+            n,
+            || tls.map(TlsConfig::current),
+            &mut self.scratch,
+            &mut |transport, frame| {
+                handle_frame(core, listener, client, transport, frame, reported);
+            },
+        );
+        if conn.io.is_tls() && !conn.counted_tls {
+            // An `auto` connection turned out to be TLS.
+            conn.counted_tls = true;
+            self.open_tcp = self.open_tcp.saturating_sub(1);
+            self.open_tls += 1;
+            self.publish_gauges(core);
+        }
+        result
+    }
+
+    /// Queues `parts` and `padding` zero bytes as one frame for the client of listener
+    /// `listener` at `client`, whole or not at all; returns the connection's slot for the edge
+    /// to write from.
+    pub(crate) fn queue(
+        &mut self,
+        core: &mut Core,
+        listener: u16,
+        client: SocketAddr,
+        parts: [&[u8]; 2],
+        padding: usize,
+    ) -> Result<u32, DropReason> {
+        let Some(&slot) = self.by_tuple.get(&(listener, client)) else {
+            return Err(DropReason::NoAllocation);
+        };
+        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return Err(DropReason::NoAllocation);
+        };
+        let first_overflow = conn.io.queue_full_drops == 0;
+        match conn.io.queue_frame(parts, padding, &mut self.scratch) {
+            Ok(()) => Ok(slot),
+            Err(reason) => {
+                if reason == DropReason::QueueFull && first_overflow {
+                    tracing::debug!(
+                        shard = core.shard().0,
+                        %client,
+                        "stream send queue full: relayed frames are dropped and counted as \
+                         queue_full (logged once per connection)"
+                    );
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    /// Slots of connections that have had no allocation for `idle_timeout`; counted as timeouts.
+    pub(crate) fn expired(&self, core: &mut Core, now: Instant, out: &mut Vec<u32>) {
+        out.clear();
+        for (slot, conn) in self.conns.iter().enumerate() {
+            if let Some(c) = conn
+                && !c.retired
+                && now.saturating_duration_since(c.accepted_at) >= self.limits.idle_timeout
+                && !core.has_allocation(c.listener, c.client)
+            {
+                out.push(slot as u32);
+            }
+        }
+        core.counters_mut().stream_timeouts += out.len() as u64;
+    }
+
+    /// Closes the connection for everyone but the I/O edge: tables, control (its allocation
+    /// ends), limits and counters. The edge frees it with [`release`](Self::release) once no
+    /// operation uses its buffers. Returns false if it was retired already.
+    pub(crate) fn retire(&mut self, core: &mut Core, slot: u32) -> bool {
+        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        if conn.retired {
+            return false;
+        }
+        conn.retired = true;
+        if let Some(epoll) = &self.epoll {
+            let _ = epoll.delete(conn.socket.as_raw_fd());
+        }
+        let (listener, client, transport) = (conn.listener, conn.client, conn.transport());
+        if conn.counted_tls {
+            self.open_tls = self.open_tls.saturating_sub(1);
+        } else {
+            self.open_tcp = self.open_tcp.saturating_sub(1);
+        }
+        if conn.reported {
+            core.stream_closed(listener, transport, client);
+        }
+        if self.by_tuple.get(&(listener, client)) == Some(&slot) {
+            self.by_tuple.remove(&(listener, client));
+        }
+        self.sources.remove(client.ip());
+        core.counters_mut().stream_closed += 1;
+        self.publish_gauges(core);
+        true
+    }
+
+    /// Frees a retired connection (its socket closes). The io_uring edge calls it only when
+    /// no operation is in flight; a buffer still lent would be leaked, not freed.
+    pub(crate) fn release(&mut self, slot: u32) {
+        if let Some(entry) = self.conns.get_mut(slot as usize)
+            && entry.as_ref().is_some_and(|c| c.retired)
+        {
+            *entry = None;
+            self.free.push(slot);
+        }
+    }
+
+    fn close_now(&mut self, core: &mut Core, slot: u32) {
+        self.retire(core, slot);
+        self.release(slot);
+    }
+
+    // ---- The epoll edge (mmsg backend) ----
 
     /// Handles every ready listener and connection once (bounded work per source).
     pub(crate) fn poll(&mut self, core: &mut Core, now: Instant) {
         let mut tokens = std::mem::take(&mut self.tokens);
-        if let Err(error) = self.epoll.wait(0, &mut tokens) {
+        if let Some(epoll) = &mut self.epoll
+            && let Err(error) = epoll.wait(0, &mut tokens)
+        {
             tracing::error!(shard = core.shard().0, %error, "stream epoll_wait failed");
         }
         for &token in &tokens {
@@ -343,30 +666,23 @@ impl Streams {
             } else {
                 let slot = token as u32;
                 if self.on_ready(core, slot).is_err() {
-                    self.close(core, slot);
+                    self.close_now(core, slot);
                 }
             }
         }
         self.tokens = tokens;
     }
 
-    /// Closes connections that have had no allocation for `idle_timeout`.
+    /// Closes idle connections (epoll edge).
     pub(crate) fn sweep(&mut self, core: &mut Core, now: Instant) {
-        for slot in 0..self.conns.len() {
-            let expired = self.conns[slot].as_ref().is_some_and(|c| {
-                now.saturating_duration_since(c.accepted_at) >= self.limits.idle_timeout
-                    && !core.has_allocation(c.listener, c.client)
-            });
-            if expired {
-                core.counters_mut().stream_timeouts += 1;
-                self.close(core, slot as u32);
-            }
+        let mut expired = Vec::new();
+        self.expired(core, now, &mut expired);
+        for slot in expired {
+            self.close_now(core, slot);
         }
     }
 
-    /// Queues `parts` and `padding` zero bytes as one frame for the client of listener
-    /// `listener` at `client`, and writes what the socket takes now. The frame is queued whole
-    /// or not at all.
+    /// Queues a frame and writes what the socket takes now (epoll edge).
     pub(crate) fn send_frame(
         &mut self,
         core: &mut Core,
@@ -375,33 +691,20 @@ impl Streams {
         parts: [&[u8]; 2],
         padding: usize,
     ) -> Result<(), DropReason> {
-        let Some(&slot) = self.by_tuple.get(&(listener, client)) else {
-            return Err(DropReason::NoAllocation);
-        };
-        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
-            return Err(DropReason::NoAllocation);
-        };
-        let first_overflow = conn.io.queue_full_drops == 0;
-        if let Err(reason) = conn.io.queue_frame(parts, padding, &mut self.scratch) {
-            if reason == DropReason::QueueFull && first_overflow {
-                tracing::debug!(
-                    shard = core.shard().0,
-                    %client,
-                    "stream send queue full: relayed frames are dropped and counted as queue_full \
-                     (logged once per connection)"
-                );
-            }
-            return Err(reason);
-        }
-        if flush(conn, &self.epoll, slot).is_err() {
-            self.close(core, slot);
+        let slot = self.queue(core, listener, client, parts, padding)?;
+        if let (Some(epoll), Some(conn)) = (
+            &self.epoll,
+            self.conns.get_mut(slot as usize).and_then(Option::as_mut),
+        ) && flush(conn, epoll, slot).is_err()
+        {
+            self.close_now(core, slot);
         }
         Ok(())
     }
 
-    fn accept(&mut self, core: &mut Core, index: usize, now: Instant) {
+    fn accept(&mut self, core: &mut Core, position: usize, now: Instant) {
         for _ in 0..ACCEPTS_PER_POLL_MAX {
-            let Some(listener) = self.listeners.get(index) else {
+            let Some(listener) = self.listeners.get(position) else {
                 return;
             };
             let (socket, client) = match listener.socket.accept() {
@@ -414,91 +717,15 @@ impl Streams {
                     return;
                 }
             };
-            let (listener_index, kind) = (listener.index, listener.kind);
-            if self.open >= self.limits.connections_max {
-                core.counters_mut().stream_refused += 1;
-                continue; // Dropping `socket` closes it.
-            }
-            // Issue 8: one source cannot take the shard's connections for itself.
-            let source = canonical(client).ip();
-            let from_source = self.per_source.get(&source).copied().unwrap_or(0);
-            if self.limits.connections_per_source_max != 0
-                && from_source as usize >= self.limits.connections_per_source_max
-            {
-                core.counters_mut().stream_refused += 1;
-                core.count_drop(DropReason::SourceConnections);
-                continue;
-            }
-            if socket.set_nonblocking(true).is_err() {
-                continue;
-            }
-            // Relayed media is latency-sensitive and already framed.
-            let _ = socket.set_nodelay(true);
-            let start = match kind {
-                StreamKind::Tcp => Start::Plain,
-                StreamKind::Auto => Start::Sniff,
-                StreamKind::Tls => match self.tls.as_ref() {
-                    Some(tls) => Start::Tls(tls.current()),
-                    None => continue,
-                },
-            };
-            let io = match Connection::new(
-                start,
-                self.limits.frame_len_max,
-                self.limits.send_queue_bytes,
-            ) {
-                Ok(io) => io,
-                Err(error) => {
-                    tracing::warn!(%error, "TLS session setup failed");
-                    continue;
-                }
-            };
-            let client = canonical(client);
-            let conn = Conn {
-                socket,
-                listener: listener_index,
-                client,
-                io,
-                out_interest: false,
-                accepted_at: now,
-                reported: false,
-            };
-            let slot = match self.free.pop() {
-                Some(slot) => slot,
-                None => {
-                    self.conns.push(None);
-                    u32::try_from(self.conns.len() - 1).unwrap_or(u32::MAX)
-                }
-            };
-            if let Err(error) =
-                self.epoll
-                    .add_events(conn.socket.as_raw_fd(), u64::from(slot), EVENTS_IN)
-            {
-                tracing::warn!(shard = core.shard().0, %error, "epoll add for a connection failed");
-                self.free.push(slot);
-                continue;
-            }
-            self.conns[slot as usize] = Some(conn);
-            if let Some(old) = self.by_tuple.insert((listener_index, client), slot) {
-                // The kernel handed out a 4-tuple still in our table: the old one is dead.
-                self.by_tuple.remove(&(listener_index, client));
-                self.close(core, old);
-                self.by_tuple.insert((listener_index, client), slot);
-            }
-            self.open += 1;
-            *self.per_source.entry(client.ip()).or_insert(0) += 1;
-            let counters = core.counters_mut();
-            counters.stream_accepted += 1;
-            counters.stream_open = self.open as u64;
+            let _ = self.admit(core, position, socket, client, now);
         }
     }
 
     fn on_ready(&mut self, core: &mut Core, slot: u32) -> Result<(), Close> {
-        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
-            return Ok(());
-        };
-        let tls = self.tls.as_ref();
         for _ in 0..READS_PER_EVENT_MAX {
+            let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+                return Ok(());
+            };
             let buf = conn.io.read_buf();
             if buf.is_empty() {
                 return Err(Close::Error);
@@ -510,54 +737,28 @@ impl Streams {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return Err(Close::Error),
             };
-            let (listener, client) = (conn.listener, conn.client);
-            let reported = &mut conn.reported;
-            let result = conn.io.received(
-                n,
-                || tls.map(TlsConfig::current),
-                &mut self.scratch,
-                &mut |transport, frame| {
-                    handle_frame(core, listener, client, transport, frame, reported);
-                },
-            );
-            if let Err(close) = result {
-                if close == Close::Eof {
+            if let Err(close) = self.received(core, slot, n) {
+                if close == Close::Eof
+                    && let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut)
+                {
                     // Best effort: our close_notify, queued by `received`.
                     let _ = conn.socket.write(conn.io.pending());
                 }
                 return Err(close);
             }
         }
-        flush(conn, &self.epoll, slot).map_err(|()| Close::Error)
-    }
-
-    fn close(&mut self, core: &mut Core, slot: u32) {
-        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::take) else {
-            return;
-        };
-        let _ = self.epoll.delete(conn.socket.as_raw_fd());
-        if self.by_tuple.get(&(conn.listener, conn.client)) == Some(&slot) {
-            self.by_tuple.remove(&(conn.listener, conn.client));
+        match (
+            &self.epoll,
+            self.conns.get_mut(slot as usize).and_then(Option::as_mut),
+        ) {
+            (Some(epoll), Some(conn)) => flush(conn, epoll, slot).map_err(|()| Close::Error),
+            _ => Ok(()),
         }
-        if conn.reported {
-            core.stream_closed(conn.listener, conn.transport(), conn.client);
-        }
-        self.free.push(slot);
-        self.open = self.open.saturating_sub(1);
-        if let Some(count) = self.per_source.get_mut(&conn.client.ip()) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.per_source.remove(&conn.client.ip());
-            }
-        }
-        let counters = core.counters_mut();
-        counters.stream_closed += 1;
-        counters.stream_open = self.open as u64;
     }
 }
 
 /// Hands one whole frame to the fast path (ChannelData and Send indications go to the relay
-/// socket here; other STUN goes to control). The transport is the connection's.
+/// socket here; other STUN goes to control).
 fn handle_frame(
     core: &mut Core,
     listener: u16,
