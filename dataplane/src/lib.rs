@@ -99,7 +99,9 @@
 //!
 //! See the `stream` module: each shard binds its own `SO_REUSEPORT` TCP listeners, accepts,
 //! frames and (for TLS) decrypts on its own thread, so a connection, its allocation and its
-//! relay socket live on the shard that accepted it.
+//! relay socket live on the shard that accepted it. On io_uring, accepts, receives and sends
+//! go through the shard's ring (multishot `Accept`, `Recv`/`Send` on per-connection fixed
+//! buffers); the mmsg backend drives the same connection state machine from epoll.
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 

@@ -7,16 +7,29 @@
 //! it; the allocation made over it is installed on the same shard (control answers on the shard
 //! a request came from), so its relay socket is there too and nothing crosses shards.
 //!
-//! # Event loop
+//! # I/O edges
 //!
-//! The listeners and connections of a shard are registered in one level-triggered epoll
-//! instance owned by [`Streams`]. The shard loop waits on that descriptor like on any other
-//! source: the io_uring backend arms a one-shot `PollAdd` on it, the mmsg backend adds it to its
-//! own epoll set. When it is readable the shard calls [`Streams::poll`], which accepts, reads,
-//! frames, relays and flushes with plain non-blocking `accept4`/`read`/`write` calls. (The UDP
-//! path uses multishot receives into the ring's buffers; the stream path does not yet use
-//! io_uring `Accept`/`Recv`/`Send`. It needs per-connection buffers anyway, so the gain would be
-//! the syscalls only.)
+//! [`Streams`] owns admission (limits), the connections and their lifetime; the bytes of each
+//! connection go through the sans-IO [`conn::Connection`]. Only the edge that moves bytes
+//! between sockets and those buffers differs per backend:
+//!
+//! ```text
+//!  io_uring (uring.rs)                          mmsg (this file: poll / send_frame)
+//!  multishot Accept per listener ─► admit       epoll on listeners ─► accept4 ─► admit
+//!  Recv into Connection::read_range ─►          epoll readable ─► read(read_buf) ─►
+//!      Streams::received ─► frames ─► Core          Streams::received ─► frames ─► Core
+//!  Send of the send queue's head, one in        write(pending) until EAGAIN, then EPOLLOUT
+//!      flight; re-armed on its completion           until the queue drains
+//!  close: retire, shutdown(2), cancel ops;      close: retire and free at once
+//!      free when the last CQE is in
+//! ```
+//!
+//! On io_uring the buffers are [`IoBuf`](crate::bufring::IoBuf)s lent range by range to one
+//! operation at a time; the ring gives a range back only with the proof that its operation
+//! ended, and a buffer dropped while lent is leaked rather than freed, so a connection's memory
+//! cannot be reused under the kernel. The io_uring backend has no epoll at all; the mmsg backend
+//! keeps readiness-driven non-blocking syscalls (bounded per turn: 64 accepts per listener, 16
+//! reads per connection).
 //!
 //! # Framing and TLS
 //!
@@ -37,9 +50,9 @@
 //! ```text
 //! receive buffer = frame_len_max (plain TCP) or one TLS record, 18437 B (tls, auto)
 //! send queue     = StreamLimits::send_queue_bytes     // wire bytes (ciphertext for TLS)
-//! TLS            = the rustls session; decrypted records waiting for the framer get a
-//!                  frame_len_max framer (rustls 0.23 still hands each decrypted record over
-//!                  in a Vec of its own: one allocation per received record)
+//! TLS            = the rustls session and a frame_len_max plaintext framer (frames span
+//!                  records). rustls 0.23's record layer still allocates and frees one buffer
+//!                  per record it encrypts or decrypts; nothing of it queues or grows.
 //! ```
 //!
 //! plus one 16 KiB plaintext scratch per shard for encryption, and at most
@@ -114,7 +127,7 @@ pub struct StreamListen {
     pub kind: StreamKind,
 }
 
-/// Per-shard limits of stream connections.
+/// Limits of stream connections (per shard, except the per-source one, which is server-wide).
 #[derive(Clone, Copy, Debug)]
 pub struct StreamLimits {
     /// Connections open at once per shard.
@@ -126,8 +139,8 @@ pub struct StreamLimits {
     pub send_queue_bytes: usize,
     /// Largest frame a client may send (STUN message or ChannelData with padding).
     pub frame_len_max: usize,
-    /// Connections open at once per source IP on one shard; more are accepted and closed at
-    /// once (`stream_refused`, and dropped as `source_connections`). `0` means no limit.
+    /// Connections open at once per source IP across all shards; more are accepted and closed
+    /// at once (`stream_refused`, and dropped as `source_connections`). `0` means no limit.
     pub connections_per_source_max: usize,
 }
 
