@@ -278,7 +278,8 @@ impl Connection {
             on_frame(ClientTransport::Tcp, frame);
             self.rx_start += len;
         }
-        if self.rx_start == self.rx_end {
+        // Rewinding while a receive is in flight would make its bytes land past `rx_end`.
+        if self.rx_start == self.rx_end && !self.rx.is_lent() {
             self.rx_start = 0;
             self.rx_end = 0;
         }
@@ -356,8 +357,8 @@ impl Connection {
                 ConnectionState::Closed => closed = Some(Err(Close::Eof)),
                 _ => closed = Some(Err(Close::Error)),
             }
-            self.rx_start += discard;
-            if self.rx_start >= self.rx_end {
+            self.rx_start = (self.rx_start + discard).min(self.rx_end);
+            if self.rx_start == self.rx_end && !self.rx.is_lent() {
                 self.rx_start = 0;
                 self.rx_end = 0;
             }
