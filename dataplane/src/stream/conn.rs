@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Both buffers are allocated when the connection is created and never grow. `rx` holds one
-//! whole TLS record (the largest rustls accepts) or one whole frame; `tx` holds
+//! whole TLS record (the largest rustls accepts; at least one whole frame); `tx` holds
 //! `send_queue_bytes` of wire bytes. A frame for `tx` goes in whole or is refused
 //! ([`DropReason::QueueFull`]); handshake records that do not fit end the connection.
 
@@ -168,23 +168,21 @@ pub(crate) enum Start {
 }
 
 impl Connection {
-    /// A connection with its buffers: `rx` of one TLS record (or one frame for plain TCP) and
+    /// A connection with its buffers: `rx` of one TLS record (at least `frame_len_max`) and
     /// `tx` of `send_queue_bytes`.
     pub(crate) fn new(
         start: Start,
         frame_len_max: usize,
         send_queue_bytes: usize,
     ) -> Result<Self, rustls::Error> {
-        let (mode, rx_len) = match start {
-            Start::Plain => (Mode::Plain, frame_len_max),
-            Start::Tls(config) => (Mode::Tls(Box::new(Tls::new(config, frame_len_max)?)), 0),
-            Start::Sniff => (Mode::Sniff, 0),
+        let mode = match start {
+            Start::Plain => Mode::Plain,
+            Start::Tls(config) => Mode::Tls(Box::new(Tls::new(config, frame_len_max)?)),
+            Start::Sniff => Mode::Sniff,
         };
-        let rx_len = if rx_len == 0 {
-            TLS_RECORD_LEN_MAX.max(frame_len_max)
-        } else {
-            rx_len
-        };
+        // One TLS record must fit whole; plain TCP gets the same so that one receive (one
+        // io_uring `Recv`, one loop turn) takes a few dozen small frames, not a handful.
+        let rx_len = TLS_RECORD_LEN_MAX.max(frame_len_max);
         Ok(Self {
             mode,
             rx: IoBuf::new(rx_len),

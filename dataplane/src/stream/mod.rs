@@ -48,7 +48,8 @@
 //! Per connection, allocated at accept and never grown:
 //!
 //! ```text
-//! receive buffer = frame_len_max (plain TCP) or one TLS record, 18437 B (tls, auto)
+//! receive buffer = one TLS record, 18437 B (at least frame_len_max), for every kind: plain
+//!                  TCP takes a few dozen small frames per receive with it
 //! send queue     = StreamLimits::send_queue_bytes     // wire bytes (ciphertext for TLS)
 //! TLS            = the rustls session and a frame_len_max plaintext framer (frames span
 //!                  records). rustls 0.23's record layer still allocates and frees one buffer
