@@ -58,8 +58,8 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
     /// TCP/TLS connections open at once per shard; more are accepted and closed. Default 4096.
     pub stream_connections_max: u32,
-    /// TCP/TLS connections open at once from one source IP, per shard; more are accepted and
-    /// closed (`source_connections`). `0` means no limit. Default 256.
+    /// TCP/TLS connections open at once from one source IP, across all shards; more are
+    /// accepted and closed (`source_connections`). `0` means no limit. Default 256.
     pub stream_connections_per_source_max: u32,
     /// Seconds a TCP/TLS connection may stay without an allocation before it is closed
     /// (checked once a second). Default 30.

@@ -203,12 +203,15 @@ impl<R: RngCore> ControlThread<R> {
             ToControl::Counters(counters) => {
                 self.ops.telemetry.on_counters(&counters);
                 let index = usize::from(counters.shard.0);
-                // Shards count TCP and TLS connections together; until they split them, the
-                // gauge reports both under transport="tcp".
                 self.ops.telemetry.set_connections(
                     index,
                     crate::Transport::Tcp,
-                    counters.shard_counters.stream_open,
+                    counters.shard_counters.stream_open_tcp,
+                );
+                self.ops.telemetry.set_connections(
+                    index,
+                    crate::Transport::Tls,
+                    counters.shard_counters.stream_open_tls,
                 );
                 if let Some(slot) = self.counters.get_mut(index) {
                     *slot = Some(counters);

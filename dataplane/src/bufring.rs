@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::types::BufRingEntry;
 
+use crate::ring::Ended;
+
 /// Buffer group id; each shard has its own ring, so one group is enough.
 pub(crate) const BUFFER_GROUP: u16 = 0;
 
@@ -158,5 +160,171 @@ impl Drop for BufRing {
             alloc::dealloc(self.entries.as_ptr().cast(), self.entries_layout);
             alloc::dealloc(self.buffers.as_ptr(), self.buffers_layout);
         }
+    }
+}
+
+/// A fixed byte buffer of one stream connection (bytes from or for its socket), allocated once
+/// and never grown. One range of it at a time may be lent to the kernel (an io_uring `Recv`
+/// writes it, a `Send` reads it); while it is, Rust code cannot reach that range, and dropping
+/// the buffer leaks it instead of freeing memory the kernel may still use.
+pub(crate) struct IoBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+    lent: Option<(std::ops::Range<usize>, u32, u64)>,
+}
+
+// SAFETY: an `IoBuf` owns its allocation alone, like a `Box<[u8]>`. It is built before the
+// shard thread starts and moved there; only that thread's ring ever lends it.
+unsafe impl Send for IoBuf {}
+
+impl std::fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoBuf")
+            .field("len", &self.layout.size())
+            .field("lent", &self.lent)
+            .finish()
+    }
+}
+
+impl IoBuf {
+    /// A zeroed buffer of `len` bytes (at least 1).
+    pub(crate) fn new(len: usize) -> Self {
+        let layout = Layout::array::<u8>(len.max(1)).unwrap_or(Layout::new::<u8>());
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        Self {
+            ptr,
+            layout,
+            lent: None,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    fn reachable(&self, range: &std::ops::Range<usize>) -> bool {
+        range.start <= range.end
+            && range.end <= self.len()
+            && self.lent.as_ref().is_none_or(|(lent, _, _)| {
+                range.is_empty() || range.end <= lent.start || lent.end <= range.start
+            })
+    }
+
+    /// `range` of the buffer, unless it is out of bounds or overlaps the lent range.
+    pub(crate) fn get(&self, range: std::ops::Range<usize>) -> Option<&[u8]> {
+        if !self.reachable(&range) {
+            return None;
+        }
+        // SAFETY: in bounds of the allocation; the kernel writes only the lent range, which
+        // does not overlap; `&self` rules out a Rust `&mut` to it for the borrow's lifetime.
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(range.start), range.len()) })
+    }
+
+    /// `range` of the buffer, mutable, unless it is out of bounds or overlaps the lent range.
+    pub(crate) fn get_mut(&mut self, range: std::ops::Range<usize>) -> Option<&mut [u8]> {
+        if !self.reachable(&range) {
+            return None;
+        }
+        // SAFETY: as in `get`; the kernel neither reads nor writes outside the lent range, and
+        // `&mut self` makes this the only reference.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(range.start), range.len())
+        })
+    }
+
+    /// Moves `range` to start at 0 (`copy_within`), when nothing is lent.
+    pub(crate) fn move_to_front(&mut self, range: std::ops::Range<usize>) -> bool {
+        if self.lent.is_some() || range.end > self.len() || range.start > range.end {
+            return false;
+        }
+        if let Some(all) = self.get_mut(0..range.end) {
+            all.copy_within(range, 0);
+            return true;
+        }
+        false
+    }
+
+    pub(crate) fn is_lent(&self) -> bool {
+        self.lent.is_some()
+    }
+
+    /// Marks `range` as the kernel's until the operation `(token, seq)` ends and returns its
+    /// address and length; `None` when something is lent already or the range is invalid.
+    /// Only the ring calls this, right before it pushes the SQE naming the memory.
+    pub(crate) fn lend(
+        &mut self,
+        range: std::ops::Range<usize>,
+        token: u32,
+        seq: u64,
+    ) -> Option<(*mut u8, usize)> {
+        if self.lent.is_some() || range.start >= range.end || range.end > self.len() {
+            return None;
+        }
+        self.lent = Some((range.clone(), token, seq));
+        Some((self.ptr.as_ptr().wrapping_add(range.start), range.len()))
+    }
+
+    /// Takes the lent range back once its operation ended; returns whether it was that one.
+    pub(crate) fn give_back(&mut self, ended: Ended) -> bool {
+        match &self.lent {
+            Some((_, token, seq)) if *token == ended.token() && *seq == ended.seq() => {
+                self.lent = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Undoes a `lend` whose SQE was never pushed (the submission queue was full).
+    pub(crate) fn unlend_unpushed(&mut self, token: u32, seq: u64) {
+        if matches!(&self.lent, Some((_, t, s)) if *t == token && *s == seq) {
+            self.lent = None;
+        }
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        if let Some((range, token, _)) = &self.lent {
+            // The kernel may still read or write it: leaking is the only safe choice. The
+            // shard waits for completions before dropping connections, so this is a bug path.
+            tracing::error!(
+                ?range,
+                token,
+                "stream buffer dropped while lent to the kernel; leaked"
+            );
+            return;
+        }
+        // SAFETY: allocated in `new` with this layout, freed once, nothing lent.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+#[cfg(test)]
+mod io_buf_tests {
+    use super::*;
+
+    #[test]
+    fn a_lent_range_is_out_of_reach_until_its_operation_ends() {
+        let mut buf = IoBuf::new(64);
+        let (_, len) = buf.lend(16..32, 7, 1).expect("lend");
+        assert_eq!(len, 16);
+        assert!(buf.get(0..16).is_some());
+        assert!(buf.get_mut(32..64).is_some());
+        assert!(buf.get(10..20).is_none());
+        assert!(buf.get_mut(31..40).is_none());
+        assert!(buf.lend(40..50, 8, 2).is_none(), "one lend at a time");
+        assert!(!buf.move_to_front(40..50));
+        assert!(
+            !buf.give_back(Ended::for_test(7, 0)),
+            "an older op of the same token"
+        );
+        assert!(buf.give_back(Ended::for_test(7, 1)));
+        assert!(buf.get(10..20).is_some());
+        assert!(buf.get(0..65).is_none());
     }
 }

@@ -99,7 +99,9 @@
 //!
 //! See the `stream` module: each shard binds its own `SO_REUSEPORT` TCP listeners, accepts,
 //! frames and (for TLS) decrypts on its own thread, so a connection, its allocation and its
-//! relay socket live on the shard that accepted it.
+//! relay socket live on the shard that accepted it. On io_uring, accepts, receives and sends
+//! go through the shard's ring (multishot `Accept`, `Recv`/`Send` on per-connection fixed
+//! buffers); the mmsg backend drives the same connection state machine from epoll.
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -529,8 +531,10 @@ pub struct ShardCounters {
     pub stream_closed: u64,
     /// Connections closed because they had no allocation after `idle_timeout`.
     pub stream_timeouts: u64,
-    /// Connections open now.
-    pub stream_open: u64,
+    /// Plain TCP connections open now (an `auto` connection counts here until its first byte).
+    pub stream_open_tcp: u64,
+    /// TLS connections open now.
+    pub stream_open_tls: u64,
 }
 
 /// One counters report.

@@ -43,8 +43,10 @@ pub(crate) fn run(setup: ShardSetup) {
     };
     let mut wake = File::from(wake);
     let mut registered = epoll.add(wake.as_raw_fd(), WAKE_TOKEN);
-    if registered.is_ok() && !streams.is_empty() {
-        registered = epoll.add(streams.fd(), STREAMS_TOKEN);
+    if registered.is_ok()
+        && let Some(fd) = streams.epoll_fd()
+    {
+        registered = epoll.add(fd, STREAMS_TOKEN);
     }
     for &slot in core.listener_slots() {
         if registered.is_ok()

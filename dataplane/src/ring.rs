@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 
 use crate::addr::{self, RawSockAddr, SOCKADDR_LEN_MAX};
-use crate::bufring::{BUFFER_GROUP, BufRing};
+use crate::bufring::{BUFFER_GROUP, BufRing, IoBuf};
 use crate::sys::ZEROS;
 use crate::tables::Relay;
 
@@ -33,10 +33,45 @@ pub(crate) enum Op {
     Wake,
     /// Counters timer.
     Timer,
-    /// One-shot poll of the stream epoll descriptor (TCP/TLS listeners and connections).
-    Streams,
+    /// Multishot accept on stream listener position `listener`.
+    Accept {
+        listener: u32,
+    },
+    /// Receive into stream connection `slot`'s receive buffer.
+    StreamRecv {
+        slot: u32,
+    },
+    /// Send from stream connection `slot`'s send queue.
+    StreamSend {
+        slot: u32,
+    },
     /// AsyncCancel of another token.
     Cancel,
+}
+
+/// Proof that an io_uring operation has ended, so memory lent to it may be reached again: made
+/// only by [`Ring::reap`] (fields private to this module) for the CQE after which the kernel no
+/// longer touches the operation's memory. The sequence number tells it apart from an older
+/// operation that had the same token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ended {
+    token: u32,
+    seq: u64,
+}
+
+impl Ended {
+    pub(crate) fn token(self) -> u32 {
+        self.token
+    }
+
+    pub(crate) fn seq(self) -> u64 {
+        self.seq
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_test(token: u32, seq: u64) -> Self {
+        Self { token, seq }
+    }
 }
 
 /// A CQE copied out of the completion queue.
@@ -46,6 +81,8 @@ pub(crate) struct Completion {
     pub(crate) op: Op,
     pub(crate) result: i32,
     pub(crate) flags: u32,
+    /// Set when the operation ended with this CQE: proof for giving lent buffers back.
+    pub(crate) ended: Option<Ended>,
 }
 
 impl Completion {
@@ -98,6 +135,9 @@ pub(crate) struct RingSizes {
     pub(crate) buffer_size: usize,
     pub(crate) send_slots: usize,
     pub(crate) batch: usize,
+    /// Stream operations that may be in flight at once (a receive and a send per connection,
+    /// an accept per listener), for sizing the completion queue.
+    pub(crate) stream_ops: usize,
 }
 
 struct SendSlot {
@@ -127,6 +167,9 @@ pub(crate) struct Ring {
     ring: IoUring,
     buffers: BufRing,
     ops: Vec<Op>,
+    /// Sequence number of the operation holding each token (see [`Ended`]).
+    seqs: Vec<u64>,
+    next_seq: u64,
     ops_free: Vec<u32>,
     slots: Box<[SendSlot]>,
     slots_free: Vec<u32>,
@@ -138,6 +181,9 @@ pub(crate) struct Ring {
     setup: SetupFlags,
     /// Times `push` found the SQ full and submitted early (reported in the shard counters).
     sq_full_submits: u64,
+    /// Connections from accept CQEs (listener position, socket), owned from the moment they
+    /// are reaped so that no descriptor leaks or is owned twice.
+    accepted: Vec<(u32, std::net::TcpStream)>,
 }
 
 fn build_ring(entries: u32, cq_entries: u32) -> io::Result<(IoUring, SetupFlags)> {
@@ -191,6 +237,9 @@ pub(crate) fn probe() -> Result<(), String> {
         (opcode::Read::CODE, "READ"),
         (opcode::Timeout::CODE, "TIMEOUT"),
         (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+        (opcode::AcceptMulti::CODE, "ACCEPT"),
+        (opcode::Recv::CODE, "RECV"),
+        (opcode::Send::CODE, "SEND"),
     ] {
         if !probe.is_supported(code) {
             return Err(format!("io_uring lacks opcode {name}"));
@@ -222,7 +271,8 @@ impl Ring {
         // Completions that can be outstanding at once: one per receive buffer the kernel may
         // fill, one per send, plus the wake-up read, the timer and cancels. Sized so the CQ
         // never overflows.
-        let cq_entries = ((sizes.buffers + sizes.send_slots + 64) * 2).next_power_of_two();
+        let cq_entries =
+            ((sizes.buffers + sizes.send_slots + sizes.stream_ops + 64) * 2).next_power_of_two();
         // The SQ holds one batch: a turn that reaps a full batch of receives fills it with their
         // sends (plus re-arms), and `push` then submits and retries. Bigger only costs memory.
         let sq_entries = sizes.batch.next_power_of_two().clamp(8, 4096);
@@ -261,6 +311,8 @@ impl Ring {
             ring,
             buffers,
             ops,
+            seqs: vec![0; ops_capacity],
+            next_seq: 0,
             ops_free: (0..ops_capacity as u32).rev().collect(),
             slots,
             slots_free: (0..sizes.send_slots as u32).rev().collect(),
@@ -271,7 +323,13 @@ impl Ring {
             buffers_dirty: false,
             setup,
             sq_full_submits: 0,
+            accepted: Vec::with_capacity(64),
         })
+    }
+
+    /// The next connection an accept completion delivered: (listener position, socket).
+    pub(crate) fn take_accepted(&mut self) -> Option<(u32, std::net::TcpStream)> {
+        self.accepted.pop()
     }
 
     /// Early submits because the SQ was full, since the last call.
@@ -286,18 +344,24 @@ impl Ring {
     /// Takes a token for an operation about to be pushed; counts it as in flight.
     fn token(&mut self, op: Op) -> u32 {
         self.in_flight += 1;
-        match self.ops_free.pop() {
+        self.next_seq += 1;
+        let token = match self.ops_free.pop() {
             Some(token) => {
                 self.ops[token as usize] = op;
                 token
             }
             None => {
-                // Grows only when sockets are added (command path), never per packet: sends
+                // Grows only when sockets or connections are added, never per packet: sends
                 // are bounded by the slots, which the initial capacity covers.
                 self.ops.push(op);
+                self.seqs.push(0);
                 (self.ops.len() - 1) as u32
             }
+        };
+        if let Some(seq) = self.seqs.get_mut(token as usize) {
+            *seq = self.next_seq;
         }
+        token
     }
 
     fn release_token(&mut self, token: u32) {
@@ -314,9 +378,11 @@ impl Ring {
     fn push(&mut self, entry: &squeue::Entry) -> Result<(), PushError> {
         for attempt in 0..2 {
             // SAFETY: every pointer in `entry` names memory owned by `self` (send slots, the
-            // shared recv msghdr, the wake-up buffer, the timespec: all boxed, never moved) or a
-            // receive buffer held by a send slot, and stays valid until the CQE releases the
-            // token. Descriptors are kept open until their operations completed.
+            // shared recv msghdr, the wake-up buffer, the timespec: all boxed, never moved), a
+            // receive buffer held by a send slot, or the lent range of a stream `IoBuf` (which
+            // neither frees nor exposes it until the operation's `Ended` gives it back), and
+            // stays valid until the CQE releases the token. Descriptors are kept open until
+            // their operations completed.
             let pushed = unsafe { self.ring.submission().push(entry) };
             if pushed.is_ok() {
                 return Ok(());
@@ -362,14 +428,79 @@ impl Ring {
         self.push(&entry).inspect_err(|_| self.release_token(token))
     }
 
-    /// Arms a one-shot `POLLIN` on `fd` (the shard's stream epoll descriptor). No memory is
-    /// named by the SQE.
-    pub(crate) fn arm_streams(&mut self, fd: RawFd) -> Result<(), PushError> {
-        let token = self.token(Op::Streams);
-        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+    /// Arms a multishot accept on stream listener `fd` (position `listener`); each CQE carries
+    /// a new connection's descriptor. No memory is named by the SQE.
+    pub(crate) fn arm_accept(&mut self, listener: u32, fd: RawFd) -> Result<u32, PushError> {
+        let token = self.token(Op::Accept { listener });
+        let entry = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_CLOEXEC)
             .build()
             .user_data(u64::from(token));
-        self.push(&entry).inspect_err(|_| self.release_token(token))
+        match self.push(&entry) {
+            Ok(()) => Ok(token),
+            Err(e) => {
+                self.release_token(token);
+                Err(e)
+            }
+        }
+    }
+
+    /// Receives into `range` of stream connection `slot`'s buffer `buf` from `fd`; `buf` lends
+    /// the range to the kernel until the CQE. `NoSlot` when the range cannot be lent.
+    pub(crate) fn stream_recv(
+        &mut self,
+        slot: u32,
+        fd: RawFd,
+        buf: &mut IoBuf,
+        range: Range<usize>,
+    ) -> Result<u32, PushError> {
+        self.stream_op(Op::StreamRecv { slot }, fd, buf, range)
+    }
+
+    /// Sends `range` of stream connection `slot`'s send queue buffer `buf` on `fd` (lent to
+    /// the kernel until the CQE).
+    pub(crate) fn stream_send(
+        &mut self,
+        slot: u32,
+        fd: RawFd,
+        buf: &mut IoBuf,
+        range: Range<usize>,
+    ) -> Result<u32, PushError> {
+        self.stream_op(Op::StreamSend { slot }, fd, buf, range)
+    }
+
+    fn stream_op(
+        &mut self,
+        op: Op,
+        fd: RawFd,
+        buf: &mut IoBuf,
+        range: Range<usize>,
+    ) -> Result<u32, PushError> {
+        let token = self.token(op);
+        let seq = self.seqs.get(token as usize).copied().unwrap_or(0);
+        let Some((ptr, len)) = buf.lend(range, token, seq) else {
+            self.release_token(token);
+            return Err(PushError::NoSlot);
+        };
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        let entry = match op {
+            Op::StreamSend { .. } => opcode::Send::new(types::Fd(fd), ptr.cast_const(), len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build(),
+            _ => opcode::Recv::new(types::Fd(fd), ptr, len).build(),
+        }
+        .user_data(u64::from(token));
+        // The memory named here is the lent range of `buf`: until `give_back` with this
+        // operation's `Ended` (made by `reap` only after its final CQE), safe code cannot reach
+        // it and dropping `buf` leaks it instead of freeing it (see `IoBuf`).
+        match self.push(&entry) {
+            Ok(()) => Ok(token),
+            Err(e) => {
+                buf.unlend_unpushed(token, seq);
+                self.release_token(token);
+                Err(e)
+            }
+        }
     }
 
     /// Arms the counters timer.
@@ -574,21 +705,33 @@ impl Ring {
         for cqe in completion.by_ref().take(max) {
             let token = cqe.user_data() as u32;
             let op = self.ops.get(token as usize).copied().unwrap_or(Op::Free);
+            let flags = cqe.flags();
+            if let (Op::Accept { listener }, fd @ 0..) = (op, cqe.result()) {
+                // SAFETY: a successful accept CQE carries a new descriptor that nothing else
+                // owns; wrapping it here, once, makes its owner responsible for closing it.
+                let socket =
+                    unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                self.accepted.push((listener, socket));
+            }
+            let ended = match op {
+                Op::Recv { .. } | Op::Accept { .. } => !cqueue::more(flags),
+                Op::Free => false,
+                _ => true,
+            };
             out.push(Completion {
                 token,
                 op,
                 result: cqe.result(),
-                flags: cqe.flags(),
+                flags,
+                ended: ended.then(|| Ended {
+                    token,
+                    seq: self.seqs.get(token as usize).copied().unwrap_or(0),
+                }),
             });
         }
         drop(completion);
         for c in out.iter() {
-            let ended = match c.op {
-                Op::Recv { .. } => !c.more(),
-                Op::Free => false,
-                _ => true,
-            };
-            if ended {
+            if c.ended.is_some() {
                 self.release_token(c.token);
             }
         }
@@ -596,7 +739,8 @@ impl Ring {
 
     /// Cancels everything and waits (bounded) until the kernel holds no operation, so the
     /// buffers can be freed. Leaks them if the kernel does not let go in time.
-    pub(crate) fn shutdown(mut self) {
+    /// Stream completions reaped here go to `on_stream` (to give their buffers back).
+    pub(crate) fn shutdown(mut self, mut on_stream: impl FnMut(Completion)) {
         let token = self.token(Op::Cancel);
         let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
@@ -612,8 +756,12 @@ impl Ring {
             let _ = self.ring.submitter().submit_with_args(1, &args);
             self.reap(&mut batch, 256);
             for c in &batch {
-                if let Op::Send { slot } = c.op {
-                    self.free_slot(slot);
+                match c.op {
+                    Op::Send { slot } => {
+                        self.free_slot(slot);
+                    }
+                    Op::StreamRecv { .. } | Op::StreamSend { .. } => on_stream(*c),
+                    _ => {}
                 }
             }
         }
@@ -651,6 +799,7 @@ mod tests {
             buffer_size: 256,
             send_slots,
             batch,
+            stream_ops: 0,
         }
     }
 
@@ -705,7 +854,7 @@ mod tests {
             assert_eq!(n, 10);
             assert_eq!(from, source.local_addr().expect("addr"));
         }
-        ring.shutdown();
+        ring.shutdown(|_| {});
     }
 
     #[test]
@@ -726,6 +875,6 @@ mod tests {
         ring.send(source.as_raw_fd(), &to, Payload::Owned(vec![1; 4]))
             .expect("a slot is free again");
         assert_eq!(complete_sends(&mut ring, 1), 1);
-        ring.shutdown();
+        ring.shutdown(|_| {});
     }
 }

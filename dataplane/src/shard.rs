@@ -197,6 +197,8 @@ pub(crate) fn start(
         recv_buffers_free: config.recv_buffers_free,
         batch: config.batch_size,
     };
+    // One table for every shard: the per-source limit is server-wide.
+    let sources = stream::SourceConnections::default();
     let mut plane = DataPlane {
         shards: Vec::with_capacity(threads),
         backend,
@@ -243,6 +245,9 @@ pub(crate) fn start(
                 .collect(),
             config.tls.clone(),
             config.stream_limits,
+            sources.clone(),
+            // io_uring accepts, receives and sends through its ring; only mmsg polls epoll.
+            backend == Backend::Mmsg,
         )
         .map_err(|e| setup_error("stream epoll", e))?;
         let setup = ShardSetup {

@@ -1,11 +1,20 @@
 //! The io_uring shard loop: one `submit_and_wait` per turn, completions copied into a fixed batch
 //! and handled after reaping, every send queued in the same turn.
+//!
+//! Stream connections go through the same ring: a multishot `Accept` per listener, one `Recv`
+//! into the connection's receive buffer and at most one `Send` of its send queue's head in
+//! flight per connection. The bytes are handled by the shared [`Streams`] / `Connection`; this
+//! file is only the edge that moves them. A closing connection is retired at once (tables,
+//! control, counters), its socket shut down and its operations cancelled; its buffers are freed
+//! only when the last of its operations has completed.
 
 use std::os::fd::AsRawFd;
+use std::time::Instant;
 
 use crate::DropReason;
 use crate::ring::{Completion, Op, Payload, PushError, Ring, RingSizes};
 use crate::shard::{ErrnoLog, ShardSetup, classify_send_errno};
+use crate::stream::Close;
 use crate::stream::Streams;
 use crate::tables::{Action, Effect};
 
@@ -38,6 +47,7 @@ pub(crate) fn run(setup: ShardSetup) {
         buffer_size: sizes.buffer_size,
         send_slots: sizes.send_slots,
         batch: sizes.batch,
+        stream_ops: streams.ops_max(),
     };
     let mut ring = match Ring::new(ring_sizes) {
         Ok(ring) => ring,
@@ -59,8 +69,12 @@ pub(crate) fn run(setup: ShardSetup) {
     let mut cancel_retry: Vec<u32> = Vec::with_capacity(64);
     let mut wake_armed = ring.arm_wake(wake_fd).is_ok();
     let mut timer_armed = ring.arm_timer(counters_interval).is_ok();
-    let streams_fd = streams.fd();
-    let mut streams_armed = streams.is_empty() || ring.arm_streams(streams_fd).is_ok();
+    // Listener positions whose multishot accept is not armed; connections whose receive or
+    // send could not be pushed (full queue), retried every turn.
+    let mut accept_rearm: Vec<u32> = (0..streams.listeners().len() as u32).collect();
+    let mut accept_after_tick: Vec<u32> = Vec::new();
+    let mut stream_retry: Vec<u32> = Vec::with_capacity(64);
+    let mut expired: Vec<u32> = Vec::with_capacity(64);
     rearm.extend_from_slice(core.listener_slots());
     let mut batch: Vec<Completion> = Vec::with_capacity(sizes.batch);
     let mut errnos = ErrnoLog::default();
@@ -105,8 +119,20 @@ pub(crate) fn run(setup: ShardSetup) {
         if !timer_armed {
             timer_armed = ring.arm_timer(counters_interval).is_ok();
         }
-        if !streams_armed {
-            streams_armed = ring.arm_streams(streams_fd).is_ok();
+        for position in std::mem::take(&mut accept_rearm) {
+            let Some(fd) = streams
+                .listeners()
+                .get(position as usize)
+                .map(|l| l.socket.as_raw_fd())
+            else {
+                continue;
+            };
+            if ring.arm_accept(position, fd).is_err() {
+                accept_rearm.push(position);
+            }
+        }
+        for slot in std::mem::take(&mut stream_retry) {
+            stream_arm(&mut core, &mut streams, &mut ring, &mut stream_retry, slot);
         }
 
         if let Err(error) = ring.submit_and_wait(1) {
@@ -114,7 +140,7 @@ pub(crate) fn run(setup: ShardSetup) {
             break;
         }
         let sq_full = ring.take_sq_full_submits();
-        core.set_now(std::time::Instant::now());
+        core.set_now(Instant::now());
         let counters = core.counters_mut();
         counters.submits += 1 + sq_full;
         counters.sq_full_submits += sq_full;
@@ -133,7 +159,15 @@ pub(crate) fn run(setup: ShardSetup) {
         for c in batch.iter().copied() {
             match c.op {
                 Op::Recv { sock } => {
-                    handle_recv(&mut core, &mut streams, &mut ring, &mut errnos, c, sock);
+                    handle_recv(
+                        &mut core,
+                        &mut streams,
+                        &mut ring,
+                        &mut stream_retry,
+                        &mut errnos,
+                        c,
+                        sock,
+                    );
                     if !c.more()
                         && let Some(state) = socks.get_mut(sock as usize)
                     {
@@ -175,6 +209,7 @@ pub(crate) fn run(setup: ShardSetup) {
                             rearm: &mut rearm,
                             release_after_submit: &mut release_after_submit,
                             cancel_retry: &mut cancel_retry,
+                            stream_retry: &mut stream_retry,
                         };
                         shutdown |= apply_effect(
                             &mut core,
@@ -197,27 +232,195 @@ pub(crate) fn run(setup: ShardSetup) {
                 }
                 Op::Timer => {
                     timer_armed = false;
-                    streams.sweep(&mut core, std::time::Instant::now());
+                    streams.expired(&mut core, Instant::now(), &mut expired);
+                    for &slot in &expired {
+                        stream_close(&mut core, &mut streams, &mut ring, slot, Close::Error);
+                    }
+                    // Accepts that failed (EMFILE and the like) retry once per tick, not in a
+                    // tight loop.
+                    accept_rearm.append(&mut accept_after_tick);
                     core.report_counters();
                 }
-                Op::Streams => {
-                    // One-shot poll: re-armed at the top of the next turn.
-                    streams_armed = false;
-                    streams.poll(&mut core, std::time::Instant::now());
+                Op::Accept { listener } => {
+                    if c.result < 0 && c.result != -libc::ECANCELED {
+                        errnos.log_once(-c.result, shard, "stream accept failed");
+                    }
+                    if c.ended.is_some() {
+                        if c.result < 0 {
+                            accept_after_tick.push(listener);
+                        } else {
+                            accept_rearm.push(listener);
+                        }
+                    }
+                    let now = Instant::now();
+                    while let Some((position, socket)) = ring.take_accepted() {
+                        let Ok(client) = socket.peer_addr() else {
+                            continue; // Reset before we looked: dropping closes it.
+                        };
+                        if let Some(slot) =
+                            streams.admit(&mut core, position as usize, socket, client, now)
+                        {
+                            stream_arm(&mut core, &mut streams, &mut ring, &mut stream_retry, slot);
+                        }
+                    }
+                }
+                Op::StreamRecv { slot } | Op::StreamSend { slot } => {
+                    stream_completion(
+                        &mut core,
+                        &mut streams,
+                        &mut ring,
+                        &mut stream_retry,
+                        c,
+                        slot,
+                    );
                 }
                 Op::Cancel | Op::Free => {}
             }
         }
     }
-    // Drain the ring before any socket closes: SQEs still queued may name their descriptors.
-    ring.shutdown();
+    // Drain the ring before any socket closes: SQEs still queued may name their descriptors,
+    // and stream buffers lent to operations come back only through their completions.
+    ring.shutdown(|c| {
+        if let (Op::StreamRecv { slot } | Op::StreamSend { slot }, Some(ended)) = (c.op, c.ended)
+            && let Some(conn) = streams.conn_mut(slot)
+        {
+            conn.io.give_back(ended);
+        }
+    });
+    drop(streams);
     drop(core);
+}
+
+/// Arms what a live connection needs: a receive unless one is in flight, and a send of its
+/// queue's head unless one is in flight or the queue is empty. A push that does not fit the
+/// submission queue is retried next turn.
+fn stream_arm(
+    core: &mut crate::tables::Core,
+    streams: &mut Streams,
+    ring: &mut Ring,
+    retry: &mut Vec<u32>,
+    slot: u32,
+) {
+    let Some(conn) = streams.conn_mut(slot) else {
+        return;
+    };
+    if conn.retired {
+        return;
+    }
+    let fd = conn.socket.as_raw_fd();
+    let mut failed = false;
+    let mut broken = false;
+    if conn.recv_op.is_none() {
+        let (range, buf) = conn.io.read_range();
+        if range.is_empty() {
+            // A frame larger than the buffer is pending: `received` refuses those, so this
+            // connection is broken.
+            broken = true;
+        } else {
+            match ring.stream_recv(slot, fd, buf, range) {
+                Ok(token) => conn.recv_op = Some(token),
+                Err(_) => failed = true,
+            }
+        }
+    }
+    if !broken && conn.send_op.is_none() && conn.io.wants_write() {
+        let (range, buf) = conn.io.send_queue().head_for_send();
+        match ring.stream_send(slot, fd, buf, range) {
+            Ok(token) => conn.send_op = Some(token),
+            Err(_) => failed = true,
+        }
+    }
+    if broken {
+        stream_close(core, streams, ring, slot, Close::Error);
+    } else if failed && !retry.contains(&slot) {
+        retry.push(slot);
+    }
+}
+
+/// A stream receive or send completed.
+fn stream_completion(
+    core: &mut crate::tables::Core,
+    streams: &mut Streams,
+    ring: &mut Ring,
+    retry: &mut Vec<u32>,
+    c: Completion,
+    slot: u32,
+) {
+    let Some(conn) = streams.conn_mut(slot) else {
+        return;
+    };
+    if let Some(ended) = c.ended {
+        conn.io.give_back(ended);
+    }
+    let is_recv = matches!(c.op, Op::StreamRecv { .. });
+    if is_recv {
+        conn.recv_op = None;
+    } else {
+        conn.send_op = None;
+    }
+    if conn.retired {
+        if conn.recv_op.is_none() && conn.send_op.is_none() {
+            streams.release(slot);
+        }
+        return;
+    }
+    let outcome = match c.result {
+        n if n > 0 && is_recv => streams.received(core, slot, n as usize),
+        n if n > 0 => {
+            conn.io.sent(n as usize);
+            Ok(())
+        }
+        // EOF from the client (a zero-length send does not happen: the head is never empty).
+        0 => Err(Close::Eof),
+        e if matches!(-e, libc::EINTR | libc::EAGAIN) => Ok(()),
+        _ => Err(Close::Error),
+    };
+    match outcome {
+        Ok(()) => stream_arm(core, streams, ring, retry, slot),
+        Err(close) => stream_close(core, streams, ring, slot, close),
+    }
+}
+
+/// Closes a connection: retired at once; its socket is shut down and its operations cancelled,
+/// and it is freed when the last of them completes (at once if none is in flight).
+fn stream_close(
+    core: &mut crate::tables::Core,
+    streams: &mut Streams,
+    ring: &mut Ring,
+    slot: u32,
+    close: Close,
+) {
+    if let Some(conn) = streams.conn_mut(slot)
+        && close == Close::Eof
+        && conn.send_op.is_none()
+        && conn.io.wants_write()
+    {
+        // Best effort, one non-blocking write: our TLS close_notify.
+        let _ = std::io::Write::write(&mut conn.socket, conn.io.pending());
+    }
+    if !streams.retire(core, slot) {
+        return;
+    }
+    let Some(conn) = streams.conn_mut(slot) else {
+        return;
+    };
+    // Ends a pending receive (it completes with 0) even if the cancel cannot be queued.
+    let _ = conn.socket.shutdown(std::net::Shutdown::Both);
+    let ops = [conn.recv_op, conn.send_op];
+    if ops.iter().all(Option::is_none) {
+        streams.release(slot);
+        return;
+    }
+    for token in ops.into_iter().flatten() {
+        let _ = ring.cancel(token);
+    }
 }
 
 fn handle_recv(
     core: &mut crate::tables::Core,
     streams: &mut Streams,
     ring: &mut Ring,
+    stream_retry: &mut Vec<u32>,
     errnos: &mut ErrnoLog,
     c: Completion,
     sock: u32,
@@ -268,8 +471,9 @@ fn handle_recv(
             {
                 // Stream clients get a copy in their send queue; the buffer goes back now.
                 let parts = [&header[..header_len], buffer.get(range).unwrap_or(&[])];
-                if let Err(reason) = streams.send_frame(core, listener, to, parts, padding) {
-                    core.relay_failed(relay, reason);
+                match streams.queue(core, listener, to, parts, padding) {
+                    Ok(slot) => stream_arm(core, streams, ring, stream_retry, slot),
+                    Err(reason) => core.relay_failed(relay, reason),
                 }
                 Action::Done
             } else {
@@ -336,6 +540,7 @@ struct Lists<'a> {
     rearm: &'a mut Vec<u32>,
     release_after_submit: &'a mut Vec<u32>,
     cancel_retry: &'a mut Vec<u32>,
+    stream_retry: &'a mut Vec<u32>,
 }
 
 /// Executes a command's effect; returns true on shutdown.
@@ -380,8 +585,11 @@ fn apply_effect(
             listener,
             to,
             bytes,
-        } => match streams.send_frame(core, listener, to, [&bytes, &[]], 0) {
-            Ok(()) => core.counters_mut().transmits += 1,
+        } => match streams.queue(core, listener, to, [&bytes, &[]], 0) {
+            Ok(slot) => {
+                core.counters_mut().transmits += 1;
+                stream_arm(core, streams, ring, lists.stream_retry, slot);
+            }
             Err(_) => core.counters_mut().transmit_failures += 1,
         },
         Effect::Shutdown => return true,

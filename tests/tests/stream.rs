@@ -73,6 +73,8 @@ uturn_e2e::on_both_backends!(
     frames_split_into_single_bytes_and_many_frames_in_one_write_are_framed,
     closing_the_connection_removes_the_allocation_even_mid_frame,
     a_stalled_reader_does_not_slow_a_second_client,
+    the_per_source_limit_holds_across_shards,
+    tcp_and_tls_connections_are_gauged_apart,
 );
 
 /// RFC 8656 §3.1 (TURN over TCP/TLS), §11 (Send/Data indications), §12 (channels; over a
@@ -555,4 +557,111 @@ fn connections_beyond_the_per_source_limit_are_closed_and_counted() {
         Duration::from_secs(5),
     );
     assert_eq!(refused, 1.0);
+}
+
+/// Issue 8: the per-source limit is the server's, not each shard's. With two shards the kernel
+/// spreads connections over both; a per-shard count would admit up to twice the limit.
+fn the_per_source_limit_holds_across_shards(backend: &str) {
+    let dir = std::env::temp_dir().join(format!(
+        "uturn-e2e-per-source-shards-{backend}-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("uturn.toml");
+    std::fs::write(&config, "[server]\nstream_connections_per_source_max = 2\n").expect("config");
+    let mut args = standard_args(backend, 2);
+    args.extend(["--config", config.to_str().expect("utf-8 path")].map(str::to_owned));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Uturn::start(&refs);
+    let addr = server.stream_listener("tcp", false);
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let mut client = TurnClient::new_tcp(addr, "alice", "wonderland");
+        let response = client.request(Method::BINDING, &[]);
+        assert_eq!(response.message().class(), Class::SuccessResponse);
+        kept.push(client);
+    }
+    for i in 0..6 {
+        let extra = TurnClient::new_tcp(addr, "alice", "wonderland");
+        assert!(
+            extra.wait_closed(ANSWER_TIMEOUT),
+            "connection {} from 127.0.0.1 is over the server-wide limit of 2",
+            i + 3
+        );
+    }
+    // Closing one makes room again, whichever shard the next one lands on.
+    drop(kept.pop());
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    let mut admitted = false;
+    while !admitted && Instant::now() < deadline {
+        let mut client = TurnClient::new_tcp(addr, "alice", "wonderland");
+        if !client.wait_closed(Duration::from_millis(200)) {
+            let response = client.request(Method::BINDING, &[]);
+            assert_eq!(response.message().class(), Class::SuccessResponse);
+            admitted = true;
+        }
+    }
+    assert!(
+        admitted,
+        "a slot freed by a close is given to a new connection"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `uturn_connections` gauge counts TCP and TLS connections under their own labels (an
+/// `auto` connection moves to `tls` once its first byte says so).
+fn tcp_and_tls_connections_are_gauged_apart(backend: &str) {
+    let cert = TestCertificate::generate();
+    let mut args = standard_args(backend, 1);
+    for extra in [
+        "--listen",
+        "tls://127.0.0.1:0",
+        "--listen",
+        "auto://127.0.0.1:0",
+        "--tls-cert",
+        cert.cert_path.to_str().expect("UTF-8 path"),
+        "--tls-key",
+        cert.key_path.to_str().expect("UTF-8 path"),
+        "--counters-interval-ms",
+        "50",
+    ] {
+        args.push(extra.to_owned());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Uturn::start(&refs);
+    let mut clients = vec![
+        TurnClient::new_tcp(server.stream_listener("tcp", false), "alice", "wonderland"),
+        TurnClient::new_tcp(server.stream_listener("auto", false), "alice", "wonderland"),
+        TurnClient::new_tls(
+            server.stream_listener("tls", false),
+            "alice",
+            "wonderland",
+            Arc::clone(&cert.client_config),
+        ),
+        TurnClient::new_tls(
+            server.stream_listener("auto", false),
+            "alice",
+            "wonderland",
+            Arc::clone(&cert.client_config),
+        ),
+        TurnClient::new_tls(
+            server.stream_listener("tls", false),
+            "alice",
+            "wonderland",
+            Arc::clone(&cert.client_config),
+        ),
+    ];
+    for client in &mut clients {
+        let response = client.request(Method::BINDING, &[]);
+        assert_eq!(response.message().class(), Class::SuccessResponse);
+    }
+    let timeout = Duration::from_secs(5);
+    let tcp = server.wait_metric("uturn_connections", &[("transport", "tcp")], 2.0, timeout);
+    let tls = server.wait_metric("uturn_connections", &[("transport", "tls")], 3.0, timeout);
+    assert_eq!((tcp, tls), (2.0, 3.0));
+    drop(clients.pop());
+    drop(clients.remove(0));
+    let tcp = server.wait_metric("uturn_connections", &[("transport", "tcp")], 1.0, timeout);
+    let tls = server.wait_metric("uturn_connections", &[("transport", "tls")], 2.0, timeout);
+    assert_eq!((tcp, tls), (1.0, 2.0));
 }
