@@ -214,8 +214,7 @@ if [[ "${PERF:-0}" == 1 && -z "$METRICS_AB" ]]; then
     knee=$(sed -n 's/^  "knee_pps": \([0-9.]*\),$/\1/p' "$OUT/json/uturn-small-1.json" 2>/dev/null || true)
     pps=${PERF_PPS:-$(awk -v k="${knee:-0}" 'BEGIN { printf "%d", (k > 0 ? k / 2 : 50000) }')}
     for s in uturn coturn; do
-        addr=$UTURN_ADDR pid=$UTURN_PID
-        [[ $s == coturn ]] && addr=$COTURN_ADDR pid=$COTURN_PID
+        addr=${ADDR[$s]} pid=${SPID[$s]}
         log "perf: $s during small at $pps pps for ${PERF_SECS:-3} s ($event)"
         perf record -e "$event" -g -p "$pid" -o "$OUT/perf/$s.data" 2>"$OUT/logs/perf-$s.log" &
         perf_pid=$!
