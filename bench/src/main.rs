@@ -490,6 +490,10 @@ fn load_config(c: &Common, server: SocketAddr, framing: Framing) -> Result<LoadC
     })
 }
 
+/// The longest fixed run through a TURN server: under a permission's 300 s lifetime, with
+/// room for the set-up.
+const TRAFFIC_SECS_MAX: Duration = Duration::from_secs(280);
+
 /// Sets up the allocations, runs the plan, and writes the report.
 fn traffic(c: &Common, server: SocketAddr, mode: &str, plan: Plan) -> Result<RunReport> {
     traffic_with(c, server, mode, plan, c.framing)
@@ -504,6 +508,20 @@ fn traffic_with(
 ) -> Result<RunReport> {
     if c.workload == Workload::Alloc {
         bail!("the alloc workload has no traffic: use the alloc command");
+    }
+    // The traffic loop installs permissions and channels once and never refreshes them, so
+    // past 300 s (a permission's lifetime, RFC 8656 §9) a TURN server rightly drops all of it.
+    // Refusing beats a run that reports that loss as the server's.
+    if let Plan::Fixed { duration, .. } = &plan {
+        if framing != Framing::Bare && *duration > TRAFFIC_SECS_MAX {
+            bail!(
+                "--duration {} s is longer than a TURN permission lives (300 s) and this \
+                 generator does not refresh permissions: run rounds of at most {} s \
+                 (scripts/soak.sh does)",
+                duration.as_secs_f64(),
+                TRAFFIC_SECS_MAX.as_secs()
+            );
+        }
     }
     if framing == Framing::Bare && c.transport != Transport::Udp {
         bail!("the bare forwarder speaks UDP only: --transport tcp|tls applies to run and sweep");

@@ -395,3 +395,28 @@ fn the_report_merges_runs_into_a_table_and_plots() {
     assert!(plots.join("latency-cdf-small.svg").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A fixed run longer than a permission lives is refused before any traffic: the generator
+/// does not refresh permissions, so the server would rightly drop everything after 300 s.
+#[test]
+fn a_run_longer_than_a_permission_lives_is_refused() {
+    let out = Command::new(BENCH)
+        .args([
+            "run",
+            "--server",
+            "127.0.0.1:9",
+            "--workload",
+            "small",
+            "--duration",
+            "281",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run uturn-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a 281 s run was accepted: {stderr}");
+    assert!(
+        stderr.contains("does not refresh permissions"),
+        "unexpected error: {stderr}"
+    );
+}
