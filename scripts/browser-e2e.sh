@@ -99,19 +99,9 @@ uturn_pid=$!
 
 # Readiness and OS-assigned ports from uturn's own "listening on ..." / "uturn is ready" lines
 # (bounded: 20 s).
-ready=0
-for _ in $(seq 1 200); do
-  if grep -q '^uturn is ready' "$work/uturn.out"; then ready=1; break; fi
-  if ! kill -0 "$uturn_pid" 2>/dev/null; then break; fi
-  sleep 0.1
-done
-if [ "$ready" != 1 ]; then
-  echo "FAIL: uturn did not become ready" >&2
-  cat "$work/uturn.out" "$work/uturn.log" >&2
-  exit 1
-fi
-addr() { sed -n "s/^listening on $1 //p" "$work/uturn.out" | head -1; }
-port() { addr "$1" | sed 's/.*://'; }
+# shellcheck source=scripts/lib/uturn-ready.sh
+. "$root/scripts/lib/uturn-ready.sh"
+wait_for_uturn "$uturn_pid"
 
 only_json=null
 if [ ${#only[@]} -gt 0 ]; then only_json=$(printf '"%s",' "${only[@]}"); only_json="[${only_json%,}]"; fi

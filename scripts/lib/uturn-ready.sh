@@ -1,0 +1,22 @@
+# Sourced by the real-client scripts: waits for a uturn started in the background with its
+# stdout in "$work/uturn.out" and stderr in "$work/uturn.log", and reads the OS-assigned
+# addresses from its own "listening on KIND ADDR" lines.
+
+# Waits (bounded: 20 s) until uturn PID prints "uturn is ready"; on failure prints its output
+# and exits the calling script.
+wait_for_uturn() { # PID
+  local i
+  for i in $(seq 1 200); do
+    grep -q '^uturn is ready' "$work/uturn.out" && return 0
+    kill -0 "$1" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "FAIL: uturn did not become ready" >&2
+  cat "$work/uturn.out" "$work/uturn.log" >&2
+  exit 1
+}
+
+# The address of uturn's first listener of KIND (udp, tcp, tls, auto, http).
+addr() { sed -n "s/^listening on $1 //p" "$work/uturn.out" | head -1; }
+# Its port.
+port() { addr "$1" | sed 's/.*://'; }
