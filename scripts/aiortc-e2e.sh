@@ -44,19 +44,9 @@ if ! cmp -s "$requirements" "$venv/installed-requirements.txt" 2>/dev/null; then
   cp "$requirements" "$venv/installed-requirements.txt"
 fi
 
-bin="${UTURN_BIN:-}"
-if [ -z "$bin" ]; then
-  cargo build --release -p uturn-control --bin uturn
-  bin="${CARGO_TARGET_DIR:-target}/release/uturn"
-fi
-
-work=$(mktemp -d)
-uturn_pid=
-cleanup() {
-  if [ -n "$uturn_pid" ]; then kill "$uturn_pid" 2>/dev/null || true; wait "$uturn_pid" 2>/dev/null || true; fi
-  if [ "$keep_logs" = 1 ]; then echo "logs kept in $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
+# shellcheck source=scripts/lib/uturn-ready.sh
+. "$root/scripts/lib/uturn-ready.sh"
+prepare_uturn_run
 
 secret="aiortc-e2e-shared-secret"
 password="aiortc-e2e-password"
@@ -80,8 +70,6 @@ uturn_pid=$!
 
 # Readiness and OS-assigned ports from uturn's "listening on ..." / "uturn is ready" lines
 # (bounded: 20 s).
-# shellcheck source=scripts/lib/uturn-ready.sh
-. "$root/scripts/lib/uturn-ready.sh"
 wait_for_uturn "$uturn_pid"
 
 status=0

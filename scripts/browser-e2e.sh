@@ -44,19 +44,9 @@ if [ ! -d scripts/browser/node_modules/playwright-core ]; then
   (cd scripts/browser && npm ci --no-audit --no-fund)
 fi
 
-bin="${UTURN_BIN:-}"
-if [ -z "$bin" ]; then
-  cargo build --release -p uturn-control --bin uturn
-  bin="${CARGO_TARGET_DIR:-target}/release/uturn"
-fi
-
-work=$(mktemp -d)
-uturn_pid=
-cleanup() {
-  if [ -n "$uturn_pid" ]; then kill "$uturn_pid" 2>/dev/null || true; wait "$uturn_pid" 2>/dev/null || true; fi
-  if [ "$keep_logs" = 1 ]; then echo "logs kept in $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
+# shellcheck source=scripts/lib/uturn-ready.sh
+. "$root/scripts/lib/uturn-ready.sh"
+prepare_uturn_run
 
 # A test CA and a server certificate for "localhost" signed by it, made for this run only.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
@@ -99,8 +89,6 @@ uturn_pid=$!
 
 # Readiness and OS-assigned ports from uturn's own "listening on ..." / "uturn is ready" lines
 # (bounded: 20 s).
-# shellcheck source=scripts/lib/uturn-ready.sh
-. "$root/scripts/lib/uturn-ready.sh"
 wait_for_uturn "$uturn_pid"
 
 only_json=null
