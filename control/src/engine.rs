@@ -19,6 +19,7 @@ use crate::config::{Config, ConfigError};
 use crate::policy::{PeerDenied, PeerPolicy};
 use crate::ports::{Family, PortAllocator, PortRangeTooSmall, PortShape};
 use crate::ratelimit::{RateTable, source_key, user_key};
+use crate::sparse;
 use crate::timers::Timers;
 use crate::{AllocationId, BindToken, FiveTuple, ShardId};
 
@@ -825,6 +826,7 @@ impl<R: RngCore> Engine<R> {
                 }
                 Expiry::Reservation(token) => {
                     if let Some(reservation) = self.reservations.remove(&token) {
+                        sparse::shrink_map(&mut self.reservations);
                         self.ports.release(reservation.family, reservation.port);
                         self.push_event(Event::ReservationExpired {
                             port: reservation.port,
@@ -1010,6 +1012,7 @@ impl<R: RngCore> Engine<R> {
         let Some(mut pending) = self.pending.remove(&token) else {
             return;
         };
+        sparse::shrink_map(&mut self.pending);
         let request = pending.request;
         if result.is_err() {
             self.release_ports(&pending.families, &pending.ports);
@@ -1559,6 +1562,8 @@ impl<R: RngCore> Engine<R> {
                 .release(Family::of(relay.bound.ip()), relay.bound.port());
         }
         self.slots.remove(&allocation.five_tuple);
+        sparse::shrink_map(&mut self.allocations);
+        sparse::shrink_map(&mut self.slots);
         self.uncount_user(allocation.auth.user());
         self.push_table(allocation.shard, TableChange::RemoveAllocation { alloc });
     }

@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -41,6 +41,11 @@ const ADMIN_QUEUE_DEPTH: usize = 64;
 
 /// How long one wait for a request lasts before the thread looks at its stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(200);
+
+/// How often the recorder's histograms are folded into their buckets when nobody scrapes:
+/// until then every recorded sample is held in memory, so a server that is never scraped
+/// would grow by one sample per ended allocation (the exporter's own default upkeep period).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A request for the control thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,11 +222,18 @@ struct Handler {
 }
 
 fn serve(server: &Server, handler: &Handler, stop: &AtomicBool) {
+    let mut upkept = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         match server.recv_timeout(ACCEPT_POLL) {
             Ok(Some(request)) => handler.handle(request),
             Ok(None) => {}
             Err(e) => debug!(error = %e, "HTTP connection failed"),
+        }
+        if upkept.elapsed() >= UPKEEP_INTERVAL {
+            if let Some(prometheus) = &handler.prometheus {
+                prometheus.run_upkeep();
+            }
+            upkept = Instant::now();
         }
     }
 }

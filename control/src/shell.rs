@@ -286,6 +286,7 @@ impl<R: RngCore> ControlThread<R> {
                     error!(?token, "OpenAllocation without bound sockets (engine bug)");
                     return;
                 };
+                crate::sparse::shrink_map(&mut self.bound);
                 debug_assert_eq!(sockets.len(), relays.len());
                 self.owners.insert(alloc, shard);
                 ShardCommand::OpenAllocation {
@@ -334,6 +335,7 @@ impl<R: RngCore> ControlThread<R> {
             }
             TableChange::RemoveAllocation { alloc } => {
                 self.owners.remove(&alloc);
+                crate::sparse::shrink_map(&mut self.owners);
                 ShardCommand::RemoveAllocation {
                     alloc: ShardAllocationId(alloc.0),
                 }

@@ -300,6 +300,8 @@ impl Telemetry {
             }
             true
         });
+        crate::sparse::shrink_map(&mut self.allocations);
+        crate::sparse::shrink_set(&mut self.retired);
     }
 
     /// The latest packet and byte counters of one allocation, for the admin API.

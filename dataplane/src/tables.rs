@@ -898,6 +898,35 @@ impl Core {
         Effect::Opened(opened)
     }
 
+    /// Gives back the memory of tables that emptied: a hash table keeps the capacity of its
+    /// peak, so without this a shard's resident memory would not follow the calls down after a
+    /// busy hour (the soak, `scripts/soak.sh`, measures it). A table shrinks to half full once
+    /// it is under a quarter full, and never below 64 slots; that hysteresis keeps a table
+    /// whose length swings around one size from being rebuilt back and forth. Runs on commands
+    /// from the control thread, never per packet.
+    fn shrink_if_sparse(&mut self) {
+        const CAPACITY_FLOOR: usize = 64;
+        let sparse = |len: usize, capacity: usize| {
+            (capacity > CAPACITY_FLOOR && len.saturating_mul(4) < capacity)
+                .then_some(len.saturating_mul(2))
+        };
+        if let Some(to) = sparse(self.allocations.len(), self.allocations.capacity()) {
+            self.allocations.shrink_to(to);
+        }
+        if let Some(to) = sparse(self.by_client.len(), self.by_client.capacity()) {
+            self.by_client.shrink_to(to);
+        }
+        if let Some(to) = sparse(self.channels.len(), self.channels.capacity()) {
+            self.channels.shrink_to(to);
+        }
+        if let Some(to) = sparse(self.channel_of_peer.len(), self.channel_of_peer.capacity()) {
+            self.channel_of_peer.shrink_to(to);
+        }
+        if let Some(to) = sparse(self.permissions.len(), self.permissions.capacity()) {
+            self.permissions.shrink_to(to);
+        }
+    }
+
     fn remove_allocation(&mut self, alloc: AllocationId) -> Effect {
         let Some(allocation) = self.allocations.remove(&alloc) else {
             return Effect::None;
@@ -913,6 +942,7 @@ impl Core {
             }
         }
         self.removed.push((alloc, allocation.counters));
+        self.shrink_if_sparse();
         let slots = [allocation.relay_v4, allocation.relay_v6];
         for slot in slots.into_iter().flatten() {
             if let Some(Some(entry)) = self.sockets.get_mut(slot as usize) {
@@ -1112,6 +1142,47 @@ mod tests {
                 assert_eq!(padding, 3, "RFC 8656 §12.5: ChannelData over TCP is padded");
             }
             other => panic!("expected ToStream, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_tables_give_their_memory_back_once_the_allocations_are_gone() {
+        let (mut core, _rx) = core();
+        let count = 300u16;
+        for n in 1..=count {
+            let client = SocketAddr::new("192.0.2.10".parse().expect("literal"), 10_000 + n);
+            open(&mut core, u64::from(n), client);
+            let alloc = AllocationId(u64::from(n));
+            let peer = SocketAddr::new("198.51.100.1".parse().expect("literal"), n);
+            core.handle_command(ShardCommand::SetPermission {
+                alloc,
+                peer_ip: peer.ip(),
+            });
+            core.handle_command(ShardCommand::BindChannel {
+                alloc,
+                channel: ChannelNumber::new(0x4000).expect("valid"),
+                peer,
+            });
+        }
+        let peak = core.allocations.capacity();
+        assert!(peak >= usize::from(count));
+        for n in 1..=count {
+            core.handle_command(ShardCommand::RemoveAllocation {
+                alloc: AllocationId(u64::from(n)),
+            });
+        }
+        assert!(core.allocations.is_empty());
+        for (table, capacity) in [
+            ("allocations", core.allocations.capacity()),
+            ("by_client", core.by_client.capacity()),
+            ("channels", core.channels.capacity()),
+            ("channel_of_peer", core.channel_of_peer.capacity()),
+            ("permissions", core.permissions.capacity()),
+        ] {
+            assert!(
+                capacity <= 64,
+                "{table} kept {capacity} slots (peak {peak})"
+            );
         }
     }
 
