@@ -300,7 +300,9 @@ fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig 
 }
 
 /// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`, which holds for
-/// every thread and for memory mapped before the call).
+/// every thread and for memory mapped before the call), so that a host whose THP setting is
+/// `always` does not bring them back; mimalloc is built without its own request for them (the
+/// `no_thp` feature), which covers what it maps before `main` runs.
 ///
 /// Why: mimalloc asks for huge pages on its arenas, and the kernel's khugepaged then fills a
 /// sparsely used 2 MiB range up to a whole huge page (`max_ptes_none` is 511 by default).
