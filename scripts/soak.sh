@@ -6,8 +6,11 @@
 #      server's expiry runs all along; `uturn_allocations` must reach 0 before a deadline;
 #   2. no unexpected error counter moved (the list and the reasons are below);
 #   3. resident memory (VmRSS of uturn) after the drain is within 5% of its level after a
-#      warm-up cycle: the first cycle sizes hash tables and allocator arenas, which is growth
-#      by design, so the baseline is taken after one shorter cycle of the same load, drained.
+#      warm-up cycle: the first cycle warms the allocator (arenas, per-thread pages), which is
+#      growth by design, so the baseline is taken after one shorter cycle of the same load,
+#      drained. (uturn's hash tables shrink once under a quarter full, and it runs without
+#      transparent huge pages, which made its resident memory jump by 2 MiB steps that had
+#      nothing to do with the load: see `disable_transparent_huge_pages` in the binary.)
 #
 #   scripts/soak.sh [SECONDS]     # load time, default 1800 (30 minutes); CI runs 60
 #
@@ -16,7 +19,7 @@
 # runs in rounds of at most 240 s, each drained before the next: the bench's traffic loop does
 # not refresh, and a permission lives 300 s (RFC 8656 §9), so a longer run would lose its
 # traffic after five minutes. The RSS after each round's drain is printed, so growth across
-# rounds (a leak) is told apart from one step up (tables sized for a higher peak).
+# rounds (a leak) is told apart from one step up.
 # Everything runs on loopback.
 # Environment: AUDIO_ALLOCATIONS (default 200: 10 kpps; the audio workload's nominal 1,000 is
 # 50 kpps, more than a shared 2-core CI machine carries beside the churn and the compilers),
