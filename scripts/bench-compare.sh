@@ -23,6 +23,10 @@
 #                               uturn --no-metrics, then CPU per relayed packet and knee of
 #                               both with their ratio (issue 7: metrics must cost nothing
 #                               measurable)
+#   UTURN_B=/path/to/uturn      instead of coturn and the forwarder: this build of uturn beside
+#                               another uturn binary (a previous commit's, built the same way),
+#                               with the same summary as METRICS_AB: the before and after of a
+#                               change to the packet path
 # With the defaults the whole run stays under ~10 minutes on a 2-core machine.
 set -euo pipefail
 
@@ -38,12 +42,17 @@ GEN_CPU=${GEN_CPU:-1}
 IO=${IO:-auto}
 OUT=${OUT:-target/bench-compare}
 METRICS_AB=${METRICS_AB:-}
+UTURN_B=${UTURN_B:-}
+[[ -n "$METRICS_AB" && -n "$UTURN_B" ]] && { echo "METRICS_AB and UTURN_B are two different runs: pick one" >&2; exit 2; }
+[[ -z "$UTURN_B" || -x "$UTURN_B" ]] || { echo "UTURN_B=$UTURN_B is not an executable" >&2; exit 2; }
+# An A/B run (either kind) measures uturn against uturn only.
+AB=${METRICS_AB:-$UTURN_B}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 USER_PASS="u1:p1"
 
 log() { printf '[bench-compare] %s\n' "$*" >&2; }
 
-if [[ -z "$METRICS_AB" ]] && ! command -v turnserver >/dev/null 2>&1; then
+if [[ -z "$AB" ]] && ! command -v turnserver >/dev/null 2>&1; then
     log "coturn is missing: installing the Debian package"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
@@ -74,10 +83,10 @@ trap cleanup EXIT
 declare -A ADDR SPID
 
 # uturn: one shard, pinned. It prints its listener and "uturn is ready".
-start_uturn() { # LABEL PORTS [EXTRA FLAGS...]
+start_uturn() { # LABEL PORTS [EXTRA FLAGS...]; BIN=path overrides the binary
     local label=$1 ports=$2
     shift 2
-    taskset -c "$SERVER_CPU" "$UTURN" --listen 127.0.0.1:0 --relay-ip 127.0.0.1 --user "$USER_PASS" \
+    taskset -c "$SERVER_CPU" "${BIN:-$UTURN}" --listen 127.0.0.1:0 --relay-ip 127.0.0.1 --user "$USER_PASS" \
         --allow-loopback-peers --threads 1 --io "$IO" --ports "$ports" --http 127.0.0.1:0 "$@" \
         >"$OUT/logs/$label.out" 2>"$OUT/logs/$label.err" &
     SPID[$label]=$!
@@ -96,6 +105,9 @@ if [[ -n "$METRICS_AB" ]]; then
     start_uturn uturn-nometrics 20000-29999 --no-metrics
     SERVERS="uturn uturn-nometrics"
     METRICS_URL="http://$(sed -n 's/^listening on http //p' "$OUT/logs/uturn.out" | head -n1)/metrics"
+elif [[ -n "$UTURN_B" ]]; then
+    BIN="$UTURN_B" start_uturn uturn-b 20000-29999
+    SERVERS="uturn uturn-b"
 fi
 
 # What a Prometheus server does to uturn during the run: one scrape a second (on the
@@ -147,7 +159,7 @@ free_udp_port() {
 COTURN_PORT=${COTURN_PORT:-$(free_udp_port)}
 
 # coturn: one relay thread, pinned, long-term credentials, loopback peers allowed.
-if [[ -z "$METRICS_AB" ]]; then
+if [[ -z "$AB" ]]; then
     taskset -c "$SERVER_CPU" turnserver -n --listening-ip=127.0.0.1 --listening-port="$COTURN_PORT" \
         --relay-ip=127.0.0.1 --min-port=20000 --max-port=29999 --user="$USER_PASS" --realm=bench \
         --lt-cred-mech --allow-loopback-peers --no-cli --no-tls --no-dtls --relay-threads=1 \
@@ -187,7 +199,7 @@ for run in $(seq "$RUNS"); do
             generate "$s" sweep --server "${ADDR[$s]}" --server-pid "${SPID[$s]}" --label "$s" \
                 --workload "$w" "${SWEEP[@]}" --json "$OUT/json/$s-$w-$run.json"
         done
-        [[ -n "$METRICS_AB" ]] && continue
+        [[ -n "$AB" ]] && continue
         log "run $run/$RUNS: sweep $w on the bare forwarder"
         "${GEN[@]}" baseline --forwarder-cpu "$SERVER_CPU" --workload "$w" "${SWEEP[@]}" \
             --json "$OUT/json/baseline-$w-$run.json"
@@ -204,7 +216,7 @@ for run in $(seq "$RUNS"); do
 done
 log "measured in $(( $(date +%s) - start )) s"
 
-if [[ "${PERF:-0}" == 1 && -z "$METRICS_AB" ]]; then
+if [[ "${PERF:-0}" == 1 && -z "$AB" ]]; then
     # Where the server's time goes at a mid rate. Hardware cycle counters are often missing in
     # a VM (`perf stat -e cycles` says <not supported>); the cpu-clock software event samples
     # the same way there.
@@ -240,16 +252,24 @@ fi
     echo "Machine: $(nproc) cores, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
     if [[ -n "$METRICS_AB" ]]; then
         echo "uturn: $(sed -n 's/.*backend="\([a-z_]*\)".*/\1/p' "$OUT/logs/uturn.err" | head -n1) backend, 1 shard, metrics on (scraped every second) and off (--no-metrics); server on core $SERVER_CPU, generator on core $GEN_CPU"
+    elif [[ -n "$UTURN_B" ]]; then
+        echo "uturn: $(sed -n 's/.*backend="\([a-z_]*\)".*/\1/p' "$OUT/logs/uturn.err" | head -n1) backend, 1 shard: A = $UTURN ($(git describe --always --dirty 2>/dev/null || echo '?')), B = $UTURN_B; server on core $SERVER_CPU, generator on core $GEN_CPU"
     else
         echo "uturn: $(sed -n 's/.*backend="\([a-z_]*\)".*/\1/p' "$OUT/logs/uturn.err" | head -n1) backend, 1 shard; coturn $(turnserver --version 2>/dev/null | head -n1), 1 relay thread; server on core $SERVER_CPU, generator on core $GEN_CPU"
     fi
-    echo "Command: ${METRICS_AB:+METRICS_AB=1 }RUNS=$RUNS WORKLOADS=\"$WORKLOADS\" STEP_SECS=$STEP_SECS IO=$IO scripts/bench-compare.sh"
+    echo "Command: ${METRICS_AB:+METRICS_AB=1 }${UTURN_B:+UTURN_B=$UTURN_B }RUNS=$RUNS WORKLOADS=\"$WORKLOADS\" STEP_SECS=$STEP_SECS IO=$IO scripts/bench-compare.sh"
 } | tee -a "$OUT/results.md"
 
-# Metrics on against off, per workload: the median over the runs of server CPU per relayed
-# packet at the knee step (per allocation for alloc) and of the knee (allocations per second).
-if [[ -n "$METRICS_AB" ]]; then
-    command -v jq >/dev/null 2>&1 || { log "jq is required for the METRICS_AB summary"; exit 2; }
+# A against B (metrics on against off, or this build against UTURN_B), per workload: the median
+# over the runs of server CPU per relayed packet at the knee step (per allocation for alloc) and
+# of the knee (allocations per second).
+if [[ -n "$AB" ]]; then
+    command -v jq >/dev/null 2>&1 || { log "jq is required for the A/B summary"; exit 2; }
+    if [[ -n "$METRICS_AB" ]]; then
+        b_label=uturn-nometrics a_name="metrics on" b_name=off
+    else
+        b_label=uturn-b a_name="A (this build)" b_name="B"
+    fi
     median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "" }'; }
     figures() { # LABEL WORKLOAD -> "cpu rate"
         local files=("$OUT"/json/"$1"-"$2"-*.json) cpu rate
@@ -262,11 +282,11 @@ if [[ -n "$METRICS_AB" ]]; then
     }
     {
         echo
-        echo "| workload | CPU ns/unit, metrics on | off | on ÷ off | knee (alloc: /s), on | off | on ÷ off |"
+        echo "| workload | CPU ns/unit, $a_name | $b_name | A ÷ B | knee (alloc: /s), A | B | A ÷ B |"
         echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
         for w in $WORKLOADS; do
             read -r con ron <<<"$(figures uturn "$w")"
-            read -r coff roff <<<"$(figures uturn-nometrics "$w")"
+            read -r coff roff <<<"$(figures "$b_label" "$w")"
             awk -v w="$w" -v a="$con" -v b="$coff" -v c="$ron" -v d="$roff" 'BEGIN {
                 r1 = (b > 0) ? sprintf("%.3f", a / b) : "n/a"; r2 = (d > 0) ? sprintf("%.3f", c / d) : "n/a"
                 printf "| %s | %.0f | %.0f | %s | %.0f | %.0f | %s |\n", w, a, b, r1, c, d, r2 }'
