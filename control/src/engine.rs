@@ -703,6 +703,13 @@ impl<R: RngCore> Engine<R> {
         self.draining = draining;
     }
 
+    /// Replaces the alternate servers a draining engine sends new clients to
+    /// (`ops.alternate_servers`, reloadable so that an operator can name them just before
+    /// draining).
+    pub fn set_alternate_servers(&mut self, servers: Vec<SocketAddr>) {
+        self.settings.alternate_servers = servers;
+    }
+
     /// Whether the engine is draining.
     pub fn is_draining(&self) -> bool {
         self.draining

@@ -36,7 +36,7 @@ use uturn_proto::ChannelNumber;
 use crate::engine::{BindFailed, Engine, Event, Output, TableChange};
 use crate::{AllocationId, BindToken, Config, FiveTuple, PeerPolicy, ShardId, UserTable};
 
-pub use ops::{LogLevelSetter, OpsHooks, ReloadHook, Reloader};
+pub use ops::{LogLevelSetter, OpsHooks, RELOADED_TLS_CERTIFICATE, ReloadHook, Reloader};
 
 /// The longest the loop sleeps without looking at the engine's timers again; a bound, so a
 /// clock that jumps or a lost wake-up costs at most this much lateness.

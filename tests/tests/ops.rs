@@ -536,6 +536,62 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(created["fields"]["client"], client.local_addr().to_string());
 }
 
+/// A reload applies `ops.alternate_servers` (so an operator can name them just before a
+/// drain), and names what only a restart applies, again on every reload until the restart: the
+/// running configuration is not overwritten with values that do not run.
+#[test]
+fn a_reload_applies_alternate_servers_and_keeps_naming_what_needs_a_restart() {
+    let config = TempConfig::new("ops-restart-needed", "");
+    let write = |alternates: &str, total: u32| {
+        config.write(&format!(
+            "[auth]\nrealm = \"e2e.test\"\n[limits]\nallocations_total = {total}\n\
+             [ops]\nalternate_servers = [{alternates}]\n"
+        ));
+    };
+    write("", 1000);
+    let server = start("mmsg", &["--config", config.path()]);
+    let (status, body) = server.http("POST", "/api/v1/reload", None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        json(&body)["restart_needed"],
+        serde_json::json!([]),
+        "{body}"
+    );
+
+    write("\"127.0.0.1:3480\"", 500);
+    for reload in 1..=2 {
+        let (status, body) = server.http("POST", "/api/v1/reload", None);
+        assert_eq!(status, 200, "{body}");
+        let reply = json(&body);
+        assert!(
+            reply["reloaded"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|v| v == "alternate_servers")),
+            "reload {reload}: {body}"
+        );
+        assert_eq!(
+            reply["restart_needed"],
+            serde_json::json!(["limits"]),
+            "reload {reload}: {body}"
+        );
+    }
+
+    let (status, _) = server.http("POST", "/api/v1/drain", None);
+    assert_eq!(status, 200);
+    let mut redirected = TurnClient::new(server.listener(false), "alice", "wonderland");
+    let response = redirected.request(
+        uturn_proto::Method::ALLOCATE,
+        &[uturn_proto::Attribute::RequestedTransport(
+            uturn_proto::Protocol::UDP,
+        )],
+    );
+    assert_eq!(response.error_code(), Some(300));
+    assert_eq!(
+        response.message().alternate_server().unwrap(),
+        Some("127.0.0.1:3480".parse().unwrap())
+    );
+}
+
 /// A reload applies a new log level from the config file.
 #[test]
 fn a_reload_applies_the_log_level() {

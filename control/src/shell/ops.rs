@@ -36,6 +36,10 @@ const LOG_REFILL_PER_SEC: f64 = 5.0;
 /// How often suppressed counts are reported.
 const LOG_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 
+/// What a reload hook returns once it has applied `server.tls_cert` and `server.tls_key`: the
+/// reload then counts those two as in effect, not as waiting for a restart.
+pub const RELOADED_TLS_CERTIFICATE: &str = "tls certificate";
+
 /// What the operations side needs from the binary.
 pub struct OpsHooks {
     /// Admin calls from the HTTP thread.
@@ -58,6 +62,16 @@ impl std::fmt::Debug for OpsHooks {
             .field("listeners", &self.listeners)
             .finish_non_exhaustive()
     }
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub(super) struct Reloaded {
+    /// The parts of the configuration now in effect from the file.
+    pub(super) applied: Vec<&'static str>,
+    /// Sections and fields where the file differs from what runs and only a restart applies
+    /// it (every reload names them again until then).
+    pub(super) restart_needed: Vec<&'static str>,
 }
 
 /// Per-allocation facts kept for log lines.
@@ -142,7 +156,10 @@ impl<R: RngCore> ControlThread<R> {
                 }
             }
             AdminRequest::Reload => match self.reload_all() {
-                Ok(applied) => ok(json!({ "reloaded": applied })),
+                Ok(outcome) => ok(json!({
+                    "reloaded": outcome.applied,
+                    "restart_needed": outcome.restart_needed,
+                })),
                 Err(reason) => reply(422, json!({ "error": reason })),
             },
             AdminRequest::Drain(on) => {
@@ -244,14 +261,19 @@ impl<R: RngCore> ControlThread<R> {
         ok(json!({ "allocations": list }))
     }
 
-    /// Reload from SIGHUP or the API: users (static and file), REST secrets, peer policy and
-    /// log level. All or nothing: an invalid new configuration changes nothing.
-    pub(super) fn reload_all(&mut self) -> Result<Vec<&'static str>, String> {
+    /// Reload from SIGHUP or the API: users (static and file), REST secrets, peer policy,
+    /// alternate servers, TLS certificates and log level. All or nothing: an invalid new
+    /// configuration changes nothing.
+    pub(super) fn reload_all(&mut self) -> Result<Reloaded, String> {
         let result = self.try_reload();
         match &result {
-            Ok(applied) => {
+            Ok(outcome) => {
                 metrics::counter!("uturn_reloads_total", "result" => "ok").increment(1);
-                info!(applied = %applied.join(","), "configuration reloaded");
+                info!(
+                    applied = %outcome.applied.join(","),
+                    restart_needed = %outcome.restart_needed.join(","),
+                    "configuration reloaded"
+                );
             }
             Err(reason) => {
                 metrics::counter!("uturn_reloads_total", "result" => "refused").increment(1);
@@ -261,7 +283,7 @@ impl<R: RngCore> ControlThread<R> {
         result
     }
 
-    fn try_reload(&mut self) -> Result<Vec<&'static str>, String> {
+    fn try_reload(&mut self) -> Result<Reloaded, String> {
         let config = match &mut self.ops.reloader {
             Some(reload) => reload()?,
             None => self.config.clone(),
@@ -298,33 +320,65 @@ impl<R: RngCore> ControlThread<R> {
             let shard = ShardId(u16::try_from(shard).unwrap_or(u16::MAX));
             self.send(shard, ShardCommand::SetPeerGuard(guard.clone()));
         }
-        applied.extend(["users", "secrets", "peers"]);
-        if config.ops.log_level != self.config.ops.log_level
+        self.engine
+            .set_alternate_servers(config.ops.alternate_servers.clone());
+        applied.extend(["users", "secrets", "peers", "alternate_servers"]);
+        // `self.config` stays what runs: the parts just applied come from the file, the rest
+        // stays as started, so every reload names again what still waits for a restart.
+        let running = &mut self.config;
+        running.auth = config.auth.clone();
+        running.peers = config.peers.clone();
+        running.ops.alternate_servers = config.ops.alternate_servers.clone();
+        if applied.contains(&RELOADED_TLS_CERTIFICATE) {
+            running.server.tls_cert = config.server.tls_cert.clone();
+            running.server.tls_key = config.server.tls_key.clone();
+        }
+        if config.ops.log_level != running.ops.log_level
             && let Some(set) = &self.ops.log_level
         {
             match set(&config.ops.log_level) {
-                Ok(()) => applied.push("log_level"),
+                Ok(()) => {
+                    applied.push("log_level");
+                    running.ops.log_level = config.ops.log_level.clone();
+                }
                 Err(e) => warn!(error = %e, "log level not changed"),
             }
         }
-        for (field, changed) in [
-            ("server", config.server != self.config.server),
-            ("relay", config.relay != self.config.relay),
-            ("limits", config.limits != self.config.limits),
+        let restart_needed: Vec<&'static str> = [
+            ("server", config.server != running.server),
+            ("relay", config.relay != running.relay),
+            ("limits", config.limits != running.limits),
             (
                 "ops.http_listen",
-                config.ops.http_listen != self.config.ops.http_listen,
+                config.ops.http_listen != running.ops.http_listen,
             ),
-        ] {
-            if changed {
-                warn!(
-                    field,
-                    "changed in the configuration; it takes effect only after a restart"
-                );
-            }
+            (
+                "ops.http_token",
+                config.ops.http_token != running.ops.http_token,
+            ),
+            (
+                "ops.log_format",
+                config.ops.log_format != running.ops.log_format,
+            ),
+            (
+                "ops.counters_interval_ms",
+                config.ops.counters_interval_ms != running.ops.counters_interval_ms,
+            ),
+            ("ops.metrics", config.ops.metrics != running.ops.metrics),
+        ]
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect();
+        for field in &restart_needed {
+            warn!(
+                field,
+                "differs in the configuration from what runs; it takes effect only after a restart"
+            );
         }
-        self.config = config;
-        Ok(applied)
+        Ok(Reloaded {
+            applied,
+            restart_needed,
+        })
     }
 
     /// Counts an event and writes the operator's log line for it. Allocation lifecycle lines

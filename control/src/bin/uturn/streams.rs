@@ -33,6 +33,6 @@ pub(crate) fn reload_hook(tls: Option<TlsConfig>) -> Option<ReloadHook> {
         let server = load_server_config(cert, key).map_err(|e| format!("{e:#}"))?;
         tls.replace(server);
         info!(cert = %cert.display(), "TLS certificate reloaded; open connections keep theirs");
-        Ok("tls certificate")
+        Ok(uturn_control::shell::RELOADED_TLS_CERTIFICATE)
     }))
 }
