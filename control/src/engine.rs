@@ -59,8 +59,20 @@ pub enum Output {
         token: BindToken,
         /// The shard that will own the allocation.
         shard: ShardId,
-        /// Relay IP and port for each socket.
+        /// Relay IP and port for each socket. An address held for a reservation
+        /// ([`Output::BindRelay::hold`]) is that held socket, not a new bind: the engine names it
+        /// only for the Allocate that presents the reservation's token.
         addrs: Vec<SocketAddr>,
+        /// EVEN-PORT with R (RFC 8656 §7.2): also bind this address, the next port up, and hold
+        /// the socket for the reservation, so that nothing else on the host takes the port,
+        /// until a later `BindRelay` names it or [`Output::ReleaseHeld`] closes it. A failure to
+        /// bind it fails the whole bind (the engine then tries another pair).
+        hold: Option<SocketAddr>,
+    },
+    /// Close the socket held for a reservation that expired unused.
+    ReleaseHeld {
+        /// The address it holds.
+        addr: SocketAddr,
     },
     /// Apply a change to `shard`'s tables.
     Table {
@@ -454,10 +466,11 @@ struct PendingAllocate {
 /// while let Some(output) = engine.poll_output() {
 ///     match output {
 ///         Output::Transmit { shard, to, bytes } => { /* queue to the shard */ }
-///         Output::BindRelay { token, shard, addrs } => {
-///             // bind sockets, then:
+///         Output::BindRelay { token, shard, addrs, hold } => {
+///             // bind sockets (and hold `hold`), then:
 ///             engine.handle_relay_bound(Instant::now(), token, Ok(()));
 ///         }
+///         Output::ReleaseHeld { addr } => { /* close the socket held on `addr` */ }
 ///         Output::Table { shard, change } => { /* forward to the shard */ }
 ///         Output::Event(event) => { /* log, count */ }
 ///     }
@@ -835,6 +848,11 @@ impl<R: RngCore> Engine<R> {
                     if let Some(reservation) = self.reservations.remove(&token) {
                         sparse::shrink_map(&mut self.reservations);
                         self.ports.release(reservation.family, reservation.port);
+                        if let Some((bound, _)) = self.relay_ips[family_index(reservation.family)] {
+                            self.outputs.push_back(Output::ReleaseHeld {
+                                addr: SocketAddr::new(bound, reservation.port),
+                            });
+                        }
                         self.push_event(Event::ReservationExpired {
                             port: reservation.port,
                         });
@@ -1638,7 +1656,7 @@ impl<R: RngCore> Engine<R> {
     fn start_bind(&mut self, pending: PendingAllocate) {
         self.next_token += 1;
         let token = BindToken(self.next_token);
-        let addrs = pending
+        let addrs: Vec<SocketAddr> = pending
             .families
             .iter()
             .zip(&pending.ports)
@@ -1647,12 +1665,21 @@ impl<R: RngCore> Engine<R> {
                 Some(SocketAddr::new(bound, *port))
             })
             .collect();
+        // The pair's upper port (claimed in the books by `pick_ports`) is held by a socket too.
+        let hold = match (pending.shape, addrs.first()) {
+            (PortShape::EvenPair, Some(first)) => first
+                .port()
+                .checked_add(1)
+                .map(|port| SocketAddr::new(first.ip(), port)),
+            _ => None,
+        };
         self.slots
             .insert(pending.request.five_tuple, Slot::Pending(token));
         self.outputs.push_back(Output::BindRelay {
             token,
             shard: pending.request.shard,
             addrs,
+            hold,
         });
         self.pending.insert(token, pending);
     }

@@ -77,6 +77,9 @@ pub struct ControlThread<R: RngCore> {
     signals: Receiver<Signal>,
     /// Relay sockets bound for an `Output::BindRelay`, until `OpenAllocation` takes them.
     bound: HashMap<BindToken, Vec<RelaySocket>>,
+    /// Sockets holding the ports of EVEN-PORT reservations (RFC 8656 §7.2), by address, until
+    /// the Allocate with the token takes one or the reservation expires.
+    held: HashMap<SocketAddr, UdpSocket>,
     /// Which shard owns each allocation, for log lines.
     owners: HashMap<AllocationId, ShardId>,
     /// The latest counters of each shard (cumulative).
@@ -111,6 +114,7 @@ impl<R: RngCore> ControlThread<R> {
             from_shards,
             signals,
             bound: HashMap::new(),
+            held: HashMap::new(),
             owners: HashMap::new(),
             ops: ops::OpsState::new(counters.len(), Instant::now()),
             counters,
@@ -240,10 +244,15 @@ impl<R: RngCore> ControlThread<R> {
                     token,
                     shard: _,
                     addrs,
+                    hold,
                 } => {
-                    let result = self.bind_relay(token, &addrs);
+                    let result = self.bind_relay(token, &addrs, hold);
                     self.engine
                         .handle_relay_bound(Instant::now(), token, result);
+                }
+                Output::ReleaseHeld { addr } => {
+                    self.held.remove(&addr);
+                    crate::sparse::shrink_map(&mut self.held);
                 }
                 Output::Table { shard, change } => self.apply_table_change(shard, change),
                 Output::Event(event) => {
@@ -254,20 +263,35 @@ impl<R: RngCore> ControlThread<R> {
         }
     }
 
-    /// Binds one UDP socket per address; all or nothing.
-    fn bind_relay(&mut self, token: BindToken, addrs: &[SocketAddr]) -> Result<(), BindFailed> {
+    /// Binds one UDP socket per address (or takes the one held for it) and the socket to hold
+    /// on `hold`; all or nothing (on failure every socket of this bind is closed, a held one
+    /// taken included: its reservation was spent by this Allocate).
+    fn bind_relay(
+        &mut self,
+        token: BindToken,
+        addrs: &[SocketAddr],
+        hold: Option<SocketAddr>,
+    ) -> Result<(), BindFailed> {
+        let bind = |addr: &SocketAddr| {
+            UdpSocket::bind(addr).map_err(|e| {
+                debug!(%addr, error = %e, "relay port unavailable");
+                BindFailed
+            })
+        };
         let mut sockets = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            match UdpSocket::bind(addr) {
-                Ok(socket) => sockets.push(RelaySocket {
-                    socket,
-                    addr: *addr,
-                }),
-                Err(e) => {
-                    debug!(%addr, error = %e, "relay port unavailable");
-                    return Err(BindFailed);
-                }
-            }
+            let socket = match self.held.remove(addr) {
+                Some(socket) => socket,
+                None => bind(addr)?,
+            };
+            sockets.push(RelaySocket {
+                socket,
+                addr: *addr,
+            });
+        }
+        if let Some(addr) = hold {
+            let socket = bind(&addr)?;
+            self.held.insert(addr, socket);
         }
         self.bound.insert(token, sockets);
         Ok(())

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -166,11 +167,15 @@ fn a_reservation_expires_exactly_after_30_seconds() {
     assert_eq!(h.engine.poll_timeout(), Some(deadline));
     assert_eq!(h.run_until(deadline - MS), []);
     h.engine.check_invariants(h.now);
+    let reserved = SocketAddr::new(relays[0].bound.ip(), relays[0].bound.port() + 1);
     assert_eq!(
         h.run_until(deadline),
-        [Output::Event(Event::ReservationExpired {
-            port: relays[0].bound.port() + 1
-        })]
+        [
+            Output::ReleaseHeld { addr: reserved },
+            Output::Event(Event::ReservationExpired {
+                port: reserved.port()
+            })
+        ]
     );
     h.engine.check_invariants(h.now);
     let mut late = Client::new("198.51.100.2:5000");

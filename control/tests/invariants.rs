@@ -210,7 +210,7 @@ impl World {
                         self.clients[client].nonce = Some(nonce.to_owned());
                     }
                 }
-                Output::Event(_) => {}
+                Output::Event(_) | Output::ReleaseHeld { .. } => {}
             }
         }
         tokens

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -121,6 +122,7 @@ fn an_authenticated_allocate_binds_a_relay_then_opens_the_allocation_before_answ
                 token,
                 shard: ShardId(0),
                 addrs,
+                hold: None,
             },
         ] => (*token, addrs.clone()),
         other => panic!("{other:#?}"),
@@ -1097,7 +1099,29 @@ fn even_port_with_r_reserves_the_next_port_for_the_token_holder() {
     let mut h = harness();
     let mut first = Client::new("198.51.100.1:5000");
     let even_r = Attribute::EvenPort(EvenPort { reserve_next: true });
-    let (_, relays, response) = h.allocate(&mut first, 2, &[even_r]);
+    h.challenge(&mut first);
+    let outputs = h.send(
+        first.tuple,
+        &first.request(Method::ALLOCATE, 2, &[udp(), even_r]),
+    );
+    let [
+        Output::BindRelay {
+            token: bind,
+            addrs,
+            hold,
+            ..
+        },
+    ] = outputs.as_slice()
+    else {
+        panic!("expected one BindRelay, got {outputs:#?}");
+    };
+    // The upper port is bound as well and held for the reservation, so that nothing else on
+    // the host can take it meanwhile.
+    assert_eq!(
+        *hold,
+        Some(SocketAddr::new(addrs[0].ip(), addrs[0].port() + 1))
+    );
+    let (_, relays, response) = h.bind_ok(*bind);
     let port = relays[0].bound.port();
     assert_eq!(port % 2, 0);
     let token = response.message().reservation_token().unwrap().unwrap();

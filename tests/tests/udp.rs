@@ -272,7 +272,8 @@ fn a_dual_stack_allocation_relays_to_both_families(backend: &str) {
 }
 
 /// RFC 8656 §7.2: EVEN-PORT with R set gives an even port and a RESERVATION-TOKEN; an Allocate
-/// carrying that token gets the next-higher port.
+/// carrying that token gets the next-higher port. Meanwhile uturn holds that port with a socket
+/// of its own, so no other program on the host can take it.
 fn even_port_reserves_the_next_port_for_the_token_holder(backend: &str) {
     let server = start(backend, 1, &[]);
     let mut rtp = TurnClient::new(server.listener(false), "alice", "wonderland");
@@ -281,6 +282,13 @@ fn even_port_reserves_the_next_port_for_the_token_holder(backend: &str) {
         .unwrap();
     assert_eq!(first.relayed[0].port() % 2, 0, "even port");
     let token = first.reservation_token.expect("RESERVATION-TOKEN");
+    let reserved = SocketAddr::new(first.relayed[0].ip(), first.relayed[0].port() + 1);
+    let taken = std::net::UdpSocket::bind(reserved);
+    assert_eq!(
+        taken.as_ref().map_err(std::io::Error::kind).err(),
+        Some(std::io::ErrorKind::AddrInUse),
+        "the reserved port {reserved} is held by uturn: {taken:?}"
+    );
     let mut rtcp = TurnClient::new(server.listener(false), "alice", "wonderland");
     let second = rtcp
         .allocate(&[Attribute::ReservationToken(ReservationToken(token))])
