@@ -23,6 +23,22 @@ fn start(backend: &str, extra: &[&str]) -> Uturn {
     Uturn::start(&refs)
 }
 
+/// A new Allocate to a draining `server` is answered 300 (Try Alternate) naming `alternate`.
+fn assert_redirected_to(server: &Uturn, alternate: SocketAddr) {
+    let mut redirected = TurnClient::new(server.listener(false), "alice", "wonderland");
+    let response = redirected.request(
+        uturn_proto::Method::ALLOCATE,
+        &[uturn_proto::Attribute::RequestedTransport(
+            uturn_proto::Protocol::UDP,
+        )],
+    );
+    assert_eq!(response.error_code(), Some(300));
+    assert_eq!(
+        response.message().alternate_server().unwrap(),
+        Some(alternate)
+    );
+}
+
 /// Sends `payloads` on channel 0x4000 and checks that each comes back through the echo peer.
 fn echo_through(client: &mut TurnClient, payloads: &[Vec<u8>]) {
     for payload in payloads {
@@ -344,18 +360,7 @@ fn draining_refuses_new_allocations_and_keeps_existing_ones() {
     while second.http("GET", "/readyz", None).0 != 503 && Instant::now() < deadline {
         std::thread::park_timeout(Duration::from_millis(20));
     }
-    let mut redirected = TurnClient::new(second.listener(false), "alice", "wonderland");
-    let response = redirected.request(
-        uturn_proto::Method::ALLOCATE,
-        &[uturn_proto::Attribute::RequestedTransport(
-            uturn_proto::Protocol::UDP,
-        )],
-    );
-    assert_eq!(response.error_code(), Some(300));
-    assert_eq!(
-        response.message().alternate_server().unwrap(),
-        Some(alternate)
-    );
+    assert_redirected_to(&second, alternate);
 }
 
 /// With a token, every route but the health checks needs it; a non-loopback listener without
@@ -578,18 +583,7 @@ fn a_reload_applies_alternate_servers_and_keeps_naming_what_needs_a_restart() {
 
     let (status, _) = server.http("POST", "/api/v1/drain", None);
     assert_eq!(status, 200);
-    let mut redirected = TurnClient::new(server.listener(false), "alice", "wonderland");
-    let response = redirected.request(
-        uturn_proto::Method::ALLOCATE,
-        &[uturn_proto::Attribute::RequestedTransport(
-            uturn_proto::Protocol::UDP,
-        )],
-    );
-    assert_eq!(response.error_code(), Some(300));
-    assert_eq!(
-        response.message().alternate_server().unwrap(),
-        Some("127.0.0.1:3480".parse().unwrap())
-    );
+    assert_redirected_to(&server, "127.0.0.1:3480".parse().unwrap());
 }
 
 /// A reload applies a new log level from the config file.
