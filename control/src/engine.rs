@@ -1066,18 +1066,7 @@ impl<R: RngCore> Engine<R> {
 
         self.next_allocation += 1;
         let alloc = AllocationId(self.next_allocation);
-        let relays: Vec<RelayAddress> = pending
-            .families
-            .iter()
-            .zip(&pending.ports)
-            .filter_map(|(family, port)| {
-                let (bound, advertised) = self.relay_ips[family_index(*family)]?;
-                Some(RelayAddress {
-                    bound: SocketAddr::new(bound, *port),
-                    advertised: SocketAddr::new(advertised, *port),
-                })
-            })
-            .collect();
+        let relays = self.relay_addresses(&pending.families, &pending.ports);
         let lifetime_secs = pending.lifetime_secs;
         let expiry = self
             .timers
@@ -1653,17 +1642,29 @@ impl<R: RngCore> Engine<R> {
         }
     }
 
+    /// The relayed transport addresses of one port per family (families without a relay IP
+    /// are skipped: the Allocate checks refused them before).
+    fn relay_addresses(&self, families: &[Family], ports: &[u16]) -> Vec<RelayAddress> {
+        families
+            .iter()
+            .zip(ports)
+            .filter_map(|(family, port)| {
+                let (bound, advertised) = self.relay_ips[family_index(*family)]?;
+                Some(RelayAddress {
+                    bound: SocketAddr::new(bound, *port),
+                    advertised: SocketAddr::new(advertised, *port),
+                })
+            })
+            .collect()
+    }
+
     fn start_bind(&mut self, pending: PendingAllocate) {
         self.next_token += 1;
         let token = BindToken(self.next_token);
-        let addrs: Vec<SocketAddr> = pending
-            .families
+        let addrs: Vec<SocketAddr> = self
+            .relay_addresses(&pending.families, &pending.ports)
             .iter()
-            .zip(&pending.ports)
-            .filter_map(|(family, port)| {
-                let (bound, _) = self.relay_ips[family_index(*family)]?;
-                Some(SocketAddr::new(bound, *port))
-            })
+            .map(|relay| relay.bound)
             .collect();
         // The pair's upper port (claimed in the books by `pick_ports`) is held by a socket too.
         let hold = match (pending.shape, addrs.first()) {
