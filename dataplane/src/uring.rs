@@ -234,7 +234,7 @@ pub(crate) fn run(setup: ShardSetup) {
                     timer_armed = false;
                     streams.expired(&mut core, Instant::now(), &mut expired);
                     for &slot in &expired {
-                        stream_close(&mut core, &mut streams, &mut ring, slot, Close::Error);
+                        stream_close(&mut core, &mut streams, &mut ring, slot);
                     }
                     // Accepts that failed (EMFILE and the like) retry once per tick, not in a
                     // tight loop.
@@ -331,7 +331,7 @@ fn stream_arm(
         }
     }
     if broken {
-        stream_close(core, streams, ring, slot, Close::Error);
+        stream_close(core, streams, ring, slot);
     } else if failed && !retry.contains(&slot) {
         retry.push(slot);
     }
@@ -377,25 +377,20 @@ fn stream_completion(
     };
     match outcome {
         Ok(()) => stream_arm(core, streams, ring, retry, slot),
-        Err(close) => stream_close(core, streams, ring, slot, close),
+        // An end of either kind (EOF or error) closes the same way.
+        Err(_) => stream_close(core, streams, ring, slot),
     }
 }
 
 /// Closes a connection: retired at once; its socket is shut down and its operations cancelled,
 /// and it is freed when the last of them completes (at once if none is in flight).
-fn stream_close(
-    core: &mut crate::tables::Core,
-    streams: &mut Streams,
-    ring: &mut Ring,
-    slot: u32,
-    close: Close,
-) {
+fn stream_close(core: &mut crate::tables::Core, streams: &mut Streams, ring: &mut Ring, slot: u32) {
     if let Some(conn) = streams.conn_mut(slot)
-        && close == Close::Eof
         && conn.send_op.is_none()
         && conn.io.wants_write()
     {
-        // Best effort, one non-blocking write: our TLS close_notify.
+        // Best effort, one non-blocking write: what is queued last, our TLS close_notify (a
+        // clean close) or the alert that names the client's TLS error.
         let _ = std::io::Write::write(&mut conn.socket, conn.io.pending());
     }
     if !streams.retire(core, slot) {

@@ -463,6 +463,37 @@ fn a_garbage_stream_is_closed() {
     assert_eq!(response.message().class(), Class::SuccessResponse);
 }
 
+/// A TLS client whose record is garbage gets the fatal alert that names its error (RFC 8446
+/// §6.2) before the close, on both backends, instead of a bare close.
+#[test]
+fn a_tls_error_is_answered_with_an_alert_then_closed() {
+    let cert = TestCertificate::generate();
+    for backend in ["mmsg", "uring"] {
+        let server = start(backend, 1, &cert);
+        let addr: SocketAddr = server.stream_listener("tls", false);
+        let mut client = TcpStream::connect_timeout(&addr, ANSWER_TIMEOUT).expect("connect");
+        // An application-data record before any handshake.
+        client
+            .write_all(&[0x17, 0x03, 0x03, 0x00, 0x05, 1, 2, 3, 4, 5])
+            .expect("write");
+        client
+            .set_read_timeout(Some(ANSWER_TIMEOUT))
+            .expect("timeout");
+        let mut answer = Vec::new();
+        let end = std::io::Read::read_to_end(&mut client, &mut answer);
+        assert!(
+            !matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut),
+            "{backend}: the server closes the connection: {end:?} after {answer:?}"
+        );
+        // One alert record (type 21), level fatal (2), then the end of the stream.
+        assert!(
+            answer.len() >= 7 && answer[0] == 21 && answer[5] == 2,
+            "{backend}: {answer:?}"
+        );
+    }
+}
+
 /// A connection that never allocates is closed after `server.stream_idle_timeout_secs`; one
 /// with an allocation stays open.
 #[test]

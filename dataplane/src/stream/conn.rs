@@ -307,7 +307,11 @@ impl Connection {
             let UnbufferedStatus { mut discard, state } = session.process_tls_records(incoming);
             let mut done = None;
             let mut closed = None;
-            match state.map_err(|_| Close::Error)? {
+            let Ok(state) = state else {
+                queue_alert(session, &mut self.tx);
+                return Err(Close::Error);
+            };
+            match state {
                 ConnectionState::ReadTraffic(mut traffic) => {
                     while let Some(record) = traffic.next_record() {
                         let record = record.map_err(|_| Close::Error)?;
@@ -537,6 +541,21 @@ fn gather(parts: &[&[u8]; 2], mut offset: usize, out: &mut [u8]) {
     }
 }
 
+/// After a TLS error, rustls has queued the fatal alert that names it (RFC 8446 §6.2); put it
+/// in `tx`, so that the edge's last write tells the client why (a `bad_record_mac` or
+/// `decode_error` instead of a bare reset), best effort: without room it is left out.
+fn queue_alert(session: &mut UnbufferedServerConnection, tx: &mut SendQueue) {
+    let status = session.process_tls_records(&mut []);
+    if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
+        let (range, in_b) = tx.largest_free();
+        if let Some(out) = tx.buf.get_mut(range.clone())
+            && let Ok(written) = encode.encode(out)
+        {
+            tx.commit(range.start, written, in_b);
+        }
+    }
+}
+
 fn queue_close_notify(
     session: &mut UnbufferedServerConnection,
     rx: &mut IoBuf,
@@ -724,11 +743,43 @@ mod tests {
     }
 
     #[test]
-    fn garbage_instead_of_a_tls_record_is_an_error() {
+    fn garbage_instead_of_a_tls_record_is_an_error_answered_with_an_alert() {
         let mut h = Harness::new(&rustls::version::TLS13, 64 * 1024);
         assert_eq!(
             h.feed(&[0x17, 0x03, 0x03, 0x00, 0x05, 1, 2, 3, 4, 5], 64),
             Err(Close::Error)
+        );
+        // One TLS record of type alert (21), level fatal (2), for the edge's last write.
+        let pending = h.server.pending();
+        assert!(pending.len() >= 7, "an alert is queued: {pending:?}");
+        assert_eq!((pending[0], pending[5]), (21, 2), "{pending:?}");
+    }
+
+    #[test]
+    fn a_corrupted_record_after_the_handshake_is_answered_with_an_alert() {
+        let mut h = Harness::new(&rustls::version::TLS13, 64 * 1024);
+        h.handshake(usize::MAX);
+        h.client
+            .writer()
+            .write_all(&channel_data(b"x"))
+            .expect("write");
+        let mut out = h.client_out();
+        let last = out.len() - 1;
+        out[last] ^= 0xff; // the record's authentication tag no longer matches
+        assert_eq!(h.feed(&out, usize::MAX), Err(Close::Error));
+        let pending = h.server.pending().to_vec();
+        let mut reader = &pending[..];
+        h.client.read_tls(&mut reader).expect("read_tls");
+        let error = h
+            .client
+            .process_new_packets()
+            .expect_err("the client reads a fatal alert");
+        assert!(
+            matches!(
+                error,
+                rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac)
+            ),
+            "{error:?}"
         );
     }
 

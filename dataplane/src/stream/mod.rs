@@ -752,10 +752,9 @@ impl Streams {
                 Err(_) => return Err(Close::Error),
             };
             if let Err(close) = self.received(core, slot, n) {
-                if close == Close::Eof
-                    && let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut)
-                {
-                    // Best effort: our close_notify, queued by `received`.
+                if let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) {
+                    // Best effort: what `received` queued last, our close_notify or the TLS
+                    // alert that names the client's error.
                     let _ = conn.socket.write(conn.io.pending());
                 }
                 return Err(close);
