@@ -19,7 +19,6 @@ use crate::config::{Config, ConfigError};
 use crate::policy::{PeerDenied, PeerPolicy};
 use crate::ports::{Family, PortAllocator, PortRangeTooSmall, PortShape};
 use crate::ratelimit::{RateTable, source_key, user_key};
-use crate::sparse;
 use crate::timers::Timers;
 use crate::{AllocationId, BindToken, FiveTuple, ShardId};
 
@@ -846,7 +845,7 @@ impl<R: RngCore> Engine<R> {
                 }
                 Expiry::Reservation(token) => {
                     if let Some(reservation) = self.reservations.remove(&token) {
-                        sparse::shrink_map(&mut self.reservations);
+                        uturn_dataplane::sparse::shrink_map(&mut self.reservations);
                         self.ports.release(reservation.family, reservation.port);
                         if let Some((bound, _)) = self.relay_ips[family_index(reservation.family)] {
                             self.outputs.push_back(Output::ReleaseHeld {
@@ -1037,7 +1036,7 @@ impl<R: RngCore> Engine<R> {
         let Some(mut pending) = self.pending.remove(&token) else {
             return;
         };
-        sparse::shrink_map(&mut self.pending);
+        uturn_dataplane::sparse::shrink_map(&mut self.pending);
         let request = pending.request;
         if result.is_err() {
             self.release_ports(&pending.families, &pending.ports);
@@ -1576,8 +1575,8 @@ impl<R: RngCore> Engine<R> {
                 .release(Family::of(relay.bound.ip()), relay.bound.port());
         }
         self.slots.remove(&allocation.five_tuple);
-        sparse::shrink_map(&mut self.allocations);
-        sparse::shrink_map(&mut self.slots);
+        uturn_dataplane::sparse::shrink_map(&mut self.allocations);
+        uturn_dataplane::sparse::shrink_map(&mut self.slots);
         self.uncount_user(allocation.auth.user());
         self.push_table(allocation.shard, TableChange::RemoveAllocation { alloc });
     }

@@ -90,7 +90,6 @@ pub mod policy;
 pub mod ports;
 mod ratelimit;
 pub mod shell;
-mod sparse;
 mod stream_transport;
 pub mod telemetry;
 mod timers;

@@ -252,7 +252,7 @@ impl<R: RngCore> ControlThread<R> {
                 }
                 Output::ReleaseHeld { addr } => {
                     self.held.remove(&addr);
-                    crate::sparse::shrink_map(&mut self.held);
+                    uturn_dataplane::sparse::shrink_map(&mut self.held);
                 }
                 Output::Table { shard, change } => self.apply_table_change(shard, change),
                 Output::Event(event) => {
@@ -310,7 +310,7 @@ impl<R: RngCore> ControlThread<R> {
                     error!(?token, "OpenAllocation without bound sockets (engine bug)");
                     return;
                 };
-                crate::sparse::shrink_map(&mut self.bound);
+                uturn_dataplane::sparse::shrink_map(&mut self.bound);
                 debug_assert_eq!(sockets.len(), relays.len());
                 self.owners.insert(alloc, shard);
                 ShardCommand::OpenAllocation {
@@ -359,7 +359,7 @@ impl<R: RngCore> ControlThread<R> {
             }
             TableChange::RemoveAllocation { alloc } => {
                 self.owners.remove(&alloc);
-                crate::sparse::shrink_map(&mut self.owners);
+                uturn_dataplane::sparse::shrink_map(&mut self.owners);
                 ShardCommand::RemoveAllocation {
                     alloc: ShardAllocationId(alloc.0),
                 }

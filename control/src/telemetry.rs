@@ -300,8 +300,8 @@ impl Telemetry {
             }
             true
         });
-        crate::sparse::shrink_map(&mut self.allocations);
-        crate::sparse::shrink_set(&mut self.retired);
+        uturn_dataplane::sparse::shrink_map(&mut self.allocations);
+        uturn_dataplane::sparse::shrink_set(&mut self.retired);
     }
 
     /// The latest packet and byte counters of one allocation, for the admin API.

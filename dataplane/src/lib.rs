@@ -114,6 +114,7 @@ mod mmsg;
 mod ring;
 mod shard;
 mod socket;
+pub mod sparse;
 mod stream;
 #[allow(unsafe_code)]
 mod sys;

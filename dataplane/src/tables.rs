@@ -898,33 +898,14 @@ impl Core {
         Effect::Opened(opened)
     }
 
-    /// Gives back the memory of tables that emptied: a hash table keeps the capacity of its
-    /// peak, so without this a shard's resident memory would not follow the calls down after a
-    /// busy hour (the soak, `scripts/soak.sh`, measures it). A table shrinks to half full once
-    /// it is under a quarter full, and never below 64 slots; that hysteresis keeps a table
-    /// whose length swings around one size from being rebuilt back and forth. Runs on commands
+    /// Gives back the memory of tables that emptied (see [`crate::sparse`]). Runs on commands
     /// from the control thread, never per packet.
     fn shrink_if_sparse(&mut self) {
-        const CAPACITY_FLOOR: usize = 64;
-        let sparse = |len: usize, capacity: usize| {
-            (capacity > CAPACITY_FLOOR && len.saturating_mul(4) < capacity)
-                .then_some(len.saturating_mul(2))
-        };
-        if let Some(to) = sparse(self.allocations.len(), self.allocations.capacity()) {
-            self.allocations.shrink_to(to);
-        }
-        if let Some(to) = sparse(self.by_client.len(), self.by_client.capacity()) {
-            self.by_client.shrink_to(to);
-        }
-        if let Some(to) = sparse(self.channels.len(), self.channels.capacity()) {
-            self.channels.shrink_to(to);
-        }
-        if let Some(to) = sparse(self.channel_of_peer.len(), self.channel_of_peer.capacity()) {
-            self.channel_of_peer.shrink_to(to);
-        }
-        if let Some(to) = sparse(self.permissions.len(), self.permissions.capacity()) {
-            self.permissions.shrink_to(to);
-        }
+        crate::sparse::shrink_map(&mut self.allocations);
+        crate::sparse::shrink_map(&mut self.by_client);
+        crate::sparse::shrink_map(&mut self.channels);
+        crate::sparse::shrink_map(&mut self.channel_of_peer);
+        crate::sparse::shrink_set(&mut self.permissions);
     }
 
     fn remove_allocation(&mut self, alloc: AllocationId) -> Effect {

@@ -445,7 +445,7 @@ impl<R: RngCore> ControlThread<R> {
                 };
                 let counters = self.ops.telemetry.allocation_counters(*alloc);
                 if let Some(entry) = self.ops.logs.remove(alloc) {
-                    crate::sparse::shrink_map(&mut self.ops.logs);
+                    uturn_dataplane::sparse::shrink_map(&mut self.ops.logs);
                     info!(
                         alloc = alloc.0,
                         user = %entry.user,

@@ -3,7 +3,9 @@
 //! A hash table keeps the capacity of its peak: after a busy hour's calls end, the tables
 //! sized for them would hold that memory for the life of the process, and a relay's resident
 //! memory would not follow its load down (the soak, `scripts/soak.sh`, measures exactly
-//! that). So the tables keyed by allocation shrink once they are under a quarter full. The
+//! that). So the tables keyed by allocation, the shards' here and the control thread's in
+//! `uturn-control`, shrink once they are under a quarter full. They run on commands and
+//! allocation ends, never per packet. The
 //! hysteresis (grow when full, shrink under a quarter, to half full) keeps a table whose
 //! length swings around a size from being rebuilt back and forth.
 
@@ -20,14 +22,14 @@ fn is_sparse(len: usize, capacity: usize) -> bool {
 }
 
 /// Shrinks `map` to twice its length when it is under a quarter full.
-pub(crate) fn shrink_map<K: Eq + Hash, V, S: BuildHasher>(map: &mut HashMap<K, V, S>) {
+pub fn shrink_map<K: Eq + Hash, V, S: BuildHasher>(map: &mut HashMap<K, V, S>) {
     if is_sparse(map.len(), map.capacity()) {
         map.shrink_to(map.len().saturating_mul(2));
     }
 }
 
 /// Shrinks `set` to twice its length when it is under a quarter full.
-pub(crate) fn shrink_set<T: Eq + Hash, S: BuildHasher>(set: &mut HashSet<T, S>) {
+pub fn shrink_set<T: Eq + Hash, S: BuildHasher>(set: &mut HashSet<T, S>) {
     if is_sparse(set.len(), set.capacity()) {
         set.shrink_to(set.len().saturating_mul(2));
     }
