@@ -10,6 +10,9 @@
 #   RUNS=3                      runs of everything; the table shows the median run
 #   WORKLOADS="small audio video churn alloc"   any subset, in any order
 #   STEP_SECS=1                 seconds per sweep step (and of the alloc run)
+#   LATENCY_SECS=10             seconds of each latency step at half uturn's knee (uturn's,
+#                               coturn's at its own, the forwarder's at uturn's): long enough
+#                               that one stall of the machine cannot decide a p99
 #   START_PPS=10000 MAX_PPS=1000000 FACTOR=1.6   sweep shape
 #   SERVER_CPU=0 GEN_CPU=1      cores for the server and for the generator
 #   IO=auto                     uturn's data-plane backend: auto, uring or mmsg
@@ -27,13 +30,14 @@
 #                               another uturn binary (a previous commit's, built the same way),
 #                               with the same summary as METRICS_AB: the before and after of a
 #                               change to the packet path
-# With the defaults the whole run stays under ~10 minutes on a 2-core machine.
+# With the defaults the whole run takes ~14 minutes on a 2-core machine.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 WORKLOADS=${WORKLOADS:-"small audio video churn alloc"}
 STEP_SECS=${STEP_SECS:-1}
+LATENCY_SECS=${LATENCY_SECS:-10}
 START_PPS=${START_PPS:-10000}
 MAX_PPS=${MAX_PPS:-1000000}
 FACTOR=${FACTOR:-1.6}
@@ -182,7 +186,8 @@ for s in $SERVERS; do
 done
 
 GEN=(taskset -c "$GEN_CPU" "$BENCH")
-SWEEP=(--start-pps "$START_PPS" --max-pps "$MAX_PPS" --factor "$FACTOR" --step-secs "$STEP_SECS" -q)
+SWEEP=(--start-pps "$START_PPS" --max-pps "$MAX_PPS" --factor "$FACTOR" --step-secs "$STEP_SECS"
+    --latency-secs "$LATENCY_SECS" -q)
 start=$(date +%s)
 for run in $(seq "$RUNS"); do
     for w in $WORKLOADS; do
@@ -201,8 +206,10 @@ for run in $(seq "$RUNS"); do
         done
         [[ -n "$AB" ]] && continue
         log "run $run/$RUNS: sweep $w on the bare forwarder"
+        # Its own half-knee step is skipped: the run below, at uturn's half knee, is the
+        # latency reference.
         "${GEN[@]}" baseline --forwarder-cpu "$SERVER_CPU" --workload "$w" "${SWEEP[@]}" \
-            --json "$OUT/json/baseline-$w-$run.json"
+            --no-half-knee --json "$OUT/json/baseline-$w-$run.json"
         # The forwarder again at half uturn's loss-free rate: the reference for the latency
         # uturn adds at that rate.
         knee=$(sed -n 's/^  "knee_pps": \([0-9.]*\),$/\1/p' "$OUT/json/uturn-$w-$run.json")
@@ -210,7 +217,7 @@ for run in $(seq "$RUNS"); do
             half=$(awk -v k="$knee" 'BEGIN { printf "%d", k / 2 }')
             log "run $run/$RUNS: $w on the bare forwarder at $half pps (half uturn's knee)"
             "${GEN[@]}" baseline --forwarder-cpu "$SERVER_CPU" --workload "$w" --rate "$half" \
-                --duration "$STEP_SECS" -q --json "$OUT/json/baseline-half-$w-$run.json"
+                --duration "$LATENCY_SECS" -q --json "$OUT/json/baseline-half-$w-$run.json"
         fi
     done
 done

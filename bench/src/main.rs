@@ -168,6 +168,11 @@ struct SweepOpts {
     /// Skip the latency step at half the knee.
     #[arg(long)]
     no_half_knee: bool,
+    /// Seconds of the latency step at half the knee. Longer than a sweep step so that one
+    /// scheduling stall of the machine (milliseconds, in a VM) holds back well under 1 % of
+    /// the step's packets and so cannot decide its p99.
+    #[arg(long, default_value_t = 10.0)]
+    latency_secs: f64,
 }
 
 #[derive(Args)]
@@ -512,15 +517,30 @@ fn traffic_with(
     // The traffic loop installs permissions and channels once and never refreshes them, so
     // past 300 s (a permission's lifetime, RFC 8656 §9) a TURN server rightly drops all of it.
     // Refusing beats a run that reports that loss as the server's.
-    if let Plan::Fixed { duration, .. } = &plan {
-        if framing != Framing::Bare && *duration > TRAFFIC_SECS_MAX {
-            bail!(
+    if framing != Framing::Bare {
+        match &plan {
+            Plan::Fixed { duration, .. } if *duration > TRAFFIC_SECS_MAX => bail!(
                 "--duration {} s is longer than a TURN permission lives (300 s) and this \
                  generator does not refresh permissions: run rounds of at most {} s \
                  (scripts/soak.sh does)",
                 duration.as_secs_f64(),
                 TRAFFIC_SECS_MAX.as_secs()
-            );
+            ),
+            Plan::Sweep(o)
+                if o.step_secs * f64::from(o.max_steps) + o.latency_secs
+                    > TRAFFIC_SECS_MAX.as_secs_f64() =>
+            {
+                bail!(
+                    "a sweep of up to {} steps of {} s plus a latency step of {} s may outlast \
+                     a TURN permission (300 s), and this generator does not refresh \
+                     permissions: keep it within {} s",
+                    o.max_steps,
+                    o.step_secs,
+                    o.latency_secs,
+                    TRAFFIC_SECS_MAX.as_secs()
+                )
+            }
+            _ => {}
         }
     }
     if framing == Framing::Bare && c.transport != Transport::Udp {
@@ -546,7 +566,9 @@ fn traffic_with(
     let shape = c.workload.shape();
     let churn_budget = match &plan {
         Plan::Fixed { duration, .. } => *duration,
-        Plan::Sweep(o) => Duration::from_secs_f64(o.step_secs * f64::from(o.max_steps + 1)),
+        Plan::Sweep(o) => {
+            Duration::from_secs_f64(o.step_secs * f64::from(o.max_steps) + o.latency_secs)
+        }
     };
     let churn = (shape.churn_per_sec > 0.0 && framing != Framing::Bare).then(|| {
         Churn::start(
@@ -632,6 +654,7 @@ fn traffic_with(
         }
         Plan::Sweep(o) => {
             let step_duration = secs(o.step_secs)?;
+            let latency_duration = secs(o.latency_secs)?;
             let mut sweep = Sweep::new(o.start_pps, o.factor, o.max_pps, o.refine, o.max_steps);
             while let Some(rate) = sweep.next() {
                 let s = one_step(rate, step_duration);
@@ -646,7 +669,7 @@ fn traffic_with(
             report.knee_pps = sweep.knee();
             report.knee_limited_by_generator = sweep.limited_by_generator();
             if let (Some(knee), false) = (sweep.knee(), o.no_half_knee) {
-                report.half_knee = Some(one_step((knee / 2.0).round().max(1.0), step_duration));
+                report.half_knee = Some(one_step((knee / 2.0).round().max(1.0), latency_duration));
             }
             eprintln!(
                 "{}: loss-free rate {}",
@@ -833,7 +856,8 @@ fn baseline(a: BaselineArgs) -> Result<RunReport> {
         }
         None => {
             let budget = 60
-                + (a.sweep.step_secs * f64::from(a.sweep.max_steps + 2)) as u64
+                + (a.sweep.step_secs * f64::from(a.sweep.max_steps + 1) + a.sweep.latency_secs)
+                    as u64
                 + a.duration as u64;
             let (child, server) = spawn_forwarder(a.forwarder_cpu, budget)?;
             c.server_pid = c.server_pid.or(Some(child.0.id()));

@@ -358,11 +358,44 @@ pub fn markdown(reports: &[RunReport]) -> String {
         );
     }
     md.push('\n');
-    md.push_str(&ratios(&rows));
+    md.push_str(&ratios(&rows, reports));
     md
 }
 
-fn ratios(rows: &[(RunReport, usize)]) -> String {
+/// The median of `figure` over every run of (label, workload, one of `modes`, the first that
+/// ran). The ratio line takes each figure's own median: when several runs share a rate (all
+/// generator-bound, say), the run with the median rate is an arbitrary one of them, and so
+/// would be its CPU and its latency.
+fn median_figure(
+    reports: &[RunReport],
+    label: &str,
+    workload: &str,
+    modes: &[&str],
+    figure: impl Fn(&RunReport) -> Option<f64>,
+) -> Option<f64> {
+    let mode = modes.iter().find(|m| {
+        reports
+            .iter()
+            .any(|r| !r.is_stream() && r.label == label && r.workload == workload && r.mode == **m)
+    })?;
+    let mut values: Vec<f64> = reports
+        .iter()
+        .filter(|r| !r.is_stream() && r.label == label && r.workload == workload && r.mode == *mode)
+        .filter_map(&figure)
+        .collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    Some(if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    })
+}
+
+fn ratios(rows: &[(RunReport, usize)], reports: &[RunReport]) -> String {
     // Per workload, every (label, mode) that ran.
     let mut by_workload: BTreeMap<&str, Vec<&RunReport>> = BTreeMap::new();
     // The ratios compare UDP runs (the issue's goals are about UDP); TCP and TLS runs have
@@ -390,9 +423,6 @@ fn ratios(rows: &[(RunReport, usize)]) -> String {
         };
         let c = pick("coturn", &["sweep", "alloc", "run"]);
         let b = pick("baseline", &["baseline", "baseline-run"]);
-        // Added latency: the forwarder at uturn's own half-knee rate when the script ran it
-        // (`baseline-run`), else the forwarder's half knee.
-        let b_latency = pick("baseline", &["baseline-run", "baseline"]);
         let cpu = |r: &RunReport| {
             r.alloc.as_ref().map_or_else(
                 || r.headline().and_then(|h| h.server_cpu_ns_per_packet),
@@ -400,23 +430,36 @@ fn ratios(rows: &[(RunReport, usize)]) -> String {
             )
         };
         let p99 = |r: &RunReport| r.latency_step().map(|s| s.latency.p99_us);
-        let added = match (u.latency_step(), b_latency.and_then(|b| b.latency_step())) {
-            (Some(us), Some(bs)) => format!("{:+.1}", us.latency.p99_us - bs.latency.p99_us),
+        let traffic = ["sweep", "alloc", "run"];
+        let u_cpu = median_figure(reports, "uturn", workload, &traffic, cpu);
+        let c_cpu = median_figure(reports, "coturn", workload, &traffic, cpu);
+        let u_p99 = median_figure(reports, "uturn", workload, &traffic, p99);
+        // Added latency: the forwarder at uturn's own half-knee rate when the script ran it
+        // (`baseline-run`), else the forwarder's half knee.
+        let b_p99 = median_figure(
+            reports,
+            "baseline",
+            workload,
+            &["baseline-run", "baseline"],
+            p99,
+        );
+        let added = match (u_p99, b_p99) {
+            (Some(u), Some(b)) => format!("{:+.1}", u - b),
             _ => "–".to_owned(),
         };
         lines.push(format!(
             "| {workload} | {} | {} | {} | {} | {} |",
             ratio(u.rate(), c.and_then(|c| c.rate())),
             ratio(u.rate(), b.and_then(|b| b.rate())),
-            ratio(cpu(u), c.and_then(cpu)),
-            opt(p99(u), 1),
+            ratio(u_cpu, c_cpu),
+            opt(u_p99, 1),
             added,
         ));
     }
     if !lines.is_empty() {
         md.push_str(
-            "| workload | rate uturn/coturn | rate uturn/baseline | CPU per packet uturn/coturn | \
-             uturn p99 µs at ½ knee | p99 added over baseline, µs |\n",
+            "| workload | rate uturn/coturn | rate uturn/baseline | CPU per packet uturn/coturn \
+             (medians) | uturn p99 µs at ½ knee (median) | p99 added over baseline, µs |\n",
         );
         md.push_str("|---|---:|---:|---:|---:|---:|\n");
         for l in lines {
@@ -543,6 +586,33 @@ mod tests {
         let m = medians(&runs);
         assert_eq!(m.len(), 1);
         assert_eq!((m[0].0.knee_pps, m[0].1), (Some(2.0), 3));
+    }
+
+    #[test]
+    fn the_ratio_line_takes_each_figures_own_median_over_the_runs() {
+        // Three generator-bound uturn runs share one rate, so the median-rate run is whichever
+        // sorts into the middle (the second: CPU 1,000, p99 50), not the median of either.
+        let with_p99 = |mut r: RunReport, p99: f64| {
+            let mut half = r.steps[0].clone();
+            half.latency.p99_us = p99;
+            r.half_knee = Some(half);
+            r
+        };
+        let md = markdown(&[
+            with_p99(report("uturn", 100_000.0, 9_000.0), 900.0),
+            with_p99(report("uturn", 100_000.0, 1_000.0), 50.0),
+            with_p99(report("uturn", 100_000.0, 1_100.0), 60.0),
+            report("coturn", 50_000.0, 4_000.0),
+            with_p99(report("baseline", 100_000.0, 800.0), 40.0),
+        ]);
+        let ratio_line = md
+            .lines()
+            .find(|l| l.starts_with("| small | 2.00×"))
+            .unwrap_or_else(|| panic!("no ratio line in\n{md}"));
+        assert_eq!(
+            ratio_line,
+            "| small | 2.00× | 1.00× | 0.28× | 60.0 | +20.0 |"
+        );
     }
 
     #[test]

@@ -243,6 +243,8 @@ fn a_sweep_steps_the_load_and_reports_a_knee_or_none() {
         "2",
         "--refine",
         "0",
+        "--latency-secs",
+        "0.5",
         "--json",
         "-",
         "-q",
@@ -396,27 +398,36 @@ fn the_report_merges_runs_into_a_table_and_plots() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A fixed run longer than a permission lives is refused before any traffic: the generator
-/// does not refresh permissions, so the server would rightly drop everything after 300 s.
+/// A fixed run or a sweep that may last longer than a permission lives is refused before any
+/// traffic: the generator does not refresh permissions, so the server would rightly drop
+/// everything after 300 s.
 #[test]
-fn a_run_longer_than_a_permission_lives_is_refused() {
-    let out = Command::new(BENCH)
-        .args([
-            "run",
-            "--server",
-            "127.0.0.1:9",
-            "--workload",
-            "small",
-            "--duration",
-            "281",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run uturn-bench");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a 281 s run was accepted: {stderr}");
-    assert!(
-        stderr.contains("does not refresh permissions"),
-        "unexpected error: {stderr}"
-    );
+fn traffic_longer_than_a_permission_lives_is_refused() {
+    let too_long: [&[&str]; 2] = [
+        &["run", "--duration", "281"],
+        // 14 steps of 20 s are 280 s, and the latency step comes on top.
+        &[
+            "sweep",
+            "--step-secs",
+            "20",
+            "--max-steps",
+            "14",
+            "--latency-secs",
+            "5",
+        ],
+    ];
+    for args in too_long {
+        let out = Command::new(BENCH)
+            .args(args)
+            .args(["--server", "127.0.0.1:9", "--workload", "small"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run uturn-bench");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted: {stderr}");
+        assert!(
+            stderr.contains("does not refresh permissions"),
+            "unexpected error for {args:?}: {stderr}"
+        );
+    }
 }
