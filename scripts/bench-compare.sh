@@ -245,7 +245,7 @@ if [[ "${PERF:-0}" == 1 && -z "$AB" ]]; then
         {
             echo "# $s, workload small at $pps pps, perf record -e $event -g -p PID; perf report --no-children -g none"
             perf report -i "$OUT/perf/$s.data" --stdio --no-children -g none --percent-limit 0.3 \
-                2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 40
+                2>/dev/null | grep -v '^#' | grep -v '^$' | sed -n '1,40p'
         } >"$OUT/perf/$s-top.txt"
         perf report -i "$OUT/perf/$s.data" --stdio --no-children 2>/dev/null \
             >"$OUT/perf/$s-callgraph.txt" || true
