@@ -13,6 +13,10 @@
 #   LATENCY_SECS=10             seconds of each latency step at half uturn's knee (uturn's,
 #                               coturn's at its own, the forwarder's at uturn's): long enough
 #                               that one stall of the machine cannot decide a p99
+#   SEARCH_TICK_US=1000         the generator's event-loop period while a sweep searches for the
+#                               knee (its clients then send several datagrams per turn, as one
+#                               UDP GSO send, and it outlasts the servers); latency steps keep
+#                               the 100 µs default
 #   START_PPS=10000 MAX_PPS=1000000 FACTOR=1.6   sweep shape
 #   SERVER_CPU=0 GEN_CPU=1      cores for the server and for the generator
 #   IO=auto                     uturn's data-plane backend: auto, uring or mmsg
@@ -38,6 +42,7 @@ RUNS=${RUNS:-3}
 WORKLOADS=${WORKLOADS:-"small audio video churn alloc"}
 STEP_SECS=${STEP_SECS:-1}
 LATENCY_SECS=${LATENCY_SECS:-10}
+SEARCH_TICK_US=${SEARCH_TICK_US:-1000}
 START_PPS=${START_PPS:-10000}
 MAX_PPS=${MAX_PPS:-1000000}
 FACTOR=${FACTOR:-1.6}
@@ -187,7 +192,7 @@ done
 
 GEN=(taskset -c "$GEN_CPU" "$BENCH")
 SWEEP=(--start-pps "$START_PPS" --max-pps "$MAX_PPS" --factor "$FACTOR" --step-secs "$STEP_SECS"
-    --latency-secs "$LATENCY_SECS" -q)
+    --latency-secs "$LATENCY_SECS" --search-tick-us "$SEARCH_TICK_US" -q)
 start=$(date +%s)
 for run in $(seq "$RUNS"); do
     for w in $WORKLOADS; do

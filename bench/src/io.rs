@@ -1,9 +1,13 @@
-//! Batched UDP I/O with `sendmmsg`/`recvmmsg` (through nix's safe wrappers) and an epoll set.
+//! Batched UDP I/O with `sendmmsg`/`recvmmsg` and UDP GSO `sendmsg` (through nix's safe
+//! wrappers) and an epoll set.
 //!
 //! Why hand-written: the harness must not be the bottleneck, so it pays one system call per
 //! batch of up to [`BATCH`] datagrams rather than one per datagram, and one event loop per
 //! worker thread watches every socket with epoll instead of a thread per socket. io_uring would
 //! batch across sockets too, but its submission API is `unsafe`, which this crate forbids.
+//! System calls are not what costs most, though: on loopback each datagram's trip through the
+//! kernel does, so a batch made [`Batch::with_gso`] sends a run of datagrams to one
+//! destination as one GSO send, one trip through the sending stack for the whole run.
 //!
 //! Buffers are allocated once per [`Batch`]; the only allocation per call is the small vector
 //! of `IoSlice`s that nix's API needs to borrow the buffers (one per batch, not per packet).
@@ -14,8 +18,8 @@ use std::os::fd::AsRawFd;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, setsockopt,
-    sockopt,
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg,
+    sendmmsg, sendmsg, setsockopt, sockopt,
 };
 use nix::sys::time::{TimeSpec, TimeVal};
 
@@ -24,6 +28,12 @@ pub const BATCH: usize = 64;
 /// Room for any datagram this harness sends or expects (payload ≤ 1,400 plus TURN headers);
 /// larger ones are truncated and then fail to parse, which counts them as foreign.
 pub const SLOT_LEN: usize = 2048;
+/// Datagrams one UDP GSO send carries at most (the kernel's `UDP_MAX_SEGMENTS` is 64 on older
+/// kernels, 128 on newer ones).
+const GSO_SEGMENTS_MAX: usize = 64;
+/// Payload bytes one UDP GSO send carries at most: under a UDP datagram's 65,507-byte limit,
+/// which the kernel applies to the whole send before it splits it.
+const GSO_BYTES_MAX: usize = 60_000;
 /// Socket buffer size asked for, so bursts of one pacing tick are not dropped by the kernel
 /// on the harness's side.
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
@@ -42,6 +52,12 @@ pub struct Batch {
     /// kernel as control data, which makes sendmmsg fail with EINVAL).
     send_headers: MultiHeaders<SockaddrStorage>,
     storage: Vec<Option<SockaddrStorage>>,
+    /// Whether [`Batch::send`] may hand a run of equal-sized datagrams to one destination to
+    /// the kernel as one UDP GSO send (`UDP_SEGMENT`). Turned off for good when the kernel
+    /// refuses one.
+    gso: bool,
+    /// Datagrams this batch has sent inside GSO sends, for the report.
+    gso_datagrams: u64,
 }
 
 impl Default for Batch {
@@ -62,7 +78,34 @@ impl Batch {
             headers: MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(TimeSpec))),
             send_headers: MultiHeaders::preallocate(BATCH, None),
             storage: Vec::with_capacity(BATCH),
+            gso: false,
+            gso_datagrams: 0,
         }
+    }
+
+    /// An empty batch whose [`Batch::send`] uses UDP GSO where it can.
+    ///
+    /// Why: on loopback the sender's core also runs the receiver's side of every datagram, so
+    /// a generator that sends one datagram per stack traversal costs as much per packet as
+    /// the relay it loads, and runs out first. A GSO send of N datagrams to one destination
+    /// traverses the sending stack once; the receiving kernel splits it back into N datagrams
+    /// before any socket sees them (a socket without `UDP_GRO` never sees the batch), so the
+    /// server under test receives exactly what N separate sends would have given it.
+    pub fn with_gso() -> Self {
+        Self {
+            gso: true,
+            ..Self::new()
+        }
+    }
+
+    /// Whether sends still try UDP GSO (false after the kernel refused one).
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// Datagrams sent inside GSO sends so far.
+    pub fn gso_datagrams(&self) -> u64 {
+        self.gso_datagrams
     }
 
     /// Number of datagrams held.
@@ -131,20 +174,90 @@ impl Batch {
         self.rx_ns.get(i).copied().unwrap_or(0)
     }
 
-    /// Sends every datagram held on `socket` in as few `sendmmsg` calls as it takes, then
-    /// clears the batch. Returns (sent, failed); a full socket buffer (`EAGAIN`) or any other
-    /// error counts the rest as failed rather than blocking the event loop.
+    /// Sends every datagram held on `socket` in as few system calls as it takes, then clears
+    /// the batch: a run of datagrams to one destination goes as one UDP GSO send when the
+    /// batch was made [`Batch::with_gso`], the rest through `sendmmsg`. Returns (sent,
+    /// failed); a full socket buffer (`EAGAIN`) or any other error counts the rest as failed
+    /// rather than blocking the event loop.
     pub fn send(&mut self, socket: &UdpSocket) -> (u64, u64) {
         let total = self.len;
         let mut done = 0;
         while done < total {
-            match self.send_from(socket, done) {
+            let run = self.gso_run(done);
+            let sent = if run >= 2 {
+                match self.send_gso(socket, done, run) {
+                    // The kernel does not take UDP_SEGMENT here (too old, or a route whose
+                    // device cannot checksum the segments): plain sends from now on.
+                    Err(Errno::EINVAL | Errno::EIO | Errno::ENOPROTOOPT | Errno::EOPNOTSUPP) => {
+                        self.gso = false;
+                        continue;
+                    }
+                    other => other,
+                }
+            } else {
+                self.send_from(socket, done)
+            };
+            match sent {
                 Ok(0) | Err(_) => break,
                 Ok(n) => done += n,
             }
         }
         self.len = 0;
         (done as u64, (total - done) as u64)
+    }
+
+    /// How many datagrams from `first` on one GSO send can carry: same destination, equal
+    /// lengths (the last may be shorter, as GSO allows), within the kernel's limits. 1 when
+    /// GSO is off.
+    fn gso_run(&self, first: usize) -> usize {
+        let segment = self.lens[first];
+        if !self.gso || segment == 0 {
+            return 1;
+        }
+        let mut end = first + 1;
+        let mut bytes = segment;
+        while end < self.len
+            && end - first < GSO_SEGMENTS_MAX
+            && self.lens[end - 1] == segment
+            && self.lens[end] <= segment
+            && self.lens[end] > 0
+            && bytes + self.lens[end] <= GSO_BYTES_MAX
+            && self.addrs[end] == self.addrs[first]
+        {
+            bytes += self.lens[end];
+            end += 1;
+        }
+        end - first
+    }
+
+    /// One `sendmsg` with `UDP_SEGMENT` carrying datagrams `first..first + run`, each its own
+    /// iovec (no copy): all of them or none.
+    fn send_gso(&mut self, socket: &UdpSocket, first: usize, run: usize) -> Result<usize, Errno> {
+        let segment = u16::try_from(self.lens[first]).map_err(|_| Errno::EMSGSIZE)?;
+        let iovs: Vec<IoSlice<'_>> = (first..first + run)
+            .map(|i| {
+                let start = i * SLOT_LEN;
+                IoSlice::new(&self.bufs[start..start + self.lens[i]])
+            })
+            .collect();
+        let cmsgs = [ControlMessage::UdpGsoSegments(&segment)];
+        let to = self.addrs[first].map(SockaddrStorage::from);
+        loop {
+            match sendmsg(
+                socket.as_raw_fd(),
+                &iovs,
+                &cmsgs,
+                MsgFlags::MSG_DONTWAIT,
+                to.as_ref(),
+            ) {
+                Ok(_) => {
+                    self.gso_datagrams += run as u64;
+                    return Ok(run);
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn send_from(&mut self, socket: &UdpSocket, first: usize) -> Result<usize, Errno> {
@@ -356,6 +469,80 @@ mod tests {
         while inbox.recv(&b).unwrap() == 0 && Instant::now() < deadline {}
         let rx = inbox.rx_ns(0);
         assert!(rx >= before && rx <= realtime_ns(), "{before} <= {rx}");
+    }
+
+    /// Reads datagrams from `socket` until `n` arrived or two seconds passed.
+    fn receive_n(socket: &UdpSocket, n: usize) -> Vec<(Vec<u8>, Option<SocketAddr>)> {
+        let mut got = Vec::new();
+        let mut inbox = Batch::new();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while got.len() < n && Instant::now() < deadline {
+            inbox.recv(socket).unwrap();
+            for i in 0..inbox.len() {
+                let (bytes, from) = inbox.get(i).unwrap();
+                got.push((bytes.to_vec(), from));
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn a_gso_send_arrives_as_the_separate_datagrams_it_carried() {
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (a, b) = (bind_udp(lo).unwrap(), bind_udp(lo).unwrap());
+        a.connect(b.local_addr().unwrap()).unwrap();
+        let mut out = Batch::with_gso();
+        // Five of 100 bytes and a shorter last one: one run, as GSO allows.
+        let sent: Vec<Vec<u8>> = (0..6u8)
+            .map(|i| vec![i; if i == 5 { 40 } else { 100 }])
+            .collect();
+        for d in &sent {
+            assert!(out.push(d, None));
+        }
+        assert_eq!(out.gso_run(0), 6);
+        assert_eq!(out.send(&a), (6, 0));
+        assert!(out.gso(), "loopback takes UDP_SEGMENT (Linux 4.18+)");
+        let got = receive_n(&b, 6);
+        let from = Some(a.local_addr().unwrap());
+        assert_eq!(got, sent.into_iter().map(|d| (d, from)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_gso_run_stops_where_the_size_or_the_destination_changes() {
+        let to = |port| Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        let mut batch = Batch::with_gso();
+        for (len, port) in [(100, 1), (100, 1), (60, 1), (100, 1), (100, 2), (200, 2)] {
+            assert!(batch.push(&vec![0; len], to(port)));
+        }
+        // 100, 100, 60: the shorter one ends the run it belongs to.
+        assert_eq!(batch.gso_run(0), 3);
+        // 100 to port 1, then port 2.
+        assert_eq!(batch.gso_run(3), 1);
+        // 100 then a longer 200: only the last of a run may differ, and only shorter.
+        assert_eq!(batch.gso_run(4), 1);
+        // Without GSO every datagram is its own run.
+        let mut plain = Batch::new();
+        assert!(plain.push(&[0; 100], None) && plain.push(&[0; 100], None));
+        assert_eq!(plain.gso_run(0), 1);
+    }
+
+    #[test]
+    fn a_gso_batch_to_several_destinations_arrives_whole() {
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (a, b, c) = (
+            bind_udp(lo).unwrap(),
+            bind_udp(lo).unwrap(),
+            bind_udp(lo).unwrap(),
+        );
+        let (to_b, to_c) = (b.local_addr().unwrap(), c.local_addr().unwrap());
+        let mut out = Batch::with_gso();
+        for (i, to) in [to_b, to_b, to_b, to_c, to_c, to_b].into_iter().enumerate() {
+            assert!(out.push(&[i as u8; 50], Some(to)));
+        }
+        assert_eq!(out.send(&a), (6, 0));
+        let at_b: Vec<u8> = receive_n(&b, 4).iter().map(|(d, _)| d[0]).collect();
+        let at_c: Vec<u8> = receive_n(&c, 2).iter().map(|(d, _)| d[0]).collect();
+        assert_eq!((at_b, at_c), (vec![0, 1, 2, 5], vec![3, 4]));
     }
 
     #[test]

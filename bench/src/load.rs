@@ -146,6 +146,9 @@ pub struct LoadConfig {
     pub drain: Duration,
     /// Period of the event loop (see [`TICK_MIN_DEFAULT`]).
     pub tick: Duration,
+    /// Whether a UDP client sends the datagrams it has due in one turn as one UDP GSO send
+    /// (see [`Batch::with_gso`]); the echo peer too, for runs of datagrams to one relay.
+    pub gso: bool,
     /// UDP, TCP or TLS between the clients and the server.
     pub transport: Transport,
     /// TLS: the client configuration (trust, ALPN) and the name the certificate must carry.
@@ -178,6 +181,10 @@ pub struct StepRaw {
     pub wall: Duration,
     /// Worst pacing lag seen: how far the sender fell behind schedule.
     pub lag_max: Duration,
+    /// Of `sent` and the echoes, the datagrams that left inside UDP GSO sends.
+    pub gso_datagrams: u64,
+    /// Period of the event loop during the step.
+    pub tick: Duration,
 }
 
 impl StepRaw {
@@ -355,6 +362,11 @@ const PEER_TOKEN: u64 = u64::MAX;
 /// stamp (SO_TIMESTAMPNS), not to the moment the loop reads the socket; only the spacing of
 /// packets gets burstier (up to one tick's worth at once).
 pub const TICK_MIN_DEFAULT: Duration = Duration::from_micros(100);
+/// Default period of the event loop in a sweep's search for the knee: at 1 ms a `small`
+/// client (64 allocations) has two or more datagrams due per turn from about 130 kpps on,
+/// enough for GSO sends to take the generator past the servers it measures (bench/README.md,
+/// "Limits of this machine").
+pub const SEARCH_TICK_DEFAULT: Duration = Duration::from_millis(1);
 /// Packets sent per loop turn at most, so receiving is never starved by a late sender.
 const SEND_PER_TURN_MAX: u64 = 16 * BATCH as u64;
 /// Datagram batches read from one ready socket per loop turn at most.
@@ -459,6 +471,7 @@ impl LoadRun {
         &mut self,
         rate_pps: f64,
         duration: Duration,
+        tick: Duration,
         server_pid: Option<u32>,
         stop: &AtomicBool,
     ) -> StepRaw {
@@ -470,7 +483,9 @@ impl LoadRun {
             let handles: Vec<_> = self
                 .workers
                 .iter_mut()
-                .map(|w| scope.spawn(move || w.run_step(config, rate_pps / n, duration, stop)))
+                .map(|w| {
+                    scope.spawn(move || w.run_step(config, rate_pps / n, duration, tick, stop))
+                })
                 .collect();
             handles.into_iter().filter_map(|h| h.join().ok()).collect()
         });
@@ -479,7 +494,9 @@ impl LoadRun {
         let mut accounting = Accounting::new(0, 0, 0);
         let (mut sent, mut send_failed, mut peer_received) = (0, 0, 0);
         let mut lag_max = Duration::ZERO;
+        let mut gso_datagrams = 0;
         for r in &results {
+            gso_datagrams += r.gso_datagrams;
             accounting.merge_totals(&r.accounting);
             sent += r.sent;
             send_failed += r.send_failed;
@@ -497,6 +514,8 @@ impl LoadRun {
             own_cpu_secs,
             wall,
             lag_max,
+            gso_datagrams,
+            tick,
         }
     }
 
@@ -641,6 +660,7 @@ struct WorkerStep {
     peer_received: u64,
     accounting: Accounting,
     lag_max: Duration,
+    gso_datagrams: u64,
 }
 
 impl Worker {
@@ -649,6 +669,7 @@ impl Worker {
         config: &LoadConfig,
         rate_pps: f64,
         duration: Duration,
+        tick: Duration,
         stop: &AtomicBool,
     ) -> WorkerStep {
         let flows_n = self.flows.len().max(1) as u32;
@@ -660,13 +681,21 @@ impl Worker {
             peer_received: 0,
             accounting: Accounting::new(base, pacer.limit(), flows_n),
             lag_max: Duration::ZERO,
+            gso_datagrams: 0,
         };
         // Separate batches for sending and receiving: nix's recvmmsg relies on the address
         // fields its headers were preallocated with, which a sendmmsg on the same headers
         // overwrites.
-        let mut batch = Batch::new();
+        let sending = || {
+            if config.gso {
+                Batch::with_gso()
+            } else {
+                Batch::new()
+            }
+        };
+        let mut batch = sending();
         let mut inbox = Batch::new();
-        let mut echo = Batch::new();
+        let mut echo = sending();
         let mut scratch = vec![0u8; config.payload_len];
         // Stream flows with bytes the socket did not take yet, retried every turn.
         let mut backlog: Vec<usize> = Vec::new();
@@ -714,13 +743,14 @@ impl Worker {
             if ready == events.len() {
                 continue; // more sockets may be ready than one wait reports
             }
-            let next_tick = now + config.tick;
+            let next_tick = now + tick;
             let after = Instant::now();
             if next_tick > after {
                 std::thread::sleep(next_tick - after);
             }
         }
         self.next_seq = base + pacer.limit();
+        out.gso_datagrams = batch.gso_datagrams() + echo.gso_datagrams();
         out
     }
 

@@ -17,7 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use uturn_bench::alloc;
 use uturn_bench::forwarder;
 use uturn_bench::load::{
-    Churn, ChurnCounts, Framing, LoadConfig, LoadRun, PeerMode, TICK_MIN_DEFAULT, Transport,
+    Churn, ChurnCounts, Framing, LoadConfig, LoadRun, PeerMode, SEARCH_TICK_DEFAULT,
+    TICK_MIN_DEFAULT, Transport,
 };
 use uturn_bench::probe;
 use uturn_bench::report::{AllocReport, RunReport, StepReport, markdown};
@@ -104,6 +105,11 @@ struct Common {
     /// Shortest pause between two send bursts, µs (longer: bigger batches, burstier load).
     #[arg(long, default_value_t = TICK_MIN_DEFAULT.as_micros() as u64)]
     tick_us: u64,
+    /// Send each client's datagrams of one tick one at a time instead of as one UDP GSO send
+    /// (the server receives the same datagrams either way; GSO only makes the generator
+    /// cheaper, see bench/README.md).
+    #[arg(long)]
+    no_gso: bool,
     /// Client transport of the traffic: one UDP socket, TCP or TLS connection per allocation
     /// (the relay to the peer is UDP in every case).
     #[arg(long, value_enum, default_value = "udp")]
@@ -173,6 +179,13 @@ struct SweepOpts {
     /// the step's packets and so cannot decide its p99.
     #[arg(long, default_value_t = 10.0)]
     latency_secs: f64,
+    /// Event-loop period of the steps that search for the knee, µs. Longer than --tick-us so
+    /// that each client has several datagrams due per turn, which leave as one UDP GSO send:
+    /// on loopback that makes the generator cheaper per packet than the server, so the search
+    /// finds the server's limit rather than its own. The latency step at half the knee keeps
+    /// --tick-us (smoother traffic).
+    #[arg(long, default_value_t = SEARCH_TICK_DEFAULT.as_micros() as u64)]
+    search_tick_us: u64,
 }
 
 #[derive(Args)]
@@ -491,6 +504,7 @@ fn load_config(c: &Common, server: SocketAddr, framing: Framing) -> Result<LoadC
         workers: c.workers.max(1),
         drain: Duration::from_millis(c.drain_ms),
         tick: Duration::from_micros(c.tick_us.clamp(1, 10_000)),
+        gso: !c.no_gso,
         lifetime_secs: c.lifetime,
     })
 }
@@ -591,6 +605,7 @@ fn traffic_with(
         allocations: config.allocations,
         payload_len: config.payload_len,
         workers: config.workers,
+        gso: Some(config.gso),
         steps: Vec::new(),
         knee_pps: None,
         knee_limited_by_generator: false,
@@ -600,7 +615,7 @@ fn traffic_with(
         churn_abandoned: None,
         warnings: Vec::new(),
     };
-    let mut one_step = |rate: f64, duration: Duration| -> StepReport {
+    let mut one_step = |rate: f64, duration: Duration, tick: Duration| -> StepReport {
         let pb = bar(
             c.quiet,
             duration.as_millis() as u64,
@@ -619,7 +634,7 @@ fn traffic_with(
                 }
             })
         };
-        let raw = run.step(rate, duration, c.server_pid, &stop);
+        let raw = run.step(rate, duration, tick, c.server_pid, &stop);
         done.store(true, Ordering::Relaxed);
         let _ = ticker.join();
         pb.finish_and_clear();
@@ -649,15 +664,16 @@ fn traffic_with(
     };
     match plan {
         Plan::Fixed { rate, duration } => {
-            let s = one_step(rate, duration);
+            let s = one_step(rate, duration, config.tick);
             report.steps.push(s);
         }
         Plan::Sweep(o) => {
             let step_duration = secs(o.step_secs)?;
             let latency_duration = secs(o.latency_secs)?;
+            let search_tick = Duration::from_micros(o.search_tick_us.clamp(1, 10_000));
             let mut sweep = Sweep::new(o.start_pps, o.factor, o.max_pps, o.refine, o.max_steps);
             while let Some(rate) = sweep.next() {
-                let s = one_step(rate, step_duration);
+                let s = one_step(rate, step_duration, search_tick);
                 let outcome = match (s.is_loss_free(), s.generator_saturated) {
                     (true, false) => Outcome::Pass,
                     (true, true) => Outcome::GeneratorLimit,
@@ -669,7 +685,11 @@ fn traffic_with(
             report.knee_pps = sweep.knee();
             report.knee_limited_by_generator = sweep.limited_by_generator();
             if let (Some(knee), false) = (sweep.knee(), o.no_half_knee) {
-                report.half_knee = Some(one_step((knee / 2.0).round().max(1.0), latency_duration));
+                report.half_knee = Some(one_step(
+                    (knee / 2.0).round().max(1.0),
+                    latency_duration,
+                    config.tick,
+                ));
             }
             eprintln!(
                 "{}: loss-free rate {}",
@@ -772,6 +792,7 @@ fn alloc_mode(a: &AllocArgs) -> Result<RunReport> {
         allocations: 0,
         payload_len: 0,
         workers: a.concurrency,
+        gso: None,
         steps: Vec::new(),
         knee_pps: None,
         knee_limited_by_generator: false,

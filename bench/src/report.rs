@@ -43,6 +43,10 @@ pub struct RunReport {
     pub payload_len: usize,
     /// Generator worker threads.
     pub workers: u32,
+    /// Whether the generator asked for UDP GSO sends (absent in older reports: it had none);
+    /// each step's `gso_datagrams` says how many went out that way.
+    #[serde(default)]
+    pub gso: Option<bool>,
     /// Every measured step, in the order run.
     pub steps: Vec<StepReport>,
     /// Sweep: the highest offered rate with loss ≤ 0.1 % and an unsaturated generator.
@@ -107,6 +111,13 @@ pub struct StepReport {
     pub lag_max_ms: f64,
     /// Whether the generator itself was the limit in this step.
     pub generator_saturated: bool,
+    /// Datagrams the generator sent inside UDP GSO sends (absent in older reports: 0). The
+    /// server receives them as separate datagrams either way.
+    #[serde(default)]
+    pub gso_datagrams: u64,
+    /// Period of the generator's event loop in this step, µs (absent in older reports).
+    #[serde(default)]
+    pub tick_us: Option<u64>,
 }
 
 impl StepReport {
@@ -154,6 +165,8 @@ impl StepReport {
             own_cpu_cores,
             lag_max_ms,
             generator_saturated,
+            gso_datagrams: raw.gso_datagrams,
+            tick_us: Some(u64::try_from(raw.tick.as_micros()).unwrap_or(u64::MAX)),
         }
     }
 
@@ -500,6 +513,8 @@ mod tests {
             own_cpu_secs: Some(0.2),
             wall: Duration::from_secs(1),
             lag_max: Duration::ZERO,
+            gso_datagrams: 0,
+            tick: Duration::from_micros(100),
         }
     }
 
@@ -523,6 +538,7 @@ mod tests {
             allocations: 1,
             payload_len: 64,
             workers: 1,
+            gso: None,
             steps: vec![step],
             knee_pps: Some(knee),
             knee_limited_by_generator: false,
