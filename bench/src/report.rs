@@ -244,6 +244,18 @@ impl RunReport {
         self.steps.last()
     }
 
+    /// The lowest rate above the knee at which the server lost more than 0.1 % while the
+    /// generator kept up: with a knee the generator bounded (`≥`), the server's own limit lies
+    /// between the two.
+    pub fn knee_ceiling(&self) -> Option<f64> {
+        let knee = self.knee_pps?;
+        self.steps
+            .iter()
+            .filter(|s| s.target_pps > knee && !s.is_loss_free() && !s.generator_saturated)
+            .map(|s| s.target_pps)
+            .min_by(f64::total_cmp)
+    }
+
     /// The step whose latency stands for the run: half the knee, else the headline.
     pub fn latency_step(&self) -> Option<&StepReport> {
         self.half_knee.as_ref().or_else(|| self.headline())
@@ -346,7 +358,10 @@ pub fn markdown(reports: &[RunReport]) -> String {
         let Some(h) = r.headline() else { continue };
         let l = r.latency_step().unwrap_or(h);
         let knee = match (r.knee_pps, r.knee_limited_by_generator) {
-            (Some(k), true) => format!("≥ {k:.0}"),
+            (Some(k), true) => match r.knee_ceiling() {
+                Some(c) => format!("≥ {k:.0} (< {c:.0})"),
+                None => format!("≥ {k:.0}"),
+            },
             (Some(k), false) => format!("{k:.0}"),
             (None, _) if r.mode == "sweep" || r.mode == "baseline" => "none".to_owned(),
             (None, _) => "–".to_owned(),
@@ -629,6 +644,29 @@ mod tests {
             ratio_line,
             "| small | 2.00× | 1.00× | 0.28× | 60.0 | +20.0 |"
         );
+    }
+
+    #[test]
+    fn a_generator_bound_knee_below_a_server_loss_shows_both_bounds() {
+        let mut r = report("uturn", 100_000.0, 1_000.0);
+        r.knee_limited_by_generator = true;
+        let step = |target: f64, received: u64, own_cpu: f64| {
+            let mut raw = raw(target, target as u64, received);
+            raw.own_cpu_secs = Some(own_cpu);
+            StepReport::from_raw(&raw, PeerMode::Echo, 1)
+        };
+        // Lost at 160 k with the generator itself saturated (no bound on the server), lost at
+        // 130 k and 140 k with the generator keeping up (the server's): the lowest is the bound.
+        r.steps.push(step(160_000.0, 100_000, 0.95));
+        r.steps.push(step(140_000.0, 120_000, 0.7));
+        r.steps.push(step(130_000.0, 120_000, 0.7));
+        assert_eq!(r.knee_ceiling(), Some(130_000.0));
+        assert!(markdown(&[r]).contains("| ≥ 100000 (< 130000) |"));
+        // Without such a step the knee is a bare lower bound.
+        let mut bare = report("uturn", 100_000.0, 1_000.0);
+        bare.knee_limited_by_generator = true;
+        assert_eq!(bare.knee_ceiling(), None);
+        assert!(markdown(&[bare]).contains("| ≥ 100000 |"));
     }
 
     #[test]
