@@ -5,7 +5,8 @@
 //!
 //! ```text
 //!  setup (blocking, turn.rs): Allocate 401 → Allocate(auth) → CreatePermission → ChannelBind
-//!  traffic (load.rs, one event loop per worker, batched with sendmmsg/recvmmsg):
+//!  traffic (load.rs, one event loop per worker, batched with sendmmsg/recvmmsg, and runs of
+//!    datagrams to one destination as one UDP GSO send, io.rs):
 //!    client socket ──ChannelData / Send ind.──► relay ──► peer socket (echo or sink)
 //!    client socket ◄──ChannelData / Data ind.── relay ◄──┘
 //!    (client socket: UDP, or with --transport tcp|tls one TCP/TLS connection per allocation,
@@ -13,7 +14,8 @@
 //!  each payload carries [magic | flow | seq | send time | peer hold] (stats.rs) → loss,
 //!    reordering, latency (send stamp to the kernel's SO_TIMESTAMPNS arrival stamp)
 //!  pacing (pacing.rs): open loop, packet k leaves at start + k / rate, never waits for answers
-//!  sweep (sweep.rs): grow the rate until loss > 0.1 %, then bisect: the knee
+//!  sweep (sweep.rs): grow the rate until loss > 0.1 %, then bisect: the knee (searched on a
+//!    1 ms tick, so that clients batch; then a 10 s latency step at half of it on 100 µs)
 //!  cpu (cpu.rs): server CPU from /proc/PID/task/*/schedstat (or /proc/PID/stat), own from
 //!    getrusage
 //!  report (report.rs, plot.rs): JSON, Markdown table with ratios, SVG plots
