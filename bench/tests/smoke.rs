@@ -253,9 +253,14 @@ fn a_sweep_steps_the_load_and_reports_a_knee_or_none() {
     assert_step_sane(&r);
     assert!(r.steps.len() <= 2);
     assert_eq!(r.payload_len, 64);
+    // The search runs on its own tick (1 ms by default), the latency step on --tick-us.
+    assert_eq!(r.gso, Some(true));
+    assert!(r.steps.iter().all(|s| s.tick_us == Some(1_000)), "{r:?}");
     if let Some(knee) = r.knee_pps {
         assert!(r.steps.iter().any(|s| s.target_pps == knee));
-        assert!(r.half_knee.is_some());
+        let half = r.half_knee.as_ref().expect("a latency step at half the knee");
+        assert_eq!(half.tick_us, Some(100));
+        assert!((half.duration_secs - 0.5).abs() < 1e-9, "{half:?}");
     }
 }
 
