@@ -488,7 +488,11 @@ mod tests {
 
     #[test]
     fn a_gso_send_arrives_as_the_separate_datagrams_it_carried() {
-        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        a_gso_send_arrives_whole_on(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        a_gso_send_arrives_whole_on(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST));
+    }
+
+    fn a_gso_send_arrives_whole_on(lo: IpAddr) {
         let (a, b) = (bind_udp(lo).unwrap(), bind_udp(lo).unwrap());
         a.connect(b.local_addr().unwrap()).unwrap();
         let mut out = Batch::with_gso();

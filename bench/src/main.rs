@@ -105,9 +105,10 @@ struct Common {
     /// Shortest pause between two send bursts, µs (longer: bigger batches, burstier load).
     #[arg(long, default_value_t = TICK_MIN_DEFAULT.as_micros() as u64)]
     tick_us: u64,
-    /// Send each client's datagrams of one tick one at a time instead of as one UDP GSO send
-    /// (the server receives the same datagrams either way; GSO only makes the generator
-    /// cheaper, see bench/README.md).
+    /// No UDP GSO: every datagram takes its own trip through the kernel (still batched by
+    /// sendmmsg), instead of a client's due datagrams, or the echo peer's replies to one relay,
+    /// leaving as one GSO send. The server receives the same datagrams either way; GSO only
+    /// makes the generator cheaper (bench/README.md).
     #[arg(long)]
     no_gso: bool,
     /// Client transport of the traffic: one UDP socket, TCP or TLS connection per allocation

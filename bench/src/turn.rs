@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use uturn_proto::{
-    Attribute, ChannelData, ChannelNumber, Class, Message, MessageBuilder, Method, PacketKind,
-    Protocol, StreamFramer, TransactionId, classify, long_term_key_md5,
+    AddressFamily, Attribute, ChannelData, ChannelNumber, Class, Message, MessageBuilder, Method,
+    PacketKind, Protocol, StreamFramer, TransactionId, classify, long_term_key_md5,
 };
 
 /// What went wrong in one exchange.
@@ -347,12 +347,20 @@ impl TurnClient {
 
     /// [`TurnClient::allocate`] asking for a LIFETIME (the server grants at most its maximum,
     /// and at least its default).
+    ///
+    /// Over IPv6 it asks for an IPv6 relay (REQUESTED-ADDRESS-FAMILY, RFC 8656 §7.1): without
+    /// it a server allocates IPv4, and the peers this harness runs beside the client (on the
+    /// server's family) could not be reached from it.
     pub fn allocate_for(&mut self, lifetime_secs: Option<u32>) -> Result<Allocation, TurnError> {
-        let transport = Attribute::RequestedTransport(Protocol::UDP);
-        let r = match lifetime_secs {
-            Some(secs) => self.request(Method::ALLOCATE, &[transport, Attribute::Lifetime(secs)]),
-            None => self.request(Method::ALLOCATE, &[transport]),
-        }?;
+        let mut attrs = Vec::with_capacity(3);
+        attrs.push(Attribute::RequestedTransport(Protocol::UDP));
+        if self.server.is_ipv6() {
+            attrs.push(Attribute::RequestedAddressFamily(AddressFamily::V6));
+        }
+        if let Some(secs) = lifetime_secs {
+            attrs.push(Attribute::Lifetime(secs));
+        }
+        let r = self.request(Method::ALLOCATE, &attrs)?;
         let msg = r
             .message()
             .ok_or_else(|| malformed(Method::ALLOCATE, "unparsable"))?;

@@ -40,6 +40,26 @@ impl Uturn {
         Self { process, addr }
     }
 
+    /// A uturn on ::1 only, relaying from ::1.
+    fn start_v6() -> Self {
+        let ports = uturn_e2e::relay_port_slice();
+        let process = uturn_e2e::Uturn::start(&[
+            "--listen",
+            "[::1]:0",
+            "--relay-ip",
+            "::1",
+            "--user",
+            "u1:p1",
+            "--allow-loopback-peers",
+            "--threads",
+            "1",
+            "--ports",
+            &ports,
+        ]);
+        let addr = process.listener(true);
+        Self { process, addr }
+    }
+
     /// A uturn that also listens on TCP and TLS (a certificate made for this run).
     fn start_with_streams(cert: &uturn_e2e::TestCertificate) -> Self {
         let ports = uturn_e2e::relay_port_slice();
@@ -258,7 +278,10 @@ fn a_sweep_steps_the_load_and_reports_a_knee_or_none() {
     assert!(r.steps.iter().all(|s| s.tick_us == Some(1_000)), "{r:?}");
     if let Some(knee) = r.knee_pps {
         assert!(r.steps.iter().any(|s| s.target_pps == knee));
-        let half = r.half_knee.as_ref().expect("a latency step at half the knee");
+        let half = r
+            .half_knee
+            .as_ref()
+            .expect("a latency step at half the knee");
         assert_eq!(half.tick_us, Some(100));
         assert!((half.duration_secs - 0.5).abs() < 1e-9, "{half:?}");
     }
@@ -435,4 +458,40 @@ fn traffic_longer_than_a_permission_lives_is_refused() {
             "unexpected error for {args:?}: {stderr}"
         );
     }
+}
+
+/// Over IPv6 the harness asks for an IPv6 relay, so its peers on ::1 are reachable: the probe
+/// passes and a fixed run carries its traffic, GSO sends included.
+#[test]
+fn the_probe_and_a_run_work_over_ipv6() {
+    let server = Uturn::start_v6();
+    assert!(server.addr.is_ipv6());
+    let uri = format!("turn:{}?transport=udp", server.addr);
+    let ok = bench(&["probe", &uri, "-u", "u1", "-p", "p1"]);
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(ok.status.code(), Some(0), "{text}");
+    assert!(text.contains("[::1]"), "relayed address not IPv6: {text}");
+    let out = bench(&[
+        "run",
+        "--server",
+        &server.addr.to_string(),
+        "--workload",
+        "small",
+        "--allocations",
+        "2",
+        "--rate",
+        "400",
+        "--duration",
+        "1",
+        // Long ticks: several datagrams per client per turn, so they leave as GSO sends.
+        "--tick-us",
+        "10000",
+        "--json",
+        "-",
+        "-q",
+    ]);
+    let r = json_report(&out);
+    assert_step_sane(&r);
+    let step = &r.steps[0];
+    assert!(step.gso_datagrams > 0, "no GSO send over IPv6: {step:?}");
 }
