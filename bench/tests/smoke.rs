@@ -22,32 +22,28 @@ struct Uturn {
 
 impl Uturn {
     fn start() -> Self {
-        let ports = uturn_e2e::relay_port_slice();
-        let process = uturn_e2e::Uturn::start(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--relay-ip",
-            "127.0.0.1",
-            "--user",
-            "u1:p1",
-            "--allow-loopback-peers",
-            "--threads",
-            "1",
-            "--ports",
-            &ports,
-        ]);
-        let addr = process.listener(false);
-        Self { process, addr }
+        Self::start_on("127.0.0.1")
     }
 
     /// A uturn on ::1 only, relaying from ::1.
     fn start_v6() -> Self {
+        Self::start_on("::1")
+    }
+
+    /// A uturn listening on and relaying from `ip` alone.
+    fn start_on(ip: &str) -> Self {
         let ports = uturn_e2e::relay_port_slice();
+        let ipv6 = ip.contains(':');
+        let listen = if ipv6 {
+            format!("[{ip}]:0")
+        } else {
+            format!("{ip}:0")
+        };
         let process = uturn_e2e::Uturn::start(&[
             "--listen",
-            "[::1]:0",
+            &listen,
             "--relay-ip",
-            "::1",
+            ip,
             "--user",
             "u1:p1",
             "--allow-loopback-peers",
@@ -56,7 +52,7 @@ impl Uturn {
             "--ports",
             &ports,
         ]);
-        let addr = process.listener(true);
+        let addr = process.listener(ipv6);
         Self { process, addr }
     }
 
