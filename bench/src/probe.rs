@@ -636,7 +636,11 @@ pub fn describe_code(code: u16) -> &'static str {
             "allocation mismatch: an allocation already exists on this 5-tuple (retry from another port)"
         }
         438 => "stale nonce: the server's nonces expire too fast",
-        440 => "address family not supported",
+        440 => {
+            "address family not supported: the server has no relay address of the family asked for \
+             (over IPv6 the probe asks for an IPv6 relay): give the server one, or probe over IPv4"
+        }
+        443 => "peer address family mismatch: the relay and the peer are of different IP families",
         441 => "wrong credentials for this allocation",
         442 => "unsupported transport protocol",
         486 => "allocation quota reached for this user",

@@ -22,28 +22,28 @@ struct Uturn {
 
 impl Uturn {
     fn start() -> Self {
-        Self::start_on("127.0.0.1")
+        Self::start_on("127.0.0.1", "127.0.0.1")
     }
 
     /// A uturn on ::1 only, relaying from ::1.
     fn start_v6() -> Self {
-        Self::start_on("::1")
+        Self::start_on("::1", "::1")
     }
 
-    /// A uturn listening on and relaying from `ip` alone.
-    fn start_on(ip: &str) -> Self {
+    /// A uturn listening on `listen_ip` alone and relaying from `relay_ip` alone.
+    fn start_on(listen_ip: &str, relay_ip: &str) -> Self {
         let ports = uturn_e2e::relay_port_slice();
-        let ipv6 = ip.contains(':');
+        let ipv6 = listen_ip.contains(':');
         let listen = if ipv6 {
-            format!("[{ip}]:0")
+            format!("[{listen_ip}]:0")
         } else {
-            format!("{ip}:0")
+            format!("{listen_ip}:0")
         };
         let process = uturn_e2e::Uturn::start(&[
             "--listen",
             &listen,
             "--relay-ip",
-            ip,
+            relay_ip,
             "--user",
             "u1:p1",
             "--allow-loopback-peers",
@@ -490,4 +490,19 @@ fn the_probe_and_a_run_work_over_ipv6() {
     assert_step_sane(&r);
     let step = &r.steps[0];
     assert!(step.gso_datagrams > 0, "no GSO send over IPv6: {step:?}");
+}
+
+/// A server reached over IPv6 that relays only from IPv4 answers the probe's Allocate with 440,
+/// and the probe says what that means and what to do.
+#[test]
+fn the_probe_explains_a_server_without_a_relay_of_its_family() {
+    let server = Uturn::start_on("::1", "127.0.0.1");
+    let uri = format!("turn:{}?transport=udp", server.addr);
+    let out = bench(&["probe", &uri, "-u", "u1", "-p", "p1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("no relay address of the family asked for"),
+        "{text}"
+    );
 }
