@@ -173,12 +173,22 @@ fn escape(s: &str) -> String {
 
 /// The plots for a set of runs, as (file name, SVG): per workload, the latency CDF of each
 /// server (at half its knee when swept) and, for sweeps, loss against offered load.
+///
+/// A sweep without its half-knee step (`--no-half-knee`, as `bench-compare.sh` runs the
+/// forwarder's, whose latency reference is a fixed run at uturn's half knee) has no curve:
+/// its only latency is at the knee, queues full, which no other curve is measured at.
 pub fn plots(reports: &[RunReport]) -> Vec<(String, String)> {
     let rows = medians(reports);
     let mut cdf: BTreeMap<&str, Vec<Series>> = BTreeMap::new();
     let mut loss: BTreeMap<&str, Vec<Series>> = BTreeMap::new();
     for (r, _) in &rows {
-        if let Some(step) = r.latency_step().filter(|s| s.latency.count > 0) {
+        let swept = r.mode == "sweep" || r.mode == "baseline";
+        let latency = if swept {
+            r.half_knee.as_ref()
+        } else {
+            r.latency_step()
+        };
+        if let Some(step) = latency.filter(|s| s.latency.count > 0) {
             cdf.entry(&r.workload).or_default().push(Series {
                 name: match r.mode.as_str() {
                     "baseline-run" => format!("{} (fixed rate)", r.label),
@@ -254,6 +264,24 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("a&lt;b"));
         assert!(!svg.contains("NaN"));
+    }
+
+    #[test]
+    fn a_sweep_without_its_half_knee_step_has_no_latency_curve() {
+        use crate::report::tests::report;
+        let mut uturn = report("uturn", 1000.0, 1.0);
+        uturn.half_knee = Some(uturn.steps[0].clone());
+        let forwarder_sweep = report("baseline", 1000.0, 1.0);
+        let mut forwarder_run = report("baseline", 500.0, 1.0);
+        forwarder_run.mode = "baseline-run".to_owned();
+        forwarder_run.knee_pps = None;
+        let plots = plots(&[uturn, forwarder_sweep, forwarder_run]);
+        let (_, cdf) = plots
+            .iter()
+            .find(|(name, _)| name == "latency-cdf-small.svg")
+            .expect("a latency plot");
+        assert_eq!(cdf.matches("<polyline").count(), 2, "{cdf}");
+        assert!(cdf.contains("baseline (fixed rate)") && cdf.contains(">uturn<"));
     }
 
     #[test]

@@ -500,7 +500,7 @@ fn ratios(rows: &[(RunReport, usize)], reports: &[RunReport]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::stats::{Accounting, Stamp};
     use std::time::Duration;
@@ -533,7 +533,7 @@ mod tests {
         }
     }
 
-    fn report(label: &str, knee: f64, ns: f64) -> RunReport {
+    pub(crate) fn report(label: &str, knee: f64, ns: f64) -> RunReport {
         let mut step =
             StepReport::from_raw(&raw(knee, knee as u64, knee as u64), PeerMode::Echo, 1);
         step.server_cpu_ns_per_packet = Some(ns);
