@@ -195,7 +195,11 @@ impl Batch {
                     other => other,
                 }
             } else {
-                self.send_from(socket, done)
+                // Plain sends up to where the next GSO run starts.
+                let end = (done + 1..total)
+                    .find(|&i| self.gso_run(i) >= 2)
+                    .unwrap_or(total);
+                self.send_from(socket, done, end)
             };
             match sent {
                 Ok(0) | Err(_) => break,
@@ -260,17 +264,17 @@ impl Batch {
         }
     }
 
-    fn send_from(&mut self, socket: &UdpSocket, first: usize) -> Result<usize, Errno> {
+    /// One `sendmmsg` of datagrams `first..end`; returns how many the kernel took.
+    fn send_from(&mut self, socket: &UdpSocket, first: usize, end: usize) -> Result<usize, Errno> {
         let Self {
             bufs,
             lens,
             addrs,
-            len,
             send_headers: headers,
             storage,
             ..
         } = self;
-        let iovs: Vec<[IoSlice<'_>; 1]> = (first..*len)
+        let iovs: Vec<[IoSlice<'_>; 1]> = (first..end)
             .map(|i| {
                 let start = i * SLOT_LEN;
                 [IoSlice::new(&bufs[start..start + lens[i]])]
@@ -278,7 +282,7 @@ impl Batch {
             .collect();
         storage.clear();
         storage.extend(
-            addrs[first..*len]
+            addrs[first..end]
                 .iter()
                 .map(|a| a.map(SockaddrStorage::from)),
         );
@@ -540,13 +544,18 @@ mod tests {
         );
         let (to_b, to_c) = (b.local_addr().unwrap(), c.local_addr().unwrap());
         let mut out = Batch::with_gso();
-        for (i, to) in [to_b, to_b, to_b, to_c, to_c, to_b].into_iter().enumerate() {
+        // A lone datagram first: the runs after it still go by GSO.
+        for (i, to) in [to_c, to_b, to_b, to_b, to_c, to_c, to_b]
+            .into_iter()
+            .enumerate()
+        {
             assert!(out.push(&[i as u8; 50], Some(to)));
         }
-        assert_eq!(out.send(&a), (6, 0));
+        assert_eq!(out.send(&a), (7, 0));
+        assert_eq!(out.gso_datagrams(), 5, "the runs of three and two");
         let at_b: Vec<u8> = receive_n(&b, 4).iter().map(|(d, _)| d[0]).collect();
-        let at_c: Vec<u8> = receive_n(&c, 2).iter().map(|(d, _)| d[0]).collect();
-        assert_eq!((at_b, at_c), (vec![0, 1, 2, 5], vec![3, 4]));
+        let at_c: Vec<u8> = receive_n(&c, 3).iter().map(|(d, _)| d[0]).collect();
+        assert_eq!((at_b, at_c), (vec![1, 2, 3, 6], vec![0, 4, 5]));
     }
 
     #[test]
