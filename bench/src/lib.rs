@@ -14,6 +14,9 @@
 //!  each payload carries [magic | flow | seq | send time | peer hold] (stats.rs) → loss,
 //!    reordering, latency (send stamp to the kernel's SO_TIMESTAMPNS arrival stamp)
 //!  pacing (pacing.rs): open loop, packet k leaves at start + k / rate, never waits for answers
+//!  keeper (keeper.rs): every --refresh-secs (60 s) each allocation sends Refresh and
+//!    ChannelBind (or CreatePermission) on its own 5-tuple, renewing stale nonces, so runs may
+//!    outlast a permission's 300 s; the event loop reads the answers beside the traffic
 //!  sweep (sweep.rs): grow the rate until loss > 0.1 %, then bisect: the knee (searched on a
 //!    1 ms tick, so that clients batch; then a 10 s latency step at half of it on 100 µs)
 //!  cpu (cpu.rs): server CPU from /proc/PID/task/*/schedstat (or /proc/PID/stat), own from
@@ -35,6 +38,7 @@ pub mod alloc;
 pub mod cpu;
 pub mod forwarder;
 pub mod io;
+pub mod keeper;
 pub mod load;
 pub mod metrics;
 pub mod pacing;

@@ -26,6 +26,7 @@ use crate::cpu::CpuMark;
 use crate::io::{
     BATCH, Batch, SLOT_LEN, bind_udp, connect_tcp_from, enable_rx_timestamps, realtime_ns,
 };
+use crate::keeper::{Binding, Keeper, RefreshCounts, Session, is_response};
 use crate::pacing::Pacer;
 use crate::stats::{Accounting, STAMP_LEN, Stamp, read_hold, write_hold};
 use crate::turn::{TurnClient, TurnError, relayed_payload};
@@ -153,9 +154,12 @@ pub struct LoadConfig {
     pub transport: Transport,
     /// TLS: the client configuration (trust, ALPN) and the name the certificate must carry.
     pub tls: Option<(Arc<rustls::ClientConfig>, String)>,
-    /// LIFETIME asked for in each Allocate (`None`: the server's default). A run longer than
-    /// the granted lifetime loses its allocations mid-run: the traffic loop does not refresh.
+    /// LIFETIME asked for in each Allocate and Refresh (`None`: the server's default).
     pub lifetime_secs: Option<u32>,
+    /// Time between two refreshes of one allocation, its permission and its channel while the
+    /// traffic flows (see [`crate::keeper`]); shortened to half the granted lifetime when that
+    /// is shorter.
+    pub refresh_period: Duration,
 }
 
 /// The counters of one step, summed over workers.
@@ -185,6 +189,8 @@ pub struct StepRaw {
     pub gso_datagrams: u64,
     /// Period of the event loop during the step.
     pub tick: Duration,
+    /// What keeping the allocations alive took during the step.
+    pub refreshes: RefreshCounts,
 }
 
 impl StepRaw {
@@ -202,8 +208,11 @@ struct Flow {
     link: FlowLink,
     channel: ChannelNumber,
     peer: SocketAddr,
-    /// REALM and NONCE of the setup, so the teardown's Refresh is authenticated at once.
-    credentials: Option<(String, String)>,
+    /// The credentials the server last accepted (the setup's, then renewed by the keeper),
+    /// for refreshes and the teardown's Refresh; `None` for the bare forwarder.
+    session: Option<Session>,
+    /// The lifetime the server granted, when it said.
+    granted_lifetime_secs: Option<u32>,
 }
 
 /// A client's connection to the server.
@@ -345,6 +354,10 @@ struct Worker {
     peer_socket: UdpSocket,
     epoll: Epoll,
     next_seq: u64,
+    /// Refreshes the flows' allocations; `None` for the bare forwarder.
+    keeper: Option<Keeper>,
+    /// STUN responses received on flows, for the keeper: (flow, message).
+    answers: Vec<(usize, Vec<u8>)>,
 }
 
 /// A set of set-up allocations, ready to carry traffic steps.
@@ -450,11 +463,14 @@ impl LoadRun {
                     EpollEvent::new(EpollFlags::EPOLLIN, PEER_TOKEN),
                 )
                 .map_err(nix_err("epoll add"))?;
+            let keeper = keeper_for(&config, peer, &flows);
             workers.push(Worker {
                 flows,
                 peer_socket,
                 epoll,
                 next_seq: 0,
+                keeper,
+                answers: Vec::new(),
             });
         }
         Ok(Self { config, workers })
@@ -495,8 +511,10 @@ impl LoadRun {
         let (mut sent, mut send_failed, mut peer_received) = (0, 0, 0);
         let mut lag_max = Duration::ZERO;
         let mut gso_datagrams = 0;
+        let mut refreshes = RefreshCounts::default();
         for r in &results {
             gso_datagrams += r.gso_datagrams;
+            refreshes.add(&r.refreshes);
             accounting.merge_totals(&r.accounting);
             sent += r.sent;
             send_failed += r.send_failed;
@@ -516,6 +534,7 @@ impl LoadRun {
             lag_max,
             gso_datagrams,
             tick,
+            refreshes,
         }
     }
 
@@ -552,8 +571,8 @@ impl LoadRun {
                     &self.config.pass,
                 ) {
                     c.timeout = Duration::from_millis(300);
-                    if let Some((realm, nonce)) = f.credentials {
-                        let _ = c.set_credentials(realm, nonce);
+                    if let Some(session) = f.session {
+                        let _ = c.set_credentials(session.realm, session.nonce);
                     }
                     let _ = c.delete();
                 }
@@ -599,11 +618,15 @@ fn setup_flow(config: &LoadConfig, peer: SocketAddr, index: u32) -> Result<Flow,
             _ => TurnClient::over_tcp(tcp, config.server, &config.user, &config.pass),
         }
         .map_err(turn)?;
-        client.allocate_for(config.lifetime_secs).map_err(turn)?;
+        let granted_lifetime_secs = client
+            .allocate_for(config.lifetime_secs)
+            .map_err(turn)?
+            .lifetime_secs;
         client.create_permission(peer).map_err(turn)?;
         if config.framing == Framing::Channel {
             client.channel_bind(channel, peer).map_err(turn)?;
         }
+        let session = session_of(config, &client);
         let (tcp, tls, framer) = client
             .into_stream()
             .ok_or(LoadError::Unsupported("a stream client without a stream"))?;
@@ -618,7 +641,8 @@ fn setup_flow(config: &LoadConfig, peer: SocketAddr, index: u32) -> Result<Flow,
             })),
             channel,
             peer,
-            credentials: None,
+            session,
+            granted_lifetime_secs,
         });
     }
     let ip = local_ip_for(config.server);
@@ -631,17 +655,21 @@ fn setup_flow(config: &LoadConfig, peer: SocketAddr, index: u32) -> Result<Flow,
             link: FlowLink::Udp(socket),
             channel,
             peer,
-            credentials: None,
+            session: None,
+            granted_lifetime_secs: None,
         });
     }
     let mut client =
         TurnClient::udp(socket, config.server, &config.user, &config.pass).map_err(turn)?;
-    client.allocate_for(config.lifetime_secs).map_err(turn)?;
+    let granted_lifetime_secs = client
+        .allocate_for(config.lifetime_secs)
+        .map_err(turn)?
+        .lifetime_secs;
     client.create_permission(peer).map_err(turn)?;
     if config.framing == Framing::Channel {
         client.channel_bind(channel, peer).map_err(turn)?;
     }
-    let credentials = client.credentials();
+    let session = session_of(config, &client);
     let socket = client.into_udp_socket().ok_or_else(|| LoadError::Io {
         what: "client socket",
         source: std::io::Error::other("not a UDP client"),
@@ -650,8 +678,48 @@ fn setup_flow(config: &LoadConfig, peer: SocketAddr, index: u32) -> Result<Flow,
         link: FlowLink::Udp(socket),
         channel,
         peer,
-        credentials,
+        session,
+        granted_lifetime_secs,
     })
+}
+
+/// The credentials a set-up client authenticated with.
+fn session_of(config: &LoadConfig, client: &TurnClient) -> Option<Session> {
+    let (realm, nonce) = client.credentials()?;
+    Session::new(&config.user, &config.pass, realm, nonce)
+}
+
+/// The keeper of one worker's flows, set up by now: each flow refreshed every
+/// `config.refresh_period`, or every half of the shortest granted lifetime when that is
+/// shorter. `None` for the bare forwarder, which has nothing to refresh.
+fn keeper_for(config: &LoadConfig, peer: SocketAddr, flows: &[Flow]) -> Option<Keeper> {
+    if config.framing == Framing::Bare {
+        return None;
+    }
+    let binding = match config.framing {
+        Framing::Send => Binding::Permission(peer),
+        _ => Binding::Channel(
+            flows.first().map_or(ChannelNumber::MIN, |f| f.channel),
+            peer,
+        ),
+    };
+    let shortest = flows
+        .iter()
+        .filter_map(|f| f.granted_lifetime_secs)
+        .min()
+        .map(|secs| Duration::from_secs(u64::from(secs.max(2)) / 2));
+    let period = shortest.map_or(config.refresh_period, |half| {
+        half.min(config.refresh_period)
+    });
+    Some(Keeper::new(
+        &config.user,
+        &config.pass,
+        config.lifetime_secs,
+        binding,
+        flows.len(),
+        period,
+        Instant::now(),
+    ))
 }
 
 struct WorkerStep {
@@ -661,6 +729,7 @@ struct WorkerStep {
     accounting: Accounting,
     lag_max: Duration,
     gso_datagrams: u64,
+    refreshes: RefreshCounts,
 }
 
 impl Worker {
@@ -682,7 +751,9 @@ impl Worker {
             accounting: Accounting::new(base, pacer.limit(), flows_n),
             lag_max: Duration::ZERO,
             gso_datagrams: 0,
+            refreshes: RefreshCounts::default(),
         };
+        let refreshes_before = self.keeper.as_ref().map(Keeper::counts).unwrap_or_default();
         // Separate batches for sending and receiving: nix's recvmmsg relies on the address
         // fields its headers were preallocated with, which a sendmmsg on the same headers
         // overwrites.
@@ -740,6 +811,7 @@ impl Worker {
             for ev in &events[..ready] {
                 self.receive(config, ev.data(), &mut inbox, &mut echo, &mut out);
             }
+            self.keep(Instant::now(), &mut backlog, &mut out);
             if ready == events.len() {
                 continue; // more sockets may be ready than one wait reports
             }
@@ -751,6 +823,9 @@ impl Worker {
         }
         self.next_seq = base + pacer.limit();
         out.gso_datagrams = batch.gso_datagrams() + echo.gso_datagrams();
+        if let Some(k) = &self.keeper {
+            out.refreshes = k.counts().since(&refreshes_before);
+        }
         out
     }
 
@@ -847,6 +922,69 @@ impl Worker {
         }
     }
 
+    /// Runs the keeper (see [`crate::keeper`]): reads the answers received this turn, renews
+    /// stale nonces, retransmits what went unanswered, starts the refreshes due, and sends
+    /// what that produced on the flows' own connections. Costs one time comparison when
+    /// nothing is due.
+    fn keep(&mut self, now: Instant, backlog: &mut Vec<usize>, out: &mut WorkerStep) {
+        let Some(keeper) = self.keeper.as_mut() else {
+            return;
+        };
+        let flows = &mut self.flows;
+        for (flow, bytes) in self.answers.drain(..) {
+            let answered = flows
+                .get(flow)
+                .and_then(|f| f.session.as_ref())
+                .is_some_and(|s| keeper.on_response(flow, &bytes, s));
+            if !answered {
+                out.accounting.foreign += 1;
+            }
+        }
+        if keeper.is_busy() {
+            for renewal in keeper.take_renewals() {
+                if let Some(s) = flows
+                    .get_mut(renewal.flow())
+                    .and_then(|f| f.session.as_mut())
+                {
+                    keeper.renew(renewal, s, now);
+                }
+            }
+            while let Some(pending) = keeper.expired(now) {
+                if let Some(s) = flows.get(pending.flow()).and_then(|f| f.session.as_ref()) {
+                    keeper.retransmit(pending, s, now);
+                }
+            }
+        }
+        while let Some(flow) = keeper.due(now) {
+            if let Some(s) = flows.get(flow).and_then(|f| f.session.as_ref()) {
+                keeper.refresh(flow, s, now);
+            }
+        }
+        keeper.turn_done();
+        let outbox = keeper.take_outbox();
+        for (flow, bytes) in &outbox {
+            match flows.get_mut(*flow).map(|f| &mut f.link) {
+                // A request the socket does not take is retransmitted on its timeout.
+                Some(FlowLink::Udp(socket)) => {
+                    let _ = socket.send(bytes);
+                }
+                Some(FlowLink::Stream(link)) if !link.closed => {
+                    if link.out.len() + bytes.len() <= STREAM_BACKLOG_MAX {
+                        link.out.extend_from_slice(bytes);
+                    }
+                    if let Err(e) = link.flush() {
+                        close_stream(link, *flow, &e);
+                    } else if link.has_backlog() && !link.backlogged {
+                        link.backlogged = true;
+                        backlog.push(*flow);
+                    }
+                }
+                Some(FlowLink::Stream(_)) | None => {}
+            }
+        }
+        keeper.return_outbox(outbox);
+    }
+
     /// Retries the writes the sockets did not take; keeps the flows still behind.
     fn flush_backlog(&mut self, backlog: &mut Vec<usize>) {
         backlog.retain(|&i| {
@@ -883,12 +1021,17 @@ impl Worker {
                         return;
                     }
                     let accounting = &mut out.accounting;
+                    let keeping = self.keeper.is_some();
+                    let answers = &mut self.answers;
                     let read = link.read_frames(|frame| {
                         // No kernel arrival stamp on a stream: the read time stands in, so
                         // latency over TCP and TLS includes up to one loop tick.
                         let now_ns = realtime_ns();
                         match relayed_payload(frame) {
                             Some(payload) => account(accounting, payload, now_ns),
+                            None if keeping && is_response(frame) => {
+                                answers.push((token as usize, frame.to_vec()));
+                            }
                             None => accounting.foreign += 1,
                         }
                     });
@@ -942,6 +1085,9 @@ impl Worker {
                     }
                 } else if let Some(payload) = relayed_payload(bytes) {
                     account(&mut out.accounting, payload, now_ns);
+                } else if self.keeper.is_some() && is_response(bytes) {
+                    // A refresh's answer: rare, so copying it out costs nothing that matters.
+                    self.answers.push((token as usize, bytes.to_vec()));
                 } else {
                     out.accounting.foreign += 1;
                 }

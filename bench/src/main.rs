@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use uturn_bench::alloc;
 use uturn_bench::forwarder;
+use uturn_bench::keeper::{REFRESH_PERIOD_DEFAULT, REFRESH_PERIOD_MAX};
 use uturn_bench::load::{
     Churn, ChurnCounts, Framing, LoadConfig, LoadRun, PeerMode, SEARCH_TICK_DEFAULT,
     TICK_MIN_DEFAULT, Transport,
@@ -124,10 +125,16 @@ struct Common {
     /// TLS: the name the server certificate must carry.
     #[arg(long, default_value = "localhost")]
     tls_name: String,
-    /// LIFETIME asked for in each traffic allocation's Allocate, seconds (default: the
-    /// server's). The traffic loop does not refresh, so a run must fit in the granted lifetime.
+    /// LIFETIME asked for in each traffic allocation's Allocate and Refresh, seconds (default:
+    /// the server's).
     #[arg(long)]
     lifetime: Option<u32>,
+    /// Seconds between two refreshes of each traffic allocation while traffic flows: Refresh,
+    /// and ChannelBind (or CreatePermission with Send indications), from the allocation's own
+    /// 5-tuple as a client does, so runs may outlast a permission's 300 s. At most 240;
+    /// shortened to half the granted lifetime when that is shorter.
+    #[arg(long, default_value_t = REFRESH_PERIOD_DEFAULT.as_secs())]
+    refresh_secs: u64,
     /// Churn (workload `churn`): leave every second allocation to expire instead of deleting
     /// it, so the server's expiry runs beside its deletions (the soak uses it).
     #[arg(long)]
@@ -507,12 +514,22 @@ fn load_config(c: &Common, server: SocketAddr, framing: Framing) -> Result<LoadC
         tick: Duration::from_micros(c.tick_us.clamp(1, 10_000)),
         gso: !c.no_gso,
         lifetime_secs: c.lifetime,
+        refresh_period: refresh_period(c.refresh_secs)?,
     })
 }
 
-/// The longest fixed run through a TURN server: under a permission's 300 s lifetime, with
-/// room for the set-up.
-const TRAFFIC_SECS_MAX: Duration = Duration::from_secs(280);
+/// `--refresh-secs` checked: a refresh every 1 to 240 s keeps a permission (300 s) alive
+/// with room for a lost round.
+fn refresh_period(secs: u64) -> Result<Duration> {
+    let period = Duration::from_secs(secs);
+    if secs == 0 || period > REFRESH_PERIOD_MAX {
+        bail!(
+            "--refresh-secs must be from 1 to {} (a permission lives 300 s), not {secs}",
+            REFRESH_PERIOD_MAX.as_secs()
+        );
+    }
+    Ok(period)
+}
 
 /// Sets up the allocations, runs the plan, and writes the report.
 fn traffic(c: &Common, server: SocketAddr, mode: &str, plan: Plan) -> Result<RunReport> {
@@ -528,35 +545,6 @@ fn traffic_with(
 ) -> Result<RunReport> {
     if c.workload == Workload::Alloc {
         bail!("the alloc workload has no traffic: use the alloc command");
-    }
-    // The traffic loop installs permissions and channels once and never refreshes them, so
-    // past 300 s (a permission's lifetime, RFC 8656 §9) a TURN server rightly drops all of it.
-    // Refusing beats a run that reports that loss as the server's.
-    if framing != Framing::Bare {
-        match &plan {
-            Plan::Fixed { duration, .. } if *duration > TRAFFIC_SECS_MAX => bail!(
-                "--duration {} s is longer than a TURN permission lives (300 s) and this \
-                 generator does not refresh permissions: run rounds of at most {} s \
-                 (scripts/soak.sh does)",
-                duration.as_secs_f64(),
-                TRAFFIC_SECS_MAX.as_secs()
-            ),
-            Plan::Sweep(o)
-                if o.step_secs * f64::from(o.max_steps) + o.latency_secs
-                    > TRAFFIC_SECS_MAX.as_secs_f64() =>
-            {
-                bail!(
-                    "a sweep of up to {} steps of {} s plus a latency step of {} s may outlast \
-                     a TURN permission (300 s), and this generator does not refresh \
-                     permissions: keep it within {} s",
-                    o.max_steps,
-                    o.step_secs,
-                    o.latency_secs,
-                    TRAFFIC_SECS_MAX.as_secs()
-                )
-            }
-            _ => {}
-        }
     }
     if framing == Framing::Bare && c.transport != Transport::Udp {
         bail!("the bare forwarder speaks UDP only: --transport tcp|tls applies to run and sweep");

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::alloc::AllocRaw;
+use crate::keeper::RefreshCounts;
 use crate::load::{Framing, PeerMode, StepRaw, Transport};
 use crate::stats::{LatencySummary, loss_ratio};
 
@@ -118,6 +119,10 @@ pub struct StepReport {
     /// Period of the generator's event loop in this step, µs (absent in older reports).
     #[serde(default)]
     pub tick_us: Option<u64>,
+    /// The refreshes that kept the allocations alive during the step (absent in older
+    /// reports: none).
+    #[serde(default)]
+    pub refreshes: RefreshCounts,
 }
 
 impl StepReport {
@@ -167,6 +172,7 @@ impl StepReport {
             generator_saturated,
             gso_datagrams: raw.gso_datagrams,
             tick_us: Some(u64::try_from(raw.tick.as_micros()).unwrap_or(u64::MAX)),
+            refreshes: raw.refreshes,
         }
     }
 
@@ -285,6 +291,21 @@ impl RunReport {
                 "the generator was itself saturated at {} pps (own CPU, pacing lag or send \
                  failures): figures at those rates measure the harness, not the server",
                 saturated.join(", ")
+            ));
+        }
+        let mut refreshes = RefreshCounts::default();
+        for s in &self.steps {
+            refreshes.add(&s.refreshes);
+        }
+        if refreshes.failed > 0 {
+            let last = match refreshes.last_failure_code {
+                Some(0) | None => "no answer".to_owned(),
+                Some(code) => format!("error {code}"),
+            };
+            self.warnings.push(format!(
+                "{} of {} refresh requests failed (last: {last}): the server may have dropped \
+                 those allocations, permissions or channels, and their traffic after that",
+                refreshes.failed, refreshes.requests
             ));
         }
         if self.steps.iter().any(|s| s.server_cpu_secs.is_none()) && self.alloc.is_none() {
@@ -530,6 +551,7 @@ pub(crate) mod tests {
             lag_max: Duration::ZERO,
             gso_datagrams: 0,
             tick: Duration::from_micros(100),
+            refreshes: RefreshCounts::default(),
         }
     }
 

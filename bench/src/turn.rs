@@ -258,7 +258,7 @@ impl TurnClient {
     /// Binding request without credentials; returns XOR-MAPPED-ADDRESS.
     pub fn binding(&mut self) -> Result<Option<SocketAddr>, TurnError> {
         let tid = self.fresh_tid();
-        let bytes = build(Method::BINDING, tid, &[], None)?;
+        let bytes = build_request(Method::BINDING, tid, &[], None)?;
         let r = self.transact(Method::BINDING, tid, &bytes)?;
         let msg = r
             .message()
@@ -283,7 +283,7 @@ impl TurnClient {
                 _ => None,
             };
             let had_key = creds.is_some();
-            let bytes = build(method, tid, attrs, creds)?;
+            let bytes = build_request(method, tid, attrs, creds)?;
             let response = self.transact(method, tid, &bytes)?;
             let msg = response
                 .message()
@@ -323,7 +323,7 @@ impl TurnClient {
     pub fn allocate_unauthenticated(&mut self) -> Result<Response, TurnError> {
         let tid = self.fresh_tid();
         let attrs = [Attribute::RequestedTransport(Protocol::UDP)];
-        let bytes = build(Method::ALLOCATE, tid, &attrs, None)?;
+        let bytes = build_request(Method::ALLOCATE, tid, &attrs, None)?;
         let response = self.transact(Method::ALLOCATE, tid, &bytes)?;
         if let Some(msg) = response.message() {
             if error_code(&msg) == Some(401) {
@@ -605,7 +605,9 @@ fn check_success(method: Method, msg: &Message<'_>) -> Result<(), TurnError> {
     }
 }
 
-fn build(
+/// A request with `attrs`, authenticated with `creds` (USERNAME, REALM, NONCE and
+/// MESSAGE-INTEGRITY with the key) when given, and FINGERPRINT.
+pub fn build_request(
     method: Method,
     tid: TransactionId,
     attrs: &[Attribute<'_>],

@@ -32,6 +32,15 @@ impl Uturn {
 
     /// A uturn listening on `listen_ip` alone and relaying from `relay_ip` alone.
     fn start_on(listen_ip: &str, relay_ip: &str) -> Self {
+        Self::start_on_with(listen_ip, relay_ip, &[])
+    }
+
+    /// A uturn on 127.0.0.1 with `extra` arguments (a `--config`).
+    fn start_with(extra: &[&str]) -> Self {
+        Self::start_on_with("127.0.0.1", "127.0.0.1", extra)
+    }
+
+    fn start_on_with(listen_ip: &str, relay_ip: &str, extra: &[&str]) -> Self {
         let ports = uturn_e2e::relay_port_slice();
         let ipv6 = listen_ip.contains(':');
         let listen = if ipv6 {
@@ -39,7 +48,7 @@ impl Uturn {
         } else {
             format!("{listen_ip}:0")
         };
-        let process = uturn_e2e::Uturn::start(&[
+        let mut args = vec![
             "--listen",
             &listen,
             "--relay-ip",
@@ -51,7 +60,9 @@ impl Uturn {
             "1",
             "--ports",
             &ports,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let process = uturn_e2e::Uturn::start(&args);
         let addr = process.listener(ipv6);
         Self { process, addr }
     }
@@ -422,36 +433,81 @@ fn the_report_merges_runs_into_a_table_and_plots() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A fixed run or a sweep that may last longer than a permission lives is refused before any
-/// traffic: the generator does not refresh permissions, so the server would rightly drop
-/// everything after 300 s.
+/// Traffic outlasts every lifetime on the server, as a long load test outlasts the real ones
+/// (permission 300 s, channel 600 s): here a uturn whose allocations, permissions and channels
+/// live 3 s and nonces 1 s carries an 8 s run without loss, because the generator refreshes
+/// each flow every second from its own 5-tuple and renews the nonces the server calls stale.
+/// Without the refreshes everything after the first 3 s would be lost. (The 2 s of margin
+/// absorb a stall of a busy CI machine.)
 #[test]
-fn traffic_longer_than_a_permission_lives_is_refused() {
-    let too_long: [&[&str]; 2] = [
-        &["run", "--duration", "281"],
-        // 14 steps of 20 s are 280 s, and the latency step comes on top.
-        &[
-            "sweep",
-            "--step-secs",
-            "20",
-            "--max-steps",
-            "14",
-            "--latency-secs",
-            "5",
-        ],
-    ];
-    for args in too_long {
+fn traffic_outlasting_every_lifetime_is_kept_alive_by_refreshes() {
+    let config = uturn_e2e::TempConfig::new(
+        "bench-short-lifetimes",
+        "[auth]\nnonce_lifetime_secs = 1\n\n[relay]\nallocation_lifetime_default_secs = 3\n\
+         permission_lifetime_secs = 3\nchannel_lifetime_secs = 3\n",
+    );
+    let server = Uturn::start_with(&["--config", config.path()]);
+    let addr = server.addr.to_string();
+    let pid = server.pid();
+    for framing in ["channel", "send"] {
+        let out = bench(&[
+            "run",
+            "--server",
+            &addr,
+            "--server-pid",
+            &pid,
+            "--workload",
+            "small",
+            "--framing",
+            framing,
+            "--allocations",
+            "4",
+            "--rate",
+            "400",
+            "--duration",
+            "8",
+            "--refresh-secs",
+            "1",
+            "--json",
+            "-",
+            "-q",
+        ]);
+        let r = json_report(&out);
+        assert_step_sane(&r);
+        let s = &r.steps[0];
+        assert!(
+            s.lost * 100 <= s.sent,
+            "{framing}: lost {} of {}: the allocations were not kept alive",
+            s.lost,
+            s.sent
+        );
+        let refreshes = &s.refreshes;
+        // 4 flows refreshed every second for about 8 s, two requests each.
+        assert!(refreshes.succeeded >= 40, "{framing}: {refreshes:?}");
+        assert!(refreshes.renewed_nonces > 0, "{framing}: {refreshes:?}");
+        assert_eq!(refreshes.failed, 0, "{framing}: {refreshes:?}");
+        assert!(
+            r.warnings.iter().all(|w| !w.contains("refresh")),
+            "{:?}",
+            r.warnings
+        );
+    }
+}
+
+/// `--refresh-secs` must keep a permission alive with room for a lost round.
+#[test]
+fn a_refresh_period_a_permission_would_not_survive_is_refused() {
+    for secs in ["0", "241"] {
         let out = Command::new(BENCH)
-            .args(args)
-            .args(["--server", "127.0.0.1:9", "--workload", "small"])
+            .args(["run", "--server", "127.0.0.1:9", "--refresh-secs", secs])
             .stdin(Stdio::null())
             .output()
             .expect("run uturn-bench");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} was accepted: {stderr}");
+        assert!(!out.status.success(), "--refresh-secs {secs} was accepted");
         assert!(
-            stderr.contains("does not refresh permissions"),
-            "unexpected error for {args:?}: {stderr}"
+            stderr.contains("--refresh-secs must be from 1 to 240"),
+            "{stderr}"
         );
     }
 }
