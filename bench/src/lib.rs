@@ -22,6 +22,8 @@
 //!  cpu (cpu.rs): server CPU from /proc/PID/task/*/schedstat (or /proc/PID/stat), own from
 //!    getrusage
 //!  report (report.rs, plot.rs): JSON, Markdown table with ratios, SVG plots
+//!  pairs (pairs.rs): two servers set up at once, then short steps in alternation (A B, B A,
+//!    ...) at one rate: per-pair differences of p99, p50 and CPU, and a sign test
 //! ```
 //!
 //! `metrics.rs` reads a server's Prometheus page (the soak polls it until allocations drain).
@@ -42,6 +44,7 @@ pub mod keeper;
 pub mod load;
 pub mod metrics;
 pub mod pacing;
+pub mod pairs;
 pub mod plot;
 pub mod probe;
 pub mod report;

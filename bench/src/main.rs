@@ -21,6 +21,7 @@ use uturn_bench::load::{
     Churn, ChurnCounts, Framing, LoadConfig, LoadRun, PeerMode, SEARCH_TICK_DEFAULT,
     TICK_MIN_DEFAULT, Transport,
 };
+use uturn_bench::pairs::{Pair, PairsReport};
 use uturn_bench::probe;
 use uturn_bench::report::{AllocReport, RunReport, StepReport, markdown};
 use uturn_bench::sweep::{Outcome, Sweep};
@@ -49,6 +50,9 @@ enum Cmd {
     Alloc(AllocArgs),
     /// The same sweep (or fixed run) through the bare UDP forwarder: the physical limit.
     Baseline(BaselineArgs),
+    /// The same traffic through two servers in alternating short steps (A B, B A, ...): the
+    /// per-pair differences of latency and CPU, where the machine's drift cancels out.
+    Pairs(PairsArgs),
     /// Runs the bare UDP forwarder (used by `baseline`; prints `forwarder is ready on ADDR`).
     Forward(ForwardArgs),
     /// Checks a live TURN server step by step: turn:HOST:PORT?transport=udp|tcp|tls.
@@ -222,6 +226,35 @@ struct BaselineArgs {
 }
 
 #[derive(Args)]
+struct PairsArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Total offered packets per second, the same through both servers (for a relay's added
+    /// latency: half its loss-free rate).
+    #[arg(long)]
+    rate: f64,
+    /// Pairs of steps (1 to 100; a sign test needs 6 or more).
+    #[arg(long, default_value_t = 10)]
+    pairs: u32,
+    /// Seconds of each step.
+    #[arg(long, default_value_t = 2.0)]
+    pair_secs: f64,
+    /// B: a TURN server at this address (with the same credentials) instead of the bare
+    /// forwarder this command starts.
+    #[arg(long)]
+    versus: Option<SocketAddr>,
+    /// PID of B when it is a TURN server, for its CPU.
+    #[arg(long)]
+    versus_pid: Option<u32>,
+    /// Label of B in reports (default: forwarder, or versus).
+    #[arg(long)]
+    versus_label: Option<String>,
+    /// Pin the forwarder this command starts to this CPU (taskset), like the server under test.
+    #[arg(long)]
+    forwarder_cpu: Option<u32>,
+}
+
+#[derive(Args)]
 struct AllocArgs {
     #[command(flatten)]
     common: Common,
@@ -383,6 +416,7 @@ fn run_cli(cli: Cli) -> Result<i32> {
             traffic(&a.common, server, "sweep", Plan::Sweep(a.sweep.clone())).map(|_| 0)
         }
         Cmd::Baseline(a) => baseline(a).map(|_| 0),
+        Cmd::Pairs(a) => pairs_mode(&a).map(|_| 0),
         Cmd::Alloc(a) => alloc_mode(&a).map(|_| 0),
         Cmd::Forward(a) => {
             let stop = AtomicBool::new(false);
@@ -840,6 +874,128 @@ fn spawn_forwarder(cpu: Option<u32>, max_secs: u64) -> Result<(ForwarderChild, S
         .and_then(|a| a.parse().ok())
         .with_context(|| format!("unexpected forwarder output {line:?}"))?;
     Ok((child, addr))
+}
+
+/// `pairs`: A is `--server`, B the forwarder this starts or `--versus`; both set up once, then
+/// `--pairs` pairs of steps in alternating order (see `uturn_bench::pairs`).
+fn pairs_mode(a: &PairsArgs) -> Result<PairsReport> {
+    let c = &a.common;
+    if matches!(c.workload, Workload::Alloc | Workload::Churn) {
+        bail!("pairs compares steady traffic: use --workload small, audio or video");
+    }
+    if !(1..=100).contains(&a.pairs) {
+        bail!("--pairs must be from 1 to 100, not {}", a.pairs);
+    }
+    if !(a.rate.is_finite() && a.rate > 0.0) {
+        bail!("--rate must be a positive number of packets per second");
+    }
+    let step = secs(a.pair_secs)?;
+    if step.as_secs_f64() * 2.0 * f64::from(a.pairs) > 3600.0 {
+        bail!("--pairs × 2 × --pair-secs must stay within an hour");
+    }
+    let server = target(c)?;
+    let config_a = load_config(c, server, c.framing)?;
+    let (forwarder, versus, versus_pid, framing_b, versus_label) = match a.versus {
+        Some(addr) => {
+            check_load_target(addr, c.allow_remote).map_err(anyhow::Error::msg)?;
+            let label = a
+                .versus_label
+                .clone()
+                .unwrap_or_else(|| "versus".to_owned());
+            (None, addr, a.versus_pid, c.framing, label)
+        }
+        None => {
+            let budget = 60 + (step.as_secs_f64() * 2.0 * f64::from(a.pairs)) as u64;
+            let (child, addr) = spawn_forwarder(a.forwarder_cpu, budget)?;
+            let pid = child.0.id();
+            let label = a
+                .versus_label
+                .clone()
+                .unwrap_or_else(|| "forwarder".to_owned());
+            (Some(child), addr, Some(pid), Framing::Bare, label)
+        }
+    };
+    let config_b = load_config(c, versus, framing_b)?;
+    let mut run_a = LoadRun::setup(config_a.clone(), &|_| {})
+        .with_context(|| format!("set up {} allocations on {server}", config_a.allocations))?;
+    let mut run_b = LoadRun::setup(config_b.clone(), &|_| {})
+        .with_context(|| format!("set up {} flows on {versus}", config_b.allocations))?;
+    eprintln!(
+        "{} ({server}) vs {versus_label} ({versus}): {} allocations each, {} pairs of {} s at {:.0} pps",
+        c.label,
+        config_a.allocations,
+        a.pairs,
+        step.as_secs_f64(),
+        a.rate
+    );
+    let stop = AtomicBool::new(false);
+    let pb = bar(c.quiet, u64::from(a.pairs), format!("{}: pairs", c.label));
+    let mut pairs = Vec::new();
+    for i in 0..a.pairs {
+        // The order flips every pair, so that a drift of the machine favours neither server.
+        let a_first = i % 2 == 0;
+        let mut step_a = None;
+        let mut step_b = None;
+        for a_turn in [a_first, !a_first] {
+            if a_turn {
+                let raw = run_a.step(a.rate, step, config_a.tick, c.server_pid, &stop);
+                step_a = Some(StepReport::from_raw(&raw, c.peer, config_a.workers));
+            } else {
+                let raw = run_b.step(a.rate, step, config_b.tick, versus_pid, &stop);
+                step_b = Some(StepReport::from_raw(&raw, c.peer, config_b.workers));
+            }
+        }
+        let (Some(sa), Some(sb)) = (step_a, step_b) else {
+            continue;
+        };
+        let pair = Pair {
+            a_first,
+            a: sa,
+            b: sb,
+        };
+        pb.suspend(|| {
+            eprintln!(
+                "pair {:>3}: {} p99 {:>8.1} µs, {versus_label} p99 {:>8.1} µs, added {:>+8.1} µs; loss {:.3} % / {:.3} %",
+                i + 1,
+                c.label,
+                pair.a.latency.p99_us,
+                pair.b.latency.p99_us,
+                pair.p99_added_us(),
+                pair.a.loss_ratio * 100.0,
+                pair.b.loss_ratio * 100.0,
+            );
+        });
+        pairs.push(pair);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    run_a.teardown();
+    run_b.teardown();
+    drop(forwarder);
+    let report = PairsReport::new(
+        c.label.clone(),
+        versus_label,
+        c.workload.name().to_owned(),
+        a.rate,
+        step.as_secs_f64(),
+        pairs,
+    );
+    eprintln!("{}", report.line());
+    for w in &report.warnings {
+        eprintln!("{}: warning: {w}", report.label);
+    }
+    if let Some(path) = &c.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        if path.as_os_str() == "-" {
+            println!("{json}");
+        } else {
+            std::fs::write(path, json).with_context(|| format!("write {}", path.display()))?;
+        }
+    }
+    if c.markdown {
+        print!("{}", report.markdown());
+    }
+    Ok(report)
 }
 
 fn baseline(a: BaselineArgs) -> Result<RunReport> {

@@ -360,6 +360,60 @@ fn the_baseline_forwarder_carries_the_same_traffic() {
     assert_eq!(r.label, "baseline");
 }
 
+/// `pairs` alternates uturn and the forwarder it starts, and reports every pair and the
+/// per-pair differences; with uturn's pid and the forwarder's both CPU figures are known.
+#[test]
+fn pairs_alternate_uturn_and_the_forwarder() {
+    let server = Uturn::start();
+    let out = bench(&[
+        "pairs",
+        "--server",
+        &server.addr.to_string(),
+        "--server-pid",
+        &server.pid(),
+        "--label",
+        "uturn",
+        "--workload",
+        "small",
+        "--allocations",
+        "4",
+        "--rate",
+        "400",
+        "--pairs",
+        "3",
+        "--pair-secs",
+        "0.5",
+        "--json",
+        "-",
+        "-q",
+    ]);
+    let r: uturn_bench::pairs::PairsReport = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(
+        (r.label.as_str(), r.versus.as_str()),
+        ("uturn", "forwarder")
+    );
+    assert_eq!(r.pairs.len(), 3);
+    let firsts: Vec<bool> = r.pairs.iter().map(|p| p.a_first).collect();
+    assert_eq!(firsts, vec![true, false, true], "the order alternates");
+    for p in &r.pairs {
+        for s in [&p.a, &p.b] {
+            assert!(s.sent > 0 && s.received > 0, "{s:?}");
+            assert_eq!(s.received + s.lost, s.sent);
+            assert!(s.server_cpu_secs.is_some(), "{s:?}");
+        }
+    }
+    assert_eq!(r.summary.pairs, 3);
+    let p99 = r.summary.p99_added_us.expect("p99 differences");
+    assert!(p99.min <= p99.median && p99.median <= p99.max);
+    assert!(r.summary.cpu_ratio.is_some(), "{:?}", r.summary);
+    assert!(
+        r.warnings.iter().any(|w| w.contains("sign test")),
+        "three pairs are too few, and the report says so: {:?}",
+        r.warnings
+    );
+}
+
 #[test]
 fn the_probe_passes_on_uturn_and_names_a_wrong_password() {
     let server = Uturn::start();
