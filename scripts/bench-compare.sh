@@ -22,6 +22,11 @@
 #   IO=auto                     uturn's data-plane backend: auto, uring or mmsg
 #   OUT=target/bench-compare    where JSON, Markdown and plots go
 #   SKIP_BUILD=1                use the binaries already built
+#   PAIRS=10 PAIR_SECS=2        after the sweeps, for small, audio and video: `uturn-bench pairs`
+#                               at half uturn's median knee, uturn against the forwarder (the
+#                               latency uturn adds) and against coturn (CPU per packet at equal
+#                               rates), in alternating steps of PAIR_SECS, so that the machine's
+#                               drift cancels out of the differences; PAIRS=0 skips them
 #   PERF=1                      also profile each server (perf record -g) during one `small`
 #                               step at PERF_PPS (default: half uturn's knee, else 50000) for
 #                               PERF_SECS (3); top entries in $OUT/perf/SERVER-top.txt
@@ -50,6 +55,8 @@ SERVER_CPU=${SERVER_CPU:-0}
 GEN_CPU=${GEN_CPU:-1}
 IO=${IO:-auto}
 OUT=${OUT:-target/bench-compare}
+PAIRS=${PAIRS:-10}
+PAIR_SECS=${PAIR_SECS:-2}
 METRICS_AB=${METRICS_AB:-}
 UTURN_B=${UTURN_B:-}
 [[ -n "$METRICS_AB" && -n "$UTURN_B" ]] && { echo "METRICS_AB and UTURN_B are two different runs: pick one" >&2; exit 2; }
@@ -228,6 +235,36 @@ for run in $(seq "$RUNS"); do
 done
 log "measured in $(( $(date +%s) - start )) s"
 
+# Interleaved pairs at half uturn's median knee: one run of each server minutes apart differs
+# by what the machine did in between (p99s of one step swung 158-3,067 µs between runs), so
+# the latency uturn adds over the forwarder, and its CPU per packet against coturn's at equal
+# rates, are measured in alternating short steps and read as per-pair differences.
+PAIRS_MD="$OUT/pairs.md"
+: >"$PAIRS_MD"
+if [[ -z "$AB" && "$PAIRS" -gt 0 ]]; then
+    mkdir -p "$OUT/pairs"
+    pairs_start=$(date +%s)
+    for w in $WORKLOADS; do
+        case "$w" in small | audio | video) ;; *) continue ;; esac
+        knee=$(for f in "$OUT"/json/uturn-"$w"-*.json; do
+            sed -n 's/^  "knee_pps": \([0-9.]*\),$/\1/p' "$f"
+        done | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }')
+        [[ -n "$knee" ]] || { log "pairs: no knee for uturn in $w, skipped"; continue; }
+        half=$(awk -v k="$knee" 'BEGIN { printf "%d", k / 2 }')
+        for versus in forwarder coturn; do
+            log "pairs: $w, uturn against $versus at $half pps, $PAIRS pairs of $PAIR_SECS s"
+            vs=(--forwarder-cpu "$SERVER_CPU")
+            [[ "$versus" == coturn ]] && vs=(--versus "${ADDR[coturn]}" --versus-pid "${SPID[coturn]}" --versus-label coturn)
+            "${GEN[@]}" pairs --server "${ADDR[uturn]}" --server-pid "${SPID[uturn]}" --label uturn \
+                "${vs[@]}" --workload "$w" --rate "$half" --pairs "$PAIRS" --pair-secs "$PAIR_SECS" \
+                -q --json "$OUT/pairs/uturn-vs-$versus-$w.json" --markdown \
+                >"$OUT/pairs/uturn-vs-$versus-$w.md" 2>>"$OUT/logs/pairs.log"
+            tail -n 1 "$OUT/pairs/uturn-vs-$versus-$w.md" >>"$PAIRS_MD"
+        done
+    done
+    log "pairs measured in $(( $(date +%s) - pairs_start )) s"
+fi
+
 if [[ "${PERF:-0}" == 1 && -z "$AB" ]]; then
     # Where the server's time goes at a mid rate. Hardware cycle counters are often missing in
     # a VM (`perf stat -e cycles` says <not supported>); the cpu-clock software event samples
@@ -269,7 +306,13 @@ fi
     else
         echo "uturn: $(sed -n 's/.*backend="\([a-z_]*\)".*/\1/p' "$OUT/logs/uturn.err" | head -n1) backend, 1 shard; coturn $(turnserver --version 2>/dev/null | head -n1), 1 relay thread; server on core $SERVER_CPU, generator on core $GEN_CPU"
     fi
-    echo "Command: ${METRICS_AB:+METRICS_AB=1 }${UTURN_B:+UTURN_B=$UTURN_B }RUNS=$RUNS WORKLOADS=\"$WORKLOADS\" STEP_SECS=$STEP_SECS IO=$IO scripts/bench-compare.sh"
+    echo "Command: ${METRICS_AB:+METRICS_AB=1 }${UTURN_B:+UTURN_B=$UTURN_B }RUNS=$RUNS WORKLOADS=\"$WORKLOADS\" STEP_SECS=$STEP_SECS PAIRS=$PAIRS PAIR_SECS=$PAIR_SECS IO=$IO scripts/bench-compare.sh"
+    if [[ -s "$PAIRS_MD" ]]; then
+        echo
+        echo "Interleaved pairs at half uturn's knee (medians of per-pair differences; tables in $OUT/pairs/):"
+        echo
+        sed 's/^/- /' "$PAIRS_MD"
+    fi
 } | tee -a "$OUT/results.md"
 
 # A against B (metrics on against off, or this build against UTURN_B), per workload: the median
