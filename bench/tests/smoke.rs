@@ -98,6 +98,25 @@ impl Uturn {
     fn pid(&self) -> String {
         self.process.pid().to_string()
     }
+
+    /// `uturn-bench MODE ARGS` against this uturn (its address, its pid for the CPU figures,
+    /// the label `uturn`), with the JSON report on standard output and no progress bars.
+    fn bench(&self, mode: &str, args: &[&str]) -> Output {
+        let addr = self.addr.to_string();
+        let pid = self.pid();
+        let mut all = vec![
+            mode,
+            "--server",
+            &addr,
+            "--server-pid",
+            &pid,
+            "--label",
+            "uturn",
+        ];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--json", "-", "-q"]);
+        bench(&all)
+    }
 }
 
 fn bench(args: &[&str]) -> Output {
@@ -141,24 +160,10 @@ fn assert_step_sane(r: &RunReport) {
 #[test]
 fn a_fixed_run_relays_channel_data_through_uturn() {
     let server = Uturn::start();
-    let out = bench(&[
+    let out = server.bench(
         "run",
-        "--server",
-        &server.addr.to_string(),
-        "--server-pid",
-        &server.pid(),
-        "--label",
-        "uturn",
-        "--allocations",
-        "8",
-        "--rate",
-        "400",
-        "--duration",
-        "1",
-        "--json",
-        "-",
-        "-q",
-    ]);
+        &["--allocations", "8", "--rate", "400", "--duration", "1"],
+    );
     let r = json_report(&out);
     assert_step_sane(&r);
     assert_eq!(
@@ -174,22 +179,19 @@ fn a_fixed_run_relays_channel_data_through_uturn() {
 #[test]
 fn a_fixed_run_relays_send_indications_through_uturn() {
     let server = Uturn::start();
-    let out = bench(&[
+    let out = server.bench(
         "run",
-        "--server",
-        &server.addr.to_string(),
-        "--framing",
-        "send",
-        "--allocations",
-        "4",
-        "--rate",
-        "200",
-        "--duration",
-        "1",
-        "--json",
-        "-",
-        "-q",
-    ]);
+        &[
+            "--framing",
+            "send",
+            "--allocations",
+            "4",
+            "--rate",
+            "200",
+            "--duration",
+            "1",
+        ],
+    );
     assert_step_sane(&json_report(&out));
 }
 
@@ -250,32 +252,29 @@ fn a_fixed_run_relays_send_indications_over_tcp() {
 #[test]
 fn a_sweep_steps_the_load_and_reports_a_knee_or_none() {
     let server = Uturn::start();
-    let out = bench(&[
+    let out = server.bench(
         "sweep",
-        "--server",
-        &server.addr.to_string(),
-        "--workload",
-        "small",
-        "--allocations",
-        "4",
-        "--start-pps",
-        "200",
-        "--max-pps",
-        "400",
-        "--factor",
-        "2",
-        "--step-secs",
-        "0.5",
-        "--max-steps",
-        "2",
-        "--refine",
-        "0",
-        "--latency-secs",
-        "0.5",
-        "--json",
-        "-",
-        "-q",
-    ]);
+        &[
+            "--workload",
+            "small",
+            "--allocations",
+            "4",
+            "--start-pps",
+            "200",
+            "--max-pps",
+            "400",
+            "--factor",
+            "2",
+            "--step-secs",
+            "0.5",
+            "--max-steps",
+            "2",
+            "--refine",
+            "0",
+            "--latency-secs",
+            "0.5",
+        ],
+    );
     let r = json_report(&out);
     assert_step_sane(&r);
     assert!(r.steps.len() <= 2);
@@ -297,20 +296,17 @@ fn a_sweep_steps_the_load_and_reports_a_knee_or_none() {
 #[test]
 fn alloc_mode_counts_authenticated_allocations() {
     let server = Uturn::start();
-    let out = bench(&[
+    let out = server.bench(
         "alloc",
-        "--server",
-        &server.addr.to_string(),
-        "--duration",
-        "1",
-        "--concurrency",
-        "2",
-        "--count-max",
-        "200",
-        "--json",
-        "-",
-        "-q",
-    ]);
+        &[
+            "--duration",
+            "1",
+            "--concurrency",
+            "2",
+            "--count-max",
+            "200",
+        ],
+    );
     let r = json_report(&out);
     let a = r.alloc.expect("alloc results");
     assert!(a.succeeded > 0 && a.succeeded + a.failed <= 200, "{a:?}");
@@ -319,22 +315,19 @@ fn alloc_mode_counts_authenticated_allocations() {
 #[test]
 fn churn_makes_and_deletes_allocations_while_traffic_flows() {
     let server = Uturn::start();
-    let out = bench(&[
+    let out = server.bench(
         "run",
-        "--server",
-        &server.addr.to_string(),
-        "--workload",
-        "churn",
-        "--allocations",
-        "4",
-        "--rate",
-        "200",
-        "--duration",
-        "1",
-        "--json",
-        "-",
-        "-q",
-    ]);
+        &[
+            "--workload",
+            "churn",
+            "--allocations",
+            "4",
+            "--rate",
+            "200",
+            "--duration",
+            "1",
+        ],
+    );
     let r = json_report(&out);
     assert_step_sane(&r);
     let (made, _failed) = r.churn.expect("churn counters");
@@ -365,28 +358,21 @@ fn the_baseline_forwarder_carries_the_same_traffic() {
 #[test]
 fn pairs_alternate_uturn_and_the_forwarder() {
     let server = Uturn::start();
-    let out = bench(&[
+    let out = server.bench(
         "pairs",
-        "--server",
-        &server.addr.to_string(),
-        "--server-pid",
-        &server.pid(),
-        "--label",
-        "uturn",
-        "--workload",
-        "small",
-        "--allocations",
-        "4",
-        "--rate",
-        "400",
-        "--pairs",
-        "3",
-        "--pair-secs",
-        "0.5",
-        "--json",
-        "-",
-        "-q",
-    ]);
+        &[
+            "--workload",
+            "small",
+            "--allocations",
+            "4",
+            "--rate",
+            "400",
+            "--pairs",
+            "3",
+            "--pair-secs",
+            "0.5",
+        ],
+    );
     let r: uturn_bench::pairs::PairsReport = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     assert_eq!(
@@ -501,31 +487,24 @@ fn traffic_outlasting_every_lifetime_is_kept_alive_by_refreshes() {
          permission_lifetime_secs = 3\nchannel_lifetime_secs = 3\n",
     );
     let server = Uturn::start_with(&["--config", config.path()]);
-    let addr = server.addr.to_string();
-    let pid = server.pid();
     for framing in ["channel", "send"] {
-        let out = bench(&[
+        let out = server.bench(
             "run",
-            "--server",
-            &addr,
-            "--server-pid",
-            &pid,
-            "--workload",
-            "small",
-            "--framing",
-            framing,
-            "--allocations",
-            "4",
-            "--rate",
-            "400",
-            "--duration",
-            "8",
-            "--refresh-secs",
-            "1",
-            "--json",
-            "-",
-            "-q",
-        ]);
+            &[
+                "--workload",
+                "small",
+                "--framing",
+                framing,
+                "--allocations",
+                "4",
+                "--rate",
+                "400",
+                "--duration",
+                "8",
+                "--refresh-secs",
+                "1",
+            ],
+        );
         let r = json_report(&out);
         assert_step_sane(&r);
         let s = &r.steps[0];
@@ -577,25 +556,22 @@ fn the_probe_and_a_run_work_over_ipv6() {
     let text = String::from_utf8_lossy(&ok.stdout);
     assert_eq!(ok.status.code(), Some(0), "{text}");
     assert!(text.contains("[::1]"), "relayed address not IPv6: {text}");
-    let out = bench(&[
+    let out = server.bench(
         "run",
-        "--server",
-        &server.addr.to_string(),
-        "--workload",
-        "small",
-        "--allocations",
-        "2",
-        "--rate",
-        "400",
-        "--duration",
-        "1",
-        // Long ticks: several datagrams per client per turn, so they leave as GSO sends.
-        "--tick-us",
-        "10000",
-        "--json",
-        "-",
-        "-q",
-    ]);
+        &[
+            "--workload",
+            "small",
+            "--allocations",
+            "2",
+            "--rate",
+            "400",
+            "--duration",
+            "1",
+            // Long ticks: several datagrams per client per turn, so they leave as GSO sends.
+            "--tick-us",
+            "10000",
+        ],
+    );
     let r = json_report(&out);
     assert_step_sane(&r);
     let step = &r.steps[0];
