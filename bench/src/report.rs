@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::alloc::AllocRaw;
 use crate::keeper::RefreshCounts;
 use crate::load::{Framing, PeerMode, StepRaw, Transport};
+use crate::pairs::Spread;
 use crate::stats::{LatencySummary, loss_ratio};
 
 /// Loss at or under this fraction counts as loss-free (the knee criterion): 0.1 %.
@@ -427,21 +428,12 @@ fn median_figure(
             .iter()
             .any(|r| !r.is_stream() && r.label == label && r.workload == workload && r.mode == **m)
     })?;
-    let mut values: Vec<f64> = reports
+    let values: Vec<f64> = reports
         .iter()
         .filter(|r| !r.is_stream() && r.label == label && r.workload == workload && r.mode == *mode)
         .filter_map(&figure)
         .collect();
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    Some(if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    })
+    Spread::of(values).map(|s| s.median)
 }
 
 fn ratios(rows: &[(RunReport, usize)], reports: &[RunReport]) -> String {
