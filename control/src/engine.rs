@@ -1132,6 +1132,11 @@ impl<R: RngCore> Engine<R> {
         });
         self.push_handled(&request, None);
         self.slots.insert(request.five_tuple, Slot::Active(alloc));
+        // Tier 1 of the peer policy: from now on other clients may reach these addresses.
+        for relay in &relays {
+            self.policy.own.relay_live(relay.bound);
+            self.policy.own.relay_live(relay.advertised);
+        }
         self.allocations.insert(
             alloc,
             Allocation {
@@ -1573,6 +1578,8 @@ impl<R: RngCore> Engine<R> {
         for relay in &allocation.relays {
             self.ports
                 .release(Family::of(relay.bound.ip()), relay.bound.port());
+            self.policy.own.relay_gone(relay.bound);
+            self.policy.own.relay_gone(relay.advertised);
         }
         self.slots.remove(&allocation.five_tuple);
         uturn_dataplane::sparse::shrink_map(&mut self.allocations);
@@ -1932,6 +1939,13 @@ impl<R: RngCore> Engine<R> {
                     "port {key:?} not marked used"
                 );
             }
+            for relay in &allocation.relays {
+                assert!(
+                    self.policy.own.relayed.contains(&relay.bound)
+                        && self.policy.own.relayed.contains(&relay.advertised),
+                    "{alloc:?}'s relayed address {relay:?} is not a live one for the policy"
+                );
+            }
             for (ip, key) in &allocation.permissions {
                 assert!(self.timers.contains(*key), "permission {ip} has no timer");
                 assert!(
@@ -2006,6 +2020,15 @@ impl<R: RngCore> Engine<R> {
             }
         }
         assert_eq!(per_user.len(), self.per_user.len());
+        let relayed: std::collections::HashSet<SocketAddr> = self
+            .allocations
+            .values()
+            .flat_map(|a| a.relays.iter().flat_map(|r| [r.bound, r.advertised]))
+            .collect();
+        assert_eq!(
+            relayed, self.policy.own.relayed,
+            "the policy's live relayed addresses are not those of the allocations"
+        );
         if self.settings.allocations_total != 0 {
             assert!(
                 self.allocations.len() + self.pending.len()

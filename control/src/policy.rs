@@ -5,12 +5,15 @@
 //! loopback services; CVE-2026-27624: `::ffff:127.0.0.1` did too). The verdict for a peer
 //! comes from four tiers, in this order:
 //!
-//! 1. **Own relay addresses** (always allowed): a peer that is one of uturn's relay IPs on a
-//!    port inside the relay range is another allocation of this server, so relay to relay
-//!    works (a browser and the conferencing back end allocating on the same uturn). The same
-//!    IP on any other port is refused ([`PeerDenied::OwnAddress`]): nothing else on the host
-//!    is reachable through it. A peer equal to one of uturn's listening addresses is refused
-//!    (no loops).
+//! 1. **Own addresses** (checked first): a peer that is exactly the relayed transport address
+//!    of a live allocation of this server is allowed, whatever tiers 2 to 4 say, so relay to
+//!    relay works (a browser and the conferencing back end allocating on the same uturn, or
+//!    two peers of one page on a relay IP of 127.0.0.1). Every other port of a relay IP (bound
+//!    or advertised) is refused ([`PeerDenied::OwnAddress`]), inside the relay range too:
+//!    ports there that no allocation holds belong to other programs on the host (the relay
+//!    range overlaps the kernel's ephemeral ports). A peer equal to one of uturn's listening
+//!    addresses is refused on every path (no loops). `allow_loopback` still opens a loopback
+//!    relay IP's other ports (labs and tests), never the listeners.
 //! 2. **Always denied** (no list opens them; `allow_loopback` opens loopback only, for labs
 //!    and tests): loopback 127.0.0.0/8 and ::1, unspecified 0.0.0.0 and ::, "this network"
 //!    0.0.0.0/8, link-local 169.254.0.0/16 (169.254.169.254 is the cloud metadata service)
@@ -25,9 +28,11 @@
 //! IPv6 forms that embed an IPv4 address (IPv4-mapped `::ffff:0:0/96`, IPv4-compatible
 //! `::/96`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`, Teredo `2001::/32`) are judged as the IPv4
 //! address they carry, so they cannot bypass the list. CreatePermission, ChannelBind (403,
-//! counted) and, on the data path, Send indications apply the policy; a reload revokes the
+//! counted) and, on the data path, the shards re-check tier 1 per packet (a permission is by
+//! IP, so a permission for a relay IP must not open its other ports); a reload revokes the
 //! permissions and channels the new policy refuses.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
@@ -54,8 +59,8 @@ pub enum PeerDenied {
     Private,
     /// In `denied_peers` and not in `allowed_peers`.
     Configured,
-    /// One of uturn's relay IPs on a port outside the relay range, or one of its listening
-    /// addresses.
+    /// One of uturn's relay IPs on a port that is not the relayed address of a live
+    /// allocation, or one of its listening addresses.
     OwnAddress,
 }
 
@@ -160,12 +165,16 @@ impl<'de> serde::Deserialize<'de> for Cidr {
 /// uturn's own addresses, which the policy treats apart (tier 1 of the module doc).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OwnAddresses {
-    /// The relay IPs (`relay.relay_ips`).
+    /// The relay IPs: `relay.relay_ips` and the public IPs `relay.external_ips` maps them to
+    /// (a datagram to the public address comes back to the host through the NAT).
     pub relay_ips: Vec<IpAddr>,
-    /// The relay port range (`relay.port_min`..=`relay.port_max`).
-    pub relay_ports: (u16, u16),
-    /// The listeners' bound addresses (known once the data plane runs).
+    /// The listeners' bound addresses (known once the data plane runs). A wildcard one
+    /// (`0.0.0.0:3478`) stands for its port on every address of the host the policy knows:
+    /// the relay IPs, the specific listener IPs and loopback.
     pub listeners: Vec<SocketAddr>,
+    /// The relayed transport addresses (bound and advertised) of the live allocations; the
+    /// engine keeps it with [`OwnAddresses::relay_live`] and [`OwnAddresses::relay_gone`].
+    pub relayed: HashSet<SocketAddr>,
 }
 
 impl OwnAddresses {
@@ -173,8 +182,29 @@ impl OwnAddresses {
         self.relay_ips.contains(&ip)
     }
 
-    fn in_relay_range(&self, port: u16) -> bool {
-        (self.relay_ports.0..=self.relay_ports.1).contains(&port)
+    /// Whether `peer` (canonical: no IPv4-mapped form) is one of the listening addresses.
+    fn is_listener(&self, peer: SocketAddr) -> bool {
+        let ip = peer.ip();
+        let host = || {
+            self.is_relay_ip(ip) || is_loopback(ip) || self.listeners.iter().any(|l| l.ip() == ip)
+        };
+        self.listeners.iter().any(|listener| {
+            listener.port() == peer.port()
+                && (listener.ip() == ip
+                    || (listener.ip().is_unspecified()
+                        && listener.is_ipv4() == peer.is_ipv4()
+                        && host()))
+        })
+    }
+
+    /// An allocation now holds `addr` (its bound or its advertised relayed address).
+    pub fn relay_live(&mut self, addr: SocketAddr) {
+        self.relayed.insert(canonical(addr));
+    }
+
+    /// The allocation that held `addr` is gone.
+    pub fn relay_gone(&mut self, addr: SocketAddr) {
+        self.relayed.remove(&canonical(addr));
     }
 }
 
@@ -192,18 +222,26 @@ pub struct PeerPolicy {
 }
 
 impl PeerPolicy {
-    /// Builds the policy from the configuration (`[peers]` and the relay addresses and
-    /// ports). The listening addresses are added with [`PeerPolicy::with_listeners`].
+    /// Builds the policy from the configuration (`[peers]`, the relay IPs and their external
+    /// mappings). The listening addresses are added with [`PeerPolicy::with_listeners`], the
+    /// live relayed addresses by the engine.
     pub fn from_config(config: &crate::config::Config) -> Self {
         let peers = &config.peers;
+        let mut relay_ips = config.relay.relay_ips.clone();
+        // An invalid mapping is refused by `Config::validate` before anything runs.
+        for (_, public) in config.external_mappings().unwrap_or_default() {
+            if !relay_ips.contains(&public) {
+                relay_ips.push(public);
+            }
+        }
         Self {
             allow_loopback: peers.allow_loopback,
             allowed: peers.allowed_peers.clone(),
             denied: peers.denied_peers.clone(),
             own: OwnAddresses {
-                relay_ips: config.relay.relay_ips.clone(),
-                relay_ports: (config.relay.port_min, config.relay.port_max),
+                relay_ips,
                 listeners: Vec::new(),
+                relayed: HashSet::new(),
             },
         }
     }
@@ -216,25 +254,26 @@ impl PeerPolicy {
 
     /// The verdict for a peer transport address (ChannelBind, Send indication).
     pub fn check(&self, peer: SocketAddr) -> Result<(), PeerDenied> {
-        let ip = peer.ip();
-        if self.own.listeners.contains(&peer) {
+        let own = canonical(peer);
+        if self.own.is_listener(own) {
             return Err(PeerDenied::OwnAddress);
         }
-        if self.own.is_relay_ip(ip) {
-            if self.own.in_relay_range(peer.port()) {
+        if self.own.is_relay_ip(own.ip()) {
+            if self.own.relayed.contains(&own) {
                 return Ok(());
             }
-            if !(self.allow_loopback && is_loopback(ip)) {
+            if !(self.allow_loopback && is_loopback(own.ip())) {
                 return Err(PeerDenied::OwnAddress);
             }
         }
-        self.check_ip(ip)
+        self.check_ip(peer.ip())
     }
 
     /// The verdict for a peer IP (CreatePermission: RFC 8656 §9, permissions are by IP only).
-    /// One of uturn's relay IPs is admitted here; its ports are checked per packet.
+    /// One of uturn's relay IPs is admitted here (relay to relay needs it); the shards then
+    /// let through only its ports that are live relayed addresses.
     pub fn check_permission(&self, ip: IpAddr) -> Result<(), PeerDenied> {
-        if self.own.is_relay_ip(ip) {
+        if self.own.is_relay_ip(canonical(SocketAddr::new(ip, 0)).ip()) {
             return Ok(());
         }
         self.check_ip(ip)
@@ -331,6 +370,18 @@ fn is_loopback(ip: IpAddr) -> bool {
     }
 }
 
+/// `addr` with an IPv4-mapped IPv6 address turned into the IPv4 address, as the shards see it
+/// (a relay socket of either family reaches the same IPv4 socket through it).
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
 /// 10/8, 172.16/12, 192.168/16 (RFC 1918) and 100.64/10 (RFC 6598).
 fn is_private_v4(ip: Ipv4Addr) -> bool {
     let [a, b, ..] = ip.octets();
@@ -368,8 +419,8 @@ mod tests {
                     "203.0.113.5".parse().unwrap(),
                     "2001:db8::5".parse().unwrap(),
                 ],
-                relay_ports: (49152, 65535),
                 listeners: vec!["203.0.113.5:3478".parse().unwrap()],
+                relayed: HashSet::new(),
             },
             ..PeerPolicy::default()
         }
@@ -515,42 +566,133 @@ mod tests {
         assert_eq!(verdict(&deny_only, "10.0.0.1"), Err(PeerDenied::Private));
     }
 
+    /// Tier 1: on a relay IP only the relayed addresses of live allocations are peers; a free
+    /// port of the relay range is someone else's socket (the range overlaps the kernel's
+    /// ephemeral ports), so it is refused like any other port of the host.
     #[test]
-    fn own_relay_addresses_are_peers_only_on_relay_ports_and_listeners_never() {
-        let policy = policy();
-        let check = |addr: &str| policy.check(addr.parse().unwrap());
-        assert_eq!(check("203.0.113.5:50000"), Ok(()));
-        assert_eq!(check("[2001:db8::5]:65535"), Ok(()));
-        assert_eq!(check("203.0.113.5:22"), Err(PeerDenied::OwnAddress));
-        assert_eq!(check("203.0.113.5:3478"), Err(PeerDenied::OwnAddress));
-        assert_eq!(check("[2001:db8::5]:49151"), Err(PeerDenied::OwnAddress));
-        assert_eq!(check("203.0.113.6:22"), Ok(()));
-        // Loopback relay IPs (tests, labs): relay ports pass without `allow_loopback`.
-        let lab = PeerPolicy {
+    fn own_relay_ips_are_peers_only_at_live_relayed_addresses_and_listeners_never() {
+        let mut policy = policy();
+        let live: SocketAddr = "203.0.113.5:50000".parse().unwrap();
+        let live6: SocketAddr = "[2001:db8::5]:65535".parse().unwrap();
+        policy.own.relay_live(live);
+        policy.own.relay_live(live6);
+        let check = |policy: &PeerPolicy, addr: &str| policy.check(addr.parse().unwrap());
+        assert_eq!(check(&policy, "203.0.113.5:50000"), Ok(()));
+        assert_eq!(check(&policy, "[::ffff:203.0.113.5]:50000"), Ok(()));
+        assert_eq!(check(&policy, "[2001:db8::5]:65535"), Ok(()));
+        for refused in [
+            "203.0.113.5:50001",
+            "203.0.113.5:51820",
+            "[::ffff:203.0.113.5]:50001",
+            "203.0.113.5:22",
+            "203.0.113.5:3478",
+            "[2001:db8::5]:49151",
+            "[2001:db8::5]:65534",
+        ] {
+            assert_eq!(
+                check(&policy, refused),
+                Err(PeerDenied::OwnAddress),
+                "{refused}"
+            );
+        }
+        assert_eq!(check(&policy, "203.0.113.6:22"), Ok(()));
+        // A gone allocation's address is refused from then on.
+        policy.own.relay_gone(live);
+        assert_eq!(
+            check(&policy, "203.0.113.5:50000"),
+            Err(PeerDenied::OwnAddress)
+        );
+        // Permissions are by IP: the relay IP itself stays admitted (relay to relay).
+        assert_eq!(
+            policy.check_permission("203.0.113.5".parse().unwrap()),
+            Ok(())
+        );
+        assert_eq!(
+            policy.check_permission("::ffff:203.0.113.5".parse().unwrap()),
+            Ok(())
+        );
+    }
+
+    /// The README's browser demo: the relay IP is 127.0.0.1 and loopback is not open. Two
+    /// allocations reach each other; nothing else on loopback does, in or out of the range.
+    #[test]
+    fn a_loopback_relay_ip_opens_live_allocations_only_unless_loopback_is_allowed() {
+        let mut lab = PeerPolicy {
             own: OwnAddresses {
                 relay_ips: vec!["127.0.0.1".parse().unwrap()],
-                relay_ports: (20000, 29999),
                 listeners: vec!["127.0.0.1:3478".parse().unwrap()],
+                relayed: HashSet::new(),
             },
             ..PeerPolicy::default()
         };
-        assert_eq!(lab.check("127.0.0.1:20000".parse().unwrap()), Ok(()));
-        assert_eq!(
-            lab.check("127.0.0.1:8080".parse().unwrap()),
-            Err(PeerDenied::OwnAddress)
-        );
-        assert_eq!(
-            lab.check("127.0.0.2:20000".parse().unwrap()),
-            Err(PeerDenied::Loopback)
-        );
+        lab.own.relay_live("127.0.0.1:20000".parse().unwrap());
+        let check = |policy: &PeerPolicy, addr: &str| policy.check(addr.parse().unwrap());
+        assert_eq!(check(&lab, "127.0.0.1:20000"), Ok(()));
+        assert_eq!(check(&lab, "127.0.0.1:20001"), Err(PeerDenied::OwnAddress));
+        assert_eq!(check(&lab, "127.0.0.1:8080"), Err(PeerDenied::OwnAddress));
+        assert_eq!(check(&lab, "127.0.0.2:20000"), Err(PeerDenied::Loopback));
         assert_eq!(lab.check_permission("127.0.0.1".parse().unwrap()), Ok(()));
         let open = PeerPolicy {
             allow_loopback: true,
             ..lab
         };
-        assert_eq!(open.check("127.0.0.1:8080".parse().unwrap()), Ok(()));
+        assert_eq!(check(&open, "127.0.0.1:8080"), Ok(()));
+        assert_eq!(check(&open, "127.0.0.1:3478"), Err(PeerDenied::OwnAddress));
+    }
+
+    /// No loops: a listener is refused whatever the port range, and a wildcard listener is
+    /// refused on every address of the host the policy knows (relay IPs, loopback).
+    #[test]
+    fn listening_addresses_are_refused_on_every_address_that_reaches_them() {
+        let mut policy = PeerPolicy {
+            allow_loopback: true,
+            own: OwnAddresses {
+                relay_ips: vec!["198.51.100.5".parse().unwrap()],
+                listeners: vec![
+                    "0.0.0.0:3478".parse().unwrap(),
+                    "198.51.100.9:50000".parse().unwrap(),
+                    "[::]:443".parse().unwrap(),
+                ],
+                relayed: HashSet::new(),
+            },
+            ..PeerPolicy::default()
+        };
+        policy.own.relay_live("198.51.100.5:50000".parse().unwrap());
+        let check = |addr: &str| policy.check(addr.parse().unwrap());
+        for refused in [
+            "198.51.100.5:3478",
+            "127.0.0.1:3478",
+            "127.0.0.53:3478",
+            "[::ffff:127.0.0.1]:3478",
+            "198.51.100.9:3478",
+            "198.51.100.9:50000",
+            "[::1]:443",
+        ] {
+            assert_eq!(check(refused), Err(PeerDenied::OwnAddress), "{refused}");
+        }
+        // The same ports elsewhere are ordinary peers; so is the live relayed address.
+        assert_eq!(check("198.51.100.77:3478"), Ok(()));
+        assert_eq!(check("[2001:db8::7]:443"), Ok(()));
+        assert_eq!(check("198.51.100.5:50000"), Ok(()));
+    }
+
+    /// A relay IP mapped to a public one (`relay.external_ips`): both are uturn's own.
+    #[test]
+    fn the_public_address_of_a_mapped_relay_ip_is_an_own_address_too() {
+        let mut config = crate::config::Config::default();
+        config.relay.relay_ips = vec!["10.0.0.5".parse().unwrap()];
+        config.relay.external_ips = vec!["203.0.113.5/10.0.0.5".to_owned()];
+        let mut policy = PeerPolicy::from_config(&config);
+        assert!(
+            policy
+                .own
+                .relay_ips
+                .contains(&"203.0.113.5".parse().unwrap())
+        );
+        policy.own.relay_live("203.0.113.5:50000".parse().unwrap());
+        assert_eq!(policy.check("203.0.113.5:50000".parse().unwrap()), Ok(()));
         assert_eq!(
-            open.check("127.0.0.1:3478".parse().unwrap()),
+            policy.check("203.0.113.5:50002".parse().unwrap()),
             Err(PeerDenied::OwnAddress)
         );
     }

@@ -46,16 +46,18 @@ const IDLE_WAKEUP_MAX: Duration = Duration::from_millis(250);
 /// work per wake-up; the engine keeps the rest queued.
 const OUTPUTS_PER_TURN_MAX: usize = 4096;
 
-/// The part of `policy` the shards re-check on every Send indication and peer datagram
-/// (see [`PeerGuard`]): uturn's relay IPs are peers only on relay ports, unless loopback is
-/// allowed. The rest of the policy reaches the data path as permissions and channels, which
-/// the engine grants only to admitted peers and revokes when a reload refuses them.
+/// The part of `policy` the shards re-check on every relayed packet (see [`PeerGuard`]): on
+/// uturn's relay IPs only live relayed addresses are peers (unless loopback is allowed), and
+/// the listening addresses never are. The live relayed addresses themselves reach the shards
+/// as [`ShardCommand::SetRelayed`]. The rest of the policy reaches the data path as
+/// permissions and channels, which the engine grants only to admitted peers and revokes
+/// when a reload refuses them.
 pub fn data_path_guard(policy: &PeerPolicy) -> PeerGuard {
-    PeerGuard {
-        relay_ips: policy.own.relay_ips.clone(),
-        relay_ports: policy.own.relay_ports,
-        allow_loopback: policy.allow_loopback,
-    }
+    PeerGuard::new(
+        &policy.own.relay_ips,
+        &policy.own.listeners,
+        policy.allow_loopback,
+    )
 }
 
 /// What the outside world asks of the control thread.
@@ -82,6 +84,9 @@ pub struct ControlThread<R: RngCore> {
     held: HashMap<SocketAddr, UdpSocket>,
     /// Which shard owns each allocation, for log lines.
     owners: HashMap<AllocationId, ShardId>,
+    /// Each allocation's relayed addresses (bound and advertised), to tell every shard when
+    /// they stop being live.
+    relayed: HashMap<AllocationId, Vec<SocketAddr>>,
     /// The latest counters of each shard (cumulative).
     counters: Vec<Option<Counters>>,
     config: Config,
@@ -107,6 +112,15 @@ impl<R: RngCore> ControlThread<R> {
             .chain(dataplane.stream_listeners().iter().map(|l| l.addr))
             .collect();
         engine.set_listener_addrs(&listeners);
+        // The shards started knowing the relay IPs only; the listeners' bound addresses (port
+        // 0 resolved) are known now. Sent before any allocation can exist.
+        let guard = data_path_guard(engine.peer_policy());
+        for shard in 0..dataplane.shard_count() {
+            let shard = DataPlaneShardId(u16::try_from(shard).unwrap_or(u16::MAX));
+            if let Err(e) = dataplane.send(shard, ShardCommand::SetPeerGuard(guard.clone())) {
+                warn!(shard = shard.0, error = %e, "command to shard lost");
+            }
+        }
         let counters: Vec<Option<Counters>> = (0..dataplane.shard_count()).map(|_| None).collect();
         Ok(Self {
             engine,
@@ -116,6 +130,7 @@ impl<R: RngCore> ControlThread<R> {
             bound: HashMap::new(),
             held: HashMap::new(),
             owners: HashMap::new(),
+            relayed: HashMap::new(),
             ops: ops::OpsState::new(counters.len(), Instant::now()),
             counters,
             config,
@@ -313,6 +328,12 @@ impl<R: RngCore> ControlThread<R> {
                 uturn_dataplane::sparse::shrink_map(&mut self.bound);
                 debug_assert_eq!(sockets.len(), relays.len());
                 self.owners.insert(alloc, shard);
+                let addrs: Vec<SocketAddr> = relays
+                    .iter()
+                    .flat_map(|relay| [relay.bound, relay.advertised])
+                    .collect();
+                self.broadcast_relayed(&addrs, true);
+                self.relayed.insert(alloc, addrs);
                 ShardCommand::OpenAllocation {
                     alloc: ShardAllocationId(alloc.0),
                     transport: crate::stream_transport::to_dataplane(client.transport),
@@ -360,12 +381,27 @@ impl<R: RngCore> ControlThread<R> {
             TableChange::RemoveAllocation { alloc } => {
                 self.owners.remove(&alloc);
                 uturn_dataplane::sparse::shrink_map(&mut self.owners);
+                if let Some(addrs) = self.relayed.remove(&alloc) {
+                    uturn_dataplane::sparse::shrink_map(&mut self.relayed);
+                    self.broadcast_relayed(&addrs, false);
+                }
                 ShardCommand::RemoveAllocation {
                     alloc: ShardAllocationId(alloc.0),
                 }
             }
         };
         self.send(shard, command);
+    }
+
+    /// Tells every shard that `addrs` are (or no longer are) live relayed addresses: a shard
+    /// checks peers on the relay IPs against the allocations of all shards (relay to relay
+    /// crosses shards), and only the control thread sees them all.
+    fn broadcast_relayed(&self, addrs: &[SocketAddr], live: bool) {
+        for shard in 0..self.dataplane.shard_count() {
+            let shard = ShardId(u16::try_from(shard).unwrap_or(u16::MAX));
+            let addrs = addrs.to_vec();
+            self.send(shard, ShardCommand::SetRelayed { addrs, live });
+        }
     }
 
     fn send(&self, shard: ShardId, command: ShardCommand) {

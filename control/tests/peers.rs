@@ -1,11 +1,12 @@
-//! The peer policy (issue 8, SECURITY.md) through the engine's CreatePermission and
-//! ChannelBind, on IPv4 and IPv6 allocations, with and without allow-list entries.
+//! The peer policy (SECURITY.md) through the engine's CreatePermission and ChannelBind, on
+//! IPv4 and IPv6 allocations, with and without allow-list entries, and uturn's own addresses:
+//! on a relay IP only the relayed addresses of live allocations are peers.
 //!
 //! Send indications are relayed by the data plane only when the shard holds a permission for
 //! the peer IP, and a shard learns permissions only from `SetPermission`: every row below
 //! that is refused must therefore produce no `SetPermission` at all, which is what makes Send
-//! to it impossible (the data plane's own re-check of uturn's relay ports is tested in
-//! `dataplane::tables`).
+//! to it impossible (the data plane's own re-check of uturn's relay IPs, whose permission
+//! control grants for relay to relay, is tested in `dataplane::tables`).
 
 mod common;
 
@@ -80,9 +81,15 @@ const TABLE: &[(&str, Option<PeerDenied>, Option<PeerDenied>)] = &[
     ("[::ffff:192.168.1.1]:4000", Some(Private), None),
     ("[64:ff9b::a01:203]:4000", Some(Private), None),
     ("[2002:a01:203::1]:4000", Some(Private), None),
-    // uturn's own relay addresses: relay ports only (relay to relay), never other ports.
-    ("10.0.0.5:50000", None, None),
-    ("[2001:db8::5]:50000", None, None),
+    // uturn's own relay IPs: no port of them is a peer unless it is a live allocation's
+    // relayed address (the test below), not even one inside the relay range.
+    ("10.0.0.5:50000", Some(OwnAddress), Some(OwnAddress)),
+    ("[2001:db8::5]:50000", Some(OwnAddress), Some(OwnAddress)),
+    (
+        "[::ffff:10.0.0.5]:50000",
+        Some(OwnAddress),
+        Some(OwnAddress),
+    ),
     ("10.0.0.5:22", Some(OwnAddress), Some(OwnAddress)),
     ("[2001:db8::5]:3478", Some(OwnAddress), Some(OwnAddress)),
 ];
@@ -234,22 +241,152 @@ fn two_allocations_on_the_same_server_relay_to_each_other_under_the_default_poli
     );
 }
 
-/// A peer equal to one of uturn's listening addresses is refused: no loops.
+/// No loops: a peer equal to one of uturn's listening addresses is refused, inside the relay
+/// range too (where a listener's port would otherwise look like another allocation's).
 #[test]
-fn a_peer_equal_to_a_listening_address_is_refused() {
-    let mut config = config();
-    config.relay.port_min = 3000;
-    let mut h = Harness::new(config);
-    h.engine
-        .set_listener_addrs(&["10.0.0.5:3478".parse().unwrap()]);
-    let mut client = Client::new("198.51.100.1:5000");
-    h.allocate(&mut client, 1, &[]);
+fn a_peer_equal_to_a_listening_address_is_refused_whatever_the_port_range() {
+    for (port_min, listener) in [(3000, "10.0.0.5:3478"), (49152, "10.0.0.5:50000")] {
+        let mut config = config();
+        config.relay.port_min = port_min;
+        config.peers.allow_loopback = true;
+        let mut h = Harness::new(config);
+        h.engine
+            .set_listener_addrs(&[listener.parse().unwrap(), "0.0.0.0:5349".parse().unwrap()]);
+        let mut client = Client::new("198.51.100.1:5000");
+        h.allocate(&mut client, 1, &[]);
+        for (tid, peer) in [(2, listener), (3, "10.0.0.5:5349"), (4, "127.0.0.1:5349")] {
+            assert_eq!(
+                verdict(&mut h, &client, Method::CHANNEL_BIND, tid, peer),
+                Some(OwnAddress),
+                "{peer}"
+            );
+        }
+        // Loopback is open here, so another loopback port is an ordinary peer.
+        assert_eq!(
+            verdict(&mut h, &client, Method::CHANNEL_BIND, 5, "127.0.0.1:5350"),
+            None
+        );
+    }
+}
+
+/// On the relay IP the port decides: the relayed address of a live allocation is a peer, the
+/// next free port of the relay range (a kernel-chosen client port of some other program,
+/// say) is not, and an allocation's address stops being a peer once it is gone.
+#[test]
+fn only_live_relayed_addresses_of_a_relay_ip_are_peers_for_channel_bind() {
+    let mut h = Harness::new(config());
+    let mut browser = Client::new("198.51.100.1:5000");
+    let mut bridge = Client::new("198.51.100.2:5000");
+    h.allocate(&mut browser, 1, &[]);
+    let (_, bridge_relays, _) = h.allocate(&mut bridge, 1, &[]);
+    let bridge_addr = bridge_relays[0].advertised;
+    let free = |offset: u16| {
+        let port = bridge_addr.port().wrapping_add(offset).max(49152);
+        std::net::SocketAddr::new(bridge_addr.ip(), port).to_string()
+    };
     assert_eq!(
-        verdict(&mut h, &client, Method::CHANNEL_BIND, 2, "10.0.0.5:3478"),
-        Some(OwnAddress)
+        verdict(
+            &mut h,
+            &browser,
+            Method::CHANNEL_BIND,
+            2,
+            &bridge_addr.to_string()
+        ),
+        None
     );
     assert_eq!(
-        verdict(&mut h, &client, Method::CHANNEL_BIND, 3, "10.0.0.5:3479"),
+        verdict(&mut h, &browser, Method::CHANNEL_BIND, 3, &free(1)),
+        Some(OwnAddress)
+    );
+    // Permissions are by IP (RFC 8656 §9): the relay IP stays admitted, its ports are the
+    // data plane's to check per packet.
+    let mut third = Client::new("198.51.100.3:5000");
+    h.allocate(&mut third, 1, &[]);
+    assert_eq!(
+        verdict(&mut h, &third, Method::CREATE_PERMISSION, 4, &free(1)),
+        None
+    );
+    h.engine.check_invariants(h.now);
+
+    // The bridge leaves (Refresh with LIFETIME 0): its address is a free port from now on.
+    let response = h.request(&bridge, Method::REFRESH, 5, &[Attribute::Lifetime(0)]);
+    assert_eq!(response.code(), None);
+    h.engine.check_invariants(h.now);
+    assert_eq!(
+        verdict(
+            &mut h,
+            &third,
+            Method::CHANNEL_BIND,
+            6,
+            &bridge_addr.to_string()
+        ),
+        Some(OwnAddress)
+    );
+}
+
+/// Behind a static NAT the relayed address clients see is the public one
+/// (`relay.external_ips`); relay to relay through it works, and the public IP's other ports
+/// are refused like the private IP's.
+#[test]
+fn the_advertised_address_of_a_live_allocation_is_a_peer_and_the_public_ips_other_ports_are_not() {
+    let mut config = config();
+    config.relay.relay_ips = vec!["10.0.0.5".parse().unwrap()];
+    config.relay.external_ips = vec!["203.0.113.5/10.0.0.5".to_owned()];
+    let mut h = Harness::new(config);
+    let mut browser = Client::new("198.51.100.1:5000");
+    let mut bridge = Client::new("198.51.100.2:5000");
+    h.allocate(&mut browser, 1, &[]);
+    let (_, bridge_relays, _) = h.allocate(&mut bridge, 1, &[]);
+    let public = bridge_relays[0].advertised;
+    assert_eq!(public.ip().to_string(), "203.0.113.5");
+    assert_eq!(
+        verdict(
+            &mut h,
+            &browser,
+            Method::CHANNEL_BIND,
+            2,
+            &public.to_string()
+        ),
+        None
+    );
+    assert_eq!(
+        verdict(
+            &mut h,
+            &browser,
+            Method::CHANNEL_BIND,
+            3,
+            &bridge_relays[0].bound.to_string()
+        ),
+        None
+    );
+    assert_eq!(
+        verdict(&mut h, &browser, Method::CHANNEL_BIND, 4, "203.0.113.5:22"),
+        Some(OwnAddress)
+    );
+}
+
+/// A reload replaces the lists but not what the engine knows of its own live addresses.
+#[test]
+fn a_reload_keeps_the_live_relayed_addresses() {
+    let mut h = Harness::new(config());
+    let mut browser = Client::new("198.51.100.1:5000");
+    let mut bridge = Client::new("198.51.100.2:5000");
+    h.allocate(&mut browser, 1, &[]);
+    let (_, bridge_relays, _) = h.allocate(&mut bridge, 1, &[]);
+    let mut reloaded = config();
+    reloaded.peers.denied_peers = vec!["198.51.100.0/24".parse().unwrap()];
+    h.engine
+        .set_peer_policy(uturn_control::PeerPolicy::from_config(&reloaded));
+    assert!(h.drain().is_empty());
+    h.engine.check_invariants(h.now);
+    assert_eq!(
+        verdict(
+            &mut h,
+            &browser,
+            Method::CHANNEL_BIND,
+            2,
+            &bridge_relays[0].advertised.to_string()
+        ),
         None
     );
 }

@@ -238,32 +238,70 @@ pub struct DataPlaneConfig {
 /// The data path's re-check of the peer policy for uturn's own addresses.
 ///
 /// Permissions are per IP (RFC 8656 §9), and control admits a permission for one of uturn's
-/// relay IPs so that relay to relay works. The port is what separates another allocation
-/// (a port inside the relay range) from everything else listening on the host (`sshd`, the
-/// admin API, the listeners themselves): a Send indication to, or a datagram from, a relay IP
-/// on a port outside the range is dropped and counted as `peer_denied`. ChannelBind checks the
-/// whole address in control, so ChannelData needs no re-check. The check compares against at
-/// most two addresses: no allocation, no lock.
+/// relay IPs so that relay to relay works. The port is what separates another allocation from
+/// everything else on the host: on a relay IP only the relayed addresses of live allocations
+/// (of every shard; control broadcasts them with [`ShardCommand::SetRelayed`]) are peers, and
+/// the host's other sockets there (`sshd`, a resolver's ephemeral port inside the relay range,
+/// WireGuard, the listeners themselves) are not. A Send indication or ChannelData to, or a
+/// datagram from, any other address of a relay IP, or a listening address, is dropped and
+/// counted as `peer_denied` (the data path's only `peer_denied` cause: the policy's
+/// `own_address`).
+///
+/// Cost per packet: a peer IP that is neither one of the few own IPs nor loopback costs a
+/// comparison with each of them and nothing more; one that is costs a scan of the listeners
+/// and one hash lookup in the shard's table of live relayed addresses. No allocation, no lock.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerGuard {
-    /// Relay IPs (at most one per family).
-    pub relay_ips: Vec<IpAddr>,
-    /// The relay port range, inclusive.
-    pub relay_ports: (u16, u16),
-    /// Loopback peers are allowed (`--allow-loopback-peers`): a loopback relay IP is then not
-    /// restricted to the relay range.
-    pub allow_loopback: bool,
+    relay_ips: Vec<IpAddr>,
+    listeners: Vec<SocketAddr>,
+    allow_loopback: bool,
+    /// The relay IPs and the specific listener IPs, without repeats: the one list a peer IP
+    /// is compared with per packet.
+    own_ips: Vec<IpAddr>,
 }
 
 impl PeerGuard {
-    /// Whether `peer` may be relayed to or from, as far as uturn's own addresses go.
-    pub fn admits(&self, peer: SocketAddr) -> bool {
+    /// The guard for relay IPs `relay_ips` (bound and advertised), listening addresses
+    /// `listeners` (a wildcard one stands for its port on the relay IPs, the specific
+    /// listener IPs and loopback) and `allow_loopback` (`--allow-loopback-peers`: a loopback
+    /// relay IP's ports that are not relayed addresses are then not refused; the listeners
+    /// still are).
+    pub fn new(relay_ips: &[IpAddr], listeners: &[SocketAddr], allow_loopback: bool) -> Self {
+        let mut own_ips: Vec<IpAddr> = Vec::with_capacity(relay_ips.len() + listeners.len());
+        let specific = listeners
+            .iter()
+            .map(SocketAddr::ip)
+            .filter(|ip| !ip.is_unspecified());
+        for ip in relay_ips.iter().copied().chain(specific) {
+            if !own_ips.contains(&ip) {
+                own_ips.push(ip);
+            }
+        }
+        Self {
+            relay_ips: relay_ips.to_vec(),
+            listeners: listeners.to_vec(),
+            allow_loopback,
+            own_ips,
+        }
+    }
+
+    /// Whether `peer` (canonical: no IPv4-mapped form) may be relayed to or from, as far as
+    /// uturn's own addresses go; `is_relayed` says whether an address is the relayed address
+    /// of a live allocation (asked only for an address on a relay IP).
+    pub fn admits(&self, peer: SocketAddr, is_relayed: impl FnOnce(SocketAddr) -> bool) -> bool {
         let ip = peer.ip();
-        if !self.relay_ips.contains(&ip) {
+        let loopback = ip.is_loopback();
+        if !loopback && !self.own_ips.contains(&ip) {
             return true;
         }
-        (self.relay_ports.0..=self.relay_ports.1).contains(&peer.port())
-            || (self.allow_loopback && ip.is_loopback())
+        let listener = self.listeners.iter().any(|l| {
+            l.port() == peer.port()
+                && (l.ip() == ip || (l.ip().is_unspecified() && l.is_ipv4() == peer.is_ipv4()))
+        });
+        if listener {
+            return false;
+        }
+        !self.relay_ips.contains(&ip) || is_relayed(peer) || (self.allow_loopback && loopback)
     }
 }
 
@@ -348,10 +386,14 @@ pub enum ShardCommand {
     },
     /// Remove the allocation, its permissions and channels, and close its relay sockets.
     RemoveAllocation { alloc: AllocationId },
-    /// Replace the data path's re-check of uturn's own addresses (a reload changed the peer
-    /// policy). Applied between batches like every command: the packet path reads the
-    /// shard's own copy, with no lock.
+    /// Replace the data path's re-check of uturn's own addresses (the listeners became known,
+    /// or a reload changed the peer policy). Applied between batches like every command: the
+    /// packet path reads the shard's own copy, with no lock.
     SetPeerGuard(PeerGuard),
+    /// `addrs` became (`live`) or stopped being the relayed addresses (bound and advertised)
+    /// of an allocation on some shard. Sent to every shard, so that each one's copy of the
+    /// live relayed addresses ([`PeerGuard`]) covers the other shards' allocations.
+    SetRelayed { addrs: Vec<SocketAddr>, live: bool },
     /// Stop the shard: close its sockets and end its thread.
     Shutdown,
 }
@@ -400,8 +442,9 @@ pub enum DropReason {
     SendError,
     /// The allocation has no relay socket of the peer's address family.
     FamilyMismatch,
-    /// A Send indication to, or a datagram from, one of uturn's relay IPs on a port outside
-    /// the relay range ([`PeerGuard`]).
+    /// A Send indication or ChannelData to, or a datagram from, an address of uturn's relay
+    /// IPs that is not a live allocation's relayed address, or a listening address
+    /// ([`PeerGuard`]).
     PeerDenied,
     /// The allocation is over its bandwidth cap
     /// ([`DataPlaneConfig::allocation_bytes_per_sec`]).

@@ -172,8 +172,11 @@ pub(crate) struct Core {
     channel_of_peer: HashMap<(AllocationId, SocketAddr), ChannelNumber>,
     /// (allocation, peer IP) with a permission.
     permissions: HashSet<(AllocationId, IpAddr)>,
-    /// uturn's own relay addresses: peers there only on relay ports.
+    /// uturn's own addresses: on a relay IP, peers only at live relayed addresses.
     guard: PeerGuard,
+    /// The relayed addresses (bound and advertised) of the live allocations of every shard
+    /// ([`ShardCommand::SetRelayed`]).
+    relayed: HashSet<SocketAddr>,
     /// Bytes per second each allocation may relay, both directions together; 0: no cap.
     bandwidth_bytes_per_sec: u64,
     /// The clock of the current loop turn (one read per turn, none per packet).
@@ -210,6 +213,7 @@ impl Core {
             channel_of_peer: HashMap::new(),
             permissions: HashSet::new(),
             guard: PeerGuard::default(),
+            relayed: HashSet::new(),
             bandwidth_bytes_per_sec: 0,
             now: Instant::now(),
             to_control,
@@ -473,6 +477,11 @@ impl Core {
                 let Some(&peer) = self.channels.get(&(alloc, channel)) else {
                     return self.drop(DropReason::NoChannel);
                 };
+                // ChannelBind checked the peer, but a channel to another allocation outlives
+                // that allocation, and its port may then be anyone's.
+                if !self.admits(peer) {
+                    return self.drop(DropReason::PeerDenied);
+                }
                 let start = range.start + uturn_proto::CHANNEL_DATA_HEADER_LEN;
                 self.relay_to_peer(alloc, peer, start..start + payload_len)
             }
@@ -511,8 +520,8 @@ impl Core {
         if !self.permissions.contains(&(alloc, peer.ip())) {
             return self.drop(DropReason::NoPermission);
         }
-        // A permission for one of uturn's relay IPs reaches its relay ports only.
-        if !self.guard.admits(peer) {
+        // A permission for one of uturn's relay IPs reaches its live relayed addresses only.
+        if !self.admits(peer) {
             return self.drop(DropReason::PeerDenied);
         }
         // The DATA value borrows the datagram; its offset in `buf` is where the payload lives.
@@ -573,7 +582,7 @@ impl Core {
         if !self.permissions.contains(&(alloc, peer.ip())) {
             return self.drop(DropReason::NoPermission);
         }
-        if !self.guard.admits(peer) {
+        if !self.admits(peer) {
             return self.drop(DropReason::PeerDenied);
         }
         let Some(allocation) = self.allocations.get_mut(&alloc) else {
@@ -714,6 +723,12 @@ impl Core {
         Action::Done
     }
 
+    /// The own-address check of [`PeerGuard`] against this shard's copy of the live relayed
+    /// addresses.
+    fn admits(&self, peer: SocketAddr) -> bool {
+        self.guard.admits(peer, |addr| self.relayed.contains(&addr))
+    }
+
     fn drop(&mut self, reason: DropReason) -> Action {
         self.counters.drops.add(reason);
         Action::Done
@@ -803,6 +818,20 @@ impl Core {
             ShardCommand::RemoveAllocation { alloc } => self.remove_allocation(alloc),
             ShardCommand::SetPeerGuard(guard) => {
                 self.guard = guard;
+                Effect::None
+            }
+            ShardCommand::SetRelayed { addrs, live } => {
+                for addr in addrs {
+                    let addr = canonical(addr);
+                    if live {
+                        self.relayed.insert(addr);
+                    } else {
+                        self.relayed.remove(&addr);
+                    }
+                }
+                if !live {
+                    crate::sparse::shrink_set(&mut self.relayed);
+                }
                 Effect::None
             }
             ShardCommand::Shutdown => Effect::Shutdown,
@@ -1235,31 +1264,40 @@ mod tests {
         out[..n].to_vec()
     }
 
-    /// Issue 8: a permission for one of uturn's relay IPs (relay to relay) reaches that IP's
-    /// relay ports only; a Send indication to any other port of it, and a datagram from one,
-    /// are dropped and counted as `peer_denied`, never relayed.
+    /// The relay to relay rule: a permission for one of uturn's relay IPs reaches exactly the
+    /// relayed addresses of live allocations, of this shard or another
+    /// (`SetRelayed`); a Send indication to any other port of it (inside the relay range or
+    /// not, a listener included), and a datagram from one, are dropped and counted as
+    /// `peer_denied`, never relayed.
     #[test]
-    fn a_permission_for_a_relay_ip_reaches_relay_ports_only_in_both_directions() {
+    fn a_permission_for_a_relay_ip_reaches_live_relayed_addresses_only_in_both_directions() {
         let (mut core, _rx) = core();
-        core.set_peer_guard(PeerGuard {
-            relay_ips: vec!["127.0.0.1".parse().expect("literal")],
-            relay_ports: (20000, 29999),
-            allow_loopback: false,
-        });
+        let relay_ip: IpAddr = "127.0.0.1".parse().expect("literal");
+        core.set_peer_guard(PeerGuard::new(
+            &[relay_ip],
+            &[SERVER.parse().expect("literal")],
+            false,
+        ));
         let relay = open(&mut core, 1, CLIENT.parse().expect("literal"));
+        // 20000 stands for an allocation on another shard.
+        core.handle_command(ShardCommand::SetRelayed {
+            addrs: vec!["127.0.0.1:20000".parse().expect("literal")],
+            live: true,
+        });
         core.handle_command(ShardCommand::SetPermission {
             alloc: AllocationId(1),
-            peer_ip: "127.0.0.1".parse().expect("literal"),
+            peer_ip: relay_ip,
         });
         let listener = core.listener_slots()[0];
         let client: SocketAddr = CLIENT.parse().expect("literal");
-        for (peer, relayed) in [
+        let cases = [
             ("127.0.0.1:20000", true),
-            ("127.0.0.1:29999", true),
+            ("127.0.0.1:20001", false),
+            ("127.0.0.1:51820", false),
             ("127.0.0.1:22", false),
-            ("127.0.0.1:9641", false),
-            ("127.0.0.1:30000", false),
-        ] {
+            ("127.0.0.1:3478", false),
+        ];
+        for (peer, relayed) in cases {
             let (mut buf, range) = buffer(&send_indication(peer));
             let action = core.handle_datagram(listener, client, &mut buf, range);
             assert_eq!(
@@ -1274,7 +1312,80 @@ mod tests {
                 "datagram from {peer}"
             );
         }
-        assert_eq!(core.counters.drops.get(DropReason::PeerDenied), 6);
+        assert_eq!(core.counters.drops.get(DropReason::PeerDenied), 8);
+        // The other allocation ends: its address is refused from the next packet on.
+        core.handle_command(ShardCommand::SetRelayed {
+            addrs: vec!["127.0.0.1:20000".parse().expect("literal")],
+            live: false,
+        });
+        let (mut buf, range) = buffer(&send_indication("127.0.0.1:20000"));
+        let action = core.handle_datagram(listener, client, &mut buf, range);
+        assert!(matches!(action, Action::Done));
+        assert_eq!(core.counters.drops.get(DropReason::PeerDenied), 9);
+    }
+
+    /// A channel bound to another allocation outlives it in the tables (until it expires);
+    /// ChannelData on it must stop at the allocation's end, because the port may then belong
+    /// to any program on the host.
+    #[test]
+    fn channel_data_to_a_relayed_address_that_is_gone_is_dropped() {
+        let (mut core, _rx) = core();
+        let other: SocketAddr = "127.0.0.1:20000".parse().expect("literal");
+        core.set_peer_guard(PeerGuard::new(&[other.ip()], &[], false));
+        core.handle_command(ShardCommand::SetRelayed {
+            addrs: vec![other],
+            live: true,
+        });
+        let client: SocketAddr = CLIENT.parse().expect("literal");
+        open(&mut core, 1, client);
+        let channel = ChannelNumber::new(0x4000).expect("valid");
+        core.handle_command(ShardCommand::BindChannel {
+            alloc: AllocationId(1),
+            channel,
+            peer: other,
+        });
+        let listener = core.listener_slots()[0];
+        let mut datagram = vec![0x40, 0x00, 0x00, 0x02, b'h', b'i'];
+        let (mut buf, range) = buffer(&datagram);
+        let action = core.handle_datagram(listener, client, &mut buf, range);
+        assert!(matches!(action, Action::Send { to, .. } if to == other));
+        core.handle_command(ShardCommand::SetRelayed {
+            addrs: vec![other],
+            live: false,
+        });
+        datagram[4] = b'H';
+        let (mut buf, range) = buffer(&datagram);
+        let action = core.handle_datagram(listener, client, &mut buf, range);
+        assert!(matches!(action, Action::Done));
+        assert_eq!(core.counters.drops.get(DropReason::PeerDenied), 1);
+    }
+
+    /// No loops, whatever the port range: a listening address is refused as a peer even with
+    /// loopback open, and a wildcard listener on its port at every own IP.
+    #[test]
+    fn a_listening_address_is_never_a_peer() {
+        let wildcard: SocketAddr = "0.0.0.0:3478".parse().expect("literal");
+        let guard = PeerGuard::new(
+            &["10.1.0.1".parse().expect("literal")],
+            &[wildcard, "[::1]:50000".parse().expect("literal")],
+            true,
+        );
+        let live: SocketAddr = "10.1.0.1:50000".parse().expect("literal");
+        let is_live = |addr: SocketAddr| addr == live;
+        for refused in ["10.1.0.1:3478", "127.0.0.1:3478", "[::1]:50000"] {
+            let peer: SocketAddr = refused.parse().expect("literal");
+            assert!(!guard.admits(peer, is_live), "{refused}");
+        }
+        for admitted in [
+            "10.1.0.1:50000",
+            "127.0.0.1:50000",
+            "198.51.100.1:3478",
+            "[2001:db8::1]:50000",
+        ] {
+            let peer: SocketAddr = admitted.parse().expect("literal");
+            assert!(guard.admits(peer, is_live), "{admitted}");
+        }
+        assert!(!guard.admits("10.1.0.1:50001".parse().expect("literal"), is_live));
     }
 
     /// With publishing off (`--no-metrics`, for measuring what metrics cost) a report is
@@ -1300,10 +1411,12 @@ mod tests {
     #[test]
     fn a_new_peer_guard_applies_from_the_next_packet() {
         let (mut core, _rx) = core();
-        let guard = |allow_loopback| PeerGuard {
-            relay_ips: vec!["127.0.0.1".parse().expect("literal")],
-            relay_ports: (20000, 29999),
-            allow_loopback,
+        let guard = |allow_loopback| {
+            PeerGuard::new(
+                &["127.0.0.1".parse().expect("literal")],
+                &[],
+                allow_loopback,
+            )
         };
         core.set_peer_guard(guard(true));
         open(&mut core, 1, CLIENT.parse().expect("literal"));
