@@ -1,7 +1,8 @@
-//! Issue 8 end to end: the peer policy of the real binary under its default configuration
-//! (no `--allow-loopback-peers`). Everything runs on 127.0.0.1, which is uturn's relay IP
-//! here: relay to relay must work through it, while every other port of 127.0.0.1 stays out
-//! of reach.
+//! The peer policy of the real binary under its default configuration (no
+//! `--allow-loopback-peers`). Everything runs on 127.0.0.1, which is uturn's relay IP here:
+//! relay to relay must work through it, while every other port of 127.0.0.1 stays out of
+//! reach, inside the relay range too (`netns_reach.rs` checks the same on a relay IP that is
+//! not loopback).
 
 use std::net::UdpSocket;
 use std::time::Duration;
@@ -16,17 +17,38 @@ use uturn_proto::{Class, Method};
 const SILENCE: Duration = Duration::from_millis(400);
 
 fn start_default_policy(backend: &str) -> Uturn {
+    start_default_policy_with_ports(backend).0
+}
+
+/// The server and its relay port range.
+fn start_default_policy_with_ports(backend: &str) -> (Uturn, (u16, u16)) {
     let args: Vec<String> = standard_args(backend, 1)
         .into_iter()
         .filter(|a| a != "--allow-loopback-peers")
         .collect();
+    let ports = args
+        .iter()
+        .position(|a| a == "--ports")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|range| range.split_once('-'))
+        .and_then(|(low, high)| Some((low.parse().ok()?, high.parse().ok()?)))
+        .expect("standard_args has --ports LOW-HIGH");
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Uturn::start(&refs)
+    (Uturn::start(&refs), ports)
+}
+
+/// A socket of another program on 127.0.0.1 inside the relay range `ports` (the first free
+/// port from the top, where uturn's own allocations are least likely to be).
+fn socket_in_relay_range(ports: (u16, u16)) -> UdpSocket {
+    (ports.0..=ports.1)
+        .rev()
+        .find_map(|port| UdpSocket::bind(("127.0.0.1", port)).ok())
+        .expect("a free port in the relay range")
 }
 
 uturn_e2e::on_both_backends!(
     two_allocations_on_one_server_relay_to_each_other_under_the_default_policy,
-    the_relay_ip_is_reachable_on_relay_ports_only,
+    the_relay_ip_is_reachable_at_live_relayed_addresses_only,
     a_peer_that_a_reload_denies_stops_relaying,
     a_reload_that_closes_loopback_reaches_the_shards_own_address_check,
 );
@@ -61,19 +83,24 @@ fn two_allocations_on_one_server_relay_to_each_other_under_the_default_policy(ba
 }
 
 /// A permission for the relay IP (which relay to relay needs, permissions being per IP) does
-/// not open the host's other ports: ChannelBind to one is 403, a Send indication to one is
+/// not open the host's other ports, not even those inside the relay range that no allocation
+/// holds: ChannelBind to one is 403, a Send indication to one and a datagram from one are
 /// dropped and counted as `peer_denied`, and another loopback address stays refused.
-fn the_relay_ip_is_reachable_on_relay_ports_only(backend: &str) {
-    let server = start_default_policy(backend);
+fn the_relay_ip_is_reachable_at_live_relayed_addresses_only(backend: &str) {
+    let (server, ports) = start_default_policy_with_ports(backend);
     let service = EchoPeer::start(false); // a local service on 127.0.0.1, outside the range
+    let in_range = socket_in_relay_range(ports);
+    in_range.set_read_timeout(Some(SILENCE)).expect("timeout");
+    let in_range_addr = in_range.local_addr().expect("address");
     let mut client = TurnClient::new(server.listener(false), "alice", "wonderland");
-    client.allocate(&[]).unwrap();
+    let relayed = client.allocate(&[]).unwrap().relayed[0];
     client.create_permission(&[service.addr]).unwrap();
     assert_eq!(client.channel_bind(0x4001, service.addr), Err(FORBIDDEN));
     assert_eq!(
         client.channel_bind(0x4002, server.listener(false)),
         Err(FORBIDDEN)
     );
+    assert_eq!(client.channel_bind(0x4003, in_range_addr), Err(FORBIDDEN));
     assert_eq!(
         client.create_permission(&["127.0.0.2:9".parse().unwrap()]),
         Err(FORBIDDEN)
@@ -81,15 +108,27 @@ fn the_relay_ip_is_reachable_on_relay_ports_only(backend: &str) {
     for _ in 0..3 {
         client.send_indication(service.addr, b"knock knock");
     }
+    client.send_indication(in_range_addr, b"knock knock");
+    in_range.send_to(b"let me in", relayed).expect("send");
     assert_eq!(service.wait_for(1, SILENCE), 0, "a host port was reached");
-    // Three 403s counted by control, three Send indications dropped by the shard.
+    let mut buf = [0u8; 64];
+    assert!(
+        in_range.recv_from(&mut buf).is_err(),
+        "a port in the relay range was reached"
+    );
+    assert_eq!(
+        client.recv_relayed(SILENCE),
+        None,
+        "a host port was relayed"
+    );
+    // Four 403s counted by control, five datagrams dropped by the shard.
     let denied = server.wait_metric(
         "uturn_dropped_packets_total",
         &[("reason", "peer_denied")],
-        6.0,
+        9.0,
         Duration::from_secs(5),
     );
-    assert_eq!(denied, 6.0);
+    assert_eq!(denied, 9.0);
 }
 
 /// One shard, counters published every 50 ms, the config file `config` (re-read on reload)
@@ -177,7 +216,8 @@ fn a_peer_that_a_reload_denies_stops_relaying(backend: &str) {
 /// The shards' own check of uturn's addresses follows a reload too. With loopback open
 /// (`peers.allow_loopback` in the file), the relay IP 127.0.0.1 is a peer on any port; a
 /// reload that closes loopback keeps the permission (the relay IP stays admitted for relay to
-/// relay) but the shard must then refuse its ports outside the relay range, both ways.
+/// relay) but the shard must then refuse its ports that are not live relayed addresses, both
+/// ways.
 fn a_reload_that_closes_loopback_reaches_the_shards_own_address_check(backend: &str) {
     let config = TempConfig::new(
         &format!("reload-loopback-{backend}"),
