@@ -259,7 +259,9 @@ impl PeerPolicy {
             return Err(PeerDenied::OwnAddress);
         }
         if self.own.is_relay_ip(own.ip()) {
-            if self.own.relayed.contains(&own) {
+            // Only the form uturn advertises is admitted; an IPv4-mapped spelling of it is
+            // refused like every other own address (nothing legitimate needs it).
+            if own == peer && self.own.relayed.contains(&peer) {
                 return Ok(());
             }
             if !(self.allow_loopback && is_loopback(own.ip())) {
@@ -273,7 +275,7 @@ impl PeerPolicy {
     /// One of uturn's relay IPs is admitted here (relay to relay needs it); the shards then
     /// let through only its ports that are live relayed addresses.
     pub fn check_permission(&self, ip: IpAddr) -> Result<(), PeerDenied> {
-        if self.own.is_relay_ip(canonical(SocketAddr::new(ip, 0)).ip()) {
+        if self.own.is_relay_ip(ip) {
             return Ok(());
         }
         self.check_ip(ip)
@@ -578,9 +580,9 @@ mod tests {
         policy.own.relay_live(live6);
         let check = |policy: &PeerPolicy, addr: &str| policy.check(addr.parse().unwrap());
         assert_eq!(check(&policy, "203.0.113.5:50000"), Ok(()));
-        assert_eq!(check(&policy, "[::ffff:203.0.113.5]:50000"), Ok(()));
         assert_eq!(check(&policy, "[2001:db8::5]:65535"), Ok(()));
         for refused in [
+            "[::ffff:203.0.113.5]:50000",
             "203.0.113.5:50001",
             "203.0.113.5:51820",
             "[::ffff:203.0.113.5]:50001",

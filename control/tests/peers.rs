@@ -85,11 +85,6 @@ const TABLE: &[(&str, Option<PeerDenied>, Option<PeerDenied>)] = &[
     // relayed address (the test below), not even one inside the relay range.
     ("10.0.0.5:50000", Some(OwnAddress), Some(OwnAddress)),
     ("[2001:db8::5]:50000", Some(OwnAddress), Some(OwnAddress)),
-    (
-        "[::ffff:10.0.0.5]:50000",
-        Some(OwnAddress),
-        Some(OwnAddress),
-    ),
     ("10.0.0.5:22", Some(OwnAddress), Some(OwnAddress)),
     ("[2001:db8::5]:3478", Some(OwnAddress), Some(OwnAddress)),
 ];
