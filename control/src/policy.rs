@@ -168,9 +168,9 @@ pub struct OwnAddresses {
     /// The relay IPs: `relay.relay_ips` and the public IPs `relay.external_ips` maps them to
     /// (a datagram to the public address comes back to the host through the NAT).
     pub relay_ips: Vec<IpAddr>,
-    /// The listeners' bound addresses (known once the data plane runs). A wildcard one
-    /// (`0.0.0.0:3478`) stands for its port on every address of the host the policy knows:
-    /// the relay IPs, the specific listener IPs and loopback.
+    /// The listeners' bound addresses (known once the data plane runs; the shell adds a
+    /// wildcard one's port on each interface address). A wildcard one (`0.0.0.0:3478`) also
+    /// stands for its port on the relay IPs, the specific listener IPs and loopback.
     pub listeners: Vec<SocketAddr>,
     /// The relayed transport addresses (bound and advertised) of the live allocations; the
     /// engine keeps it with [`OwnAddresses::relay_live`] and [`OwnAddresses::relay_gone`].

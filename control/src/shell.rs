@@ -111,6 +111,12 @@ impl<R: RngCore> ControlThread<R> {
             .copied()
             .chain(dataplane.stream_listeners().iter().map(|l| l.addr))
             .collect();
+        // A wildcard listener answers on every address of the host (a dual-NIC host has a
+        // private and a public one): each is named, so no peer loops into it.
+        let interfaces: Vec<IpAddr> = if_addrs::get_if_addrs()
+            .map(|list| list.into_iter().map(|i| i.ip()).collect())
+            .unwrap_or_default();
+        let listeners = listening_addresses(&listeners, &interfaces);
         engine.set_listener_addrs(&listeners);
         // The shards started knowing the relay IPs only; the listeners' bound addresses (port
         // 0 resolved) are known now. Sent before any allocation can exist.
@@ -469,9 +475,69 @@ pub fn default_relay_ips(listen: &[SocketAddr], interfaces: &[IpAddr]) -> Vec<Ip
     ips
 }
 
+/// The listeners as the peer policy sees them: each one, plus, for a wildcard one, its port on
+/// every interface address of its family (loopback and link-local need no entry: the wildcard
+/// itself stands for them, and tier 2 refuses link-local anyway).
+fn listening_addresses(listeners: &[SocketAddr], interfaces: &[IpAddr]) -> Vec<SocketAddr> {
+    let mut all: Vec<SocketAddr> = Vec::with_capacity(listeners.len());
+    let named = |ip: &IpAddr| match ip {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80
+        }
+    };
+    for listener in listeners {
+        let expanded = interfaces
+            .iter()
+            .filter(|ip| listener.ip().is_unspecified() && ip.is_ipv4() == listener.is_ipv4())
+            .filter(|ip| named(ip))
+            .map(|ip| SocketAddr::new(*ip, listener.port()));
+        for addr in std::iter::once(*listener).chain(expanded) {
+            if !all.contains(&addr) {
+                all.push(addr);
+            }
+        }
+    }
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No loops on a multi-homed host: a wildcard listener is refused as a peer on each of
+    /// the host's addresses, not only on the relay IP.
+    #[test]
+    fn a_wildcard_listener_is_named_on_every_interface_address_of_its_family() {
+        let listeners: Vec<SocketAddr> = ["0.0.0.0:3478", "192.0.2.1:443", "[::]:3478"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let interfaces: Vec<IpAddr> = [
+            "127.0.0.1",
+            "169.254.3.3",
+            "10.0.0.5",
+            "203.0.113.9",
+            "::1",
+            "fe80::1",
+            "2001:db8::9",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let expected: Vec<SocketAddr> = [
+            "0.0.0.0:3478",
+            "10.0.0.5:3478",
+            "203.0.113.9:3478",
+            "192.0.2.1:443",
+            "[::]:3478",
+            "[2001:db8::9]:3478",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        assert_eq!(listening_addresses(&listeners, &interfaces), expected);
+    }
 
     #[test]
     fn specific_listen_addresses_become_the_relay_ips() {
