@@ -68,7 +68,8 @@
 //! SQ / CQ         = next_pow2(batch_size) × 64 B + next_pow2(2 × (buffers + send_slots + 64))
 //!                   × 16 B                               // kernel memory; the CQ cannot overflow
 //! completion batch = batch_size × 16 B
-//! tables          = per allocation ≈ 200 B, per permission ≈ 40 B, per channel ≈ 80 B
+//! tables          = per allocation ≈ 200 B, per permission ≈ 40 B, per channel ≈ 80 B,
+//!                   per relayed address of any shard's allocation ≈ 40 B (the own-address check)
 //! mmsg backend    = batch_size × (buffer_size + ~200 B) // one recvmmsg + one sendmmsg batch
 //! ```
 //!
