@@ -334,10 +334,12 @@ impl<R: RngCore> ControlThread<R> {
                 uturn_dataplane::sparse::shrink_map(&mut self.bound);
                 debug_assert_eq!(sockets.len(), relays.len());
                 self.owners.insert(alloc, shard);
-                let addrs: Vec<SocketAddr> = relays
+                let mut addrs: Vec<SocketAddr> = relays
                     .iter()
                     .flat_map(|relay| [relay.bound, relay.advertised])
                     .collect();
+                // Without `relay.external_ips` the two are one address.
+                addrs.dedup();
                 self.broadcast_relayed(&addrs, true);
                 self.relayed.insert(alloc, addrs);
                 ShardCommand::OpenAllocation {
