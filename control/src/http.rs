@@ -454,14 +454,57 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>) {
 
 /// Serves one connection: one request, then close.
 async fn connection(shared: Arc<Shared>, stream: TcpStream, id: u64, slot: Arc<Slot>) {
+    let started = tokio::time::Instant::now();
+    let deadline = started + shared.limits.header_timeout + CONNECTION_GRACE;
+    tokio::select! {
+        () = serve_one(&shared, stream, &slot, started) => {}
+        // Counted when the cap chose it.
+        () = slot.evict.notified() => {}
+        () = tokio::time::sleep_until(deadline) => {
+            metrics::counter!("uturn_http_connections_dropped_total", "reason" => "deadline")
+                .increment(1);
+        }
+    }
+    shared.release(id);
+}
+
+async fn serve_one(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    slot: &Arc<Slot>,
+    started: tokio::time::Instant,
+) {
+    let header_timeout = shared.limits.header_timeout;
+    // hyper takes its 8 KiB read buffer when it starts reading: until the client sends
+    // something (or closes), an idle connection holds only its socket and this task, about
+    // 2 KB. A peek, not `readable()`: tokio reports a fresh registration ready at once.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            debug!(error = %e, "HTTP connection failed before its request");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!("uturn_http_connections_dropped_total", "reason" => "header_timeout")
+                .increment(1);
+            return;
+        }
+    }
+    // The head's time counts from the connection, not from its first byte.
+    let remaining = header_timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(1));
+    let mut http1 = shared.http1.clone();
+    http1.header_read_timeout(remaining);
     let head = Arc::new(Mutex::new(Vec::new()));
     let io = TokioIo::new(HeadTap {
         inner: stream,
         head: Arc::clone(&head),
     });
     let service = {
-        let shared = Arc::clone(&shared);
-        let slot = Arc::clone(&slot);
+        let shared = Arc::clone(shared);
+        let slot = Arc::clone(slot);
         service_fn(move |request| {
             slot.busy.store(true, Ordering::Relaxed);
             let shared = Arc::clone(&shared);
@@ -469,33 +512,19 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, id: u64, slot: Arc<S
             async move { Ok::<_, Infallible>(shared.handler.respond(request, &head).await) }
         })
     };
-    let served = shared.http1.serve_connection(io, service);
-    let deadline = tokio::time::sleep(shared.limits.header_timeout + CONNECTION_GRACE);
-    tokio::select! {
-        result = served => {
-            if let Err(e) = result {
-                let reason = if e.is_timeout() {
-                    "header_timeout"
-                } else if e.is_parse_too_large() {
-                    "header_too_large"
-                } else if e.is_parse() {
-                    "malformed"
-                } else {
-                    "io"
-                };
-                metrics::counter!("uturn_http_connections_dropped_total", "reason" => reason)
-                    .increment(1);
-                debug!(error = %e, reason, "HTTP connection ended with an error");
-            }
-        }
-        // Counted when the cap chose it.
-        () = slot.evict.notified() => {}
-        () = deadline => {
-            metrics::counter!("uturn_http_connections_dropped_total", "reason" => "deadline")
-                .increment(1);
-        }
+    if let Err(e) = http1.serve_connection(io, service).await {
+        let reason = if e.is_timeout() {
+            "header_timeout"
+        } else if e.is_parse_too_large() {
+            "header_too_large"
+        } else if e.is_parse() {
+            "malformed"
+        } else {
+            "io"
+        };
+        metrics::counter!("uturn_http_connections_dropped_total", "reason" => reason).increment(1);
+        debug!(error = %e, reason, "HTTP connection ended with an error");
     }
-    shared.release(id);
 }
 
 /// The socket, keeping a copy of the first [`HEAD_TAP_BYTES`] it reads: hyper folds duplicate
