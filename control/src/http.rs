@@ -369,6 +369,38 @@ struct Slot {
     evict: Notify,
 }
 
+impl Open {
+    /// Takes a new connection in under the cap `max`: at the cap the oldest connection that is
+    /// not busy is taken out to make room (returned, for the caller to close); when every one
+    /// is busy the new one is refused (`None`).
+    fn admit(&mut self, max: usize) -> Option<Admitted> {
+        let mut evicted = None;
+        if self.slots.len() >= max {
+            let idle = self
+                .slots
+                .iter()
+                .find(|(_, slot)| !slot.busy.load(Ordering::Relaxed))
+                .map(|(id, _)| *id)?;
+            evicted = self.slots.remove(&idle);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let slot = Arc::new(Slot {
+            busy: AtomicBool::new(false),
+            evict: Notify::new(),
+        });
+        self.slots.insert(id, Arc::clone(&slot));
+        Some(Admitted { id, slot, evicted })
+    }
+}
+
+/// A connection taken in, and the one closed to make room for it.
+struct Admitted {
+    id: u64,
+    slot: Arc<Slot>,
+    evicted: Option<Arc<Slot>>,
+}
+
 impl Shared {
     fn open(&self) -> std::sync::MutexGuard<'_, Open> {
         // Nothing panics while holding the lock; if something did, the map is still whole.
@@ -378,17 +410,16 @@ impl Shared {
     /// Takes a connection in, making room under the cap; `None` when there is none to make.
     fn admit(&self, last_cap_log: &mut Option<Instant>) -> Option<(u64, Arc<Slot>)> {
         let mut open = self.open();
-        if open.slots.len() >= self.limits.max_connections {
-            let idle = open
-                .slots
-                .iter()
-                .find(|(_, slot)| !slot.busy.load(Ordering::Relaxed))
-                .map(|(id, _)| *id);
-            let evicted = idle.and_then(|id| open.slots.remove(&id));
-            let reason = if evicted.is_some() {
-                "over_cap_evicted"
-            } else {
-                "over_cap_refused"
+        let at_cap = open.slots.len() >= self.limits.max_connections;
+        let admitted = open.admit(self.limits.max_connections);
+        metrics::gauge!("uturn_http_open_connections").set(open.slots.len() as f64);
+        drop(open);
+        if at_cap {
+            let reason = match &admitted {
+                Some(Admitted {
+                    evicted: Some(_), ..
+                }) => "over_cap_evicted",
+                _ => "over_cap_refused",
             };
             metrics::counter!("uturn_http_connections_dropped_total", "reason" => reason)
                 .increment(1);
@@ -400,19 +431,11 @@ impl Shared {
                 );
                 *last_cap_log = Some(Instant::now());
             }
-            match evicted {
-                Some(slot) => slot.evict.notify_one(),
-                None => return None,
-            }
         }
-        let id = open.next_id;
-        open.next_id += 1;
-        let slot = Arc::new(Slot {
-            busy: AtomicBool::new(false),
-            evict: Notify::new(),
-        });
-        open.slots.insert(id, Arc::clone(&slot));
-        metrics::gauge!("uturn_http_open_connections").set(open.slots.len() as f64);
+        let Admitted { id, slot, evicted } = admitted?;
+        if let Some(evicted) = evicted {
+            evicted.evict.notify_one();
+        }
         Some((id, slot))
     }
 
@@ -922,6 +945,30 @@ mod tests {
             Ok(()),
             "names and the coding are case-insensitive"
         );
+    }
+
+    #[test]
+    fn at_the_cap_the_oldest_idle_connection_makes_room_and_busy_ones_are_kept() {
+        let mut open = Open::default();
+        let first: Vec<_> = (0..3).map(|_| open.admit(3).unwrap()).collect();
+        assert!(first.iter().all(|a| a.evicted.is_none()));
+        first[0].slot.busy.store(true, Ordering::Relaxed);
+        // Full: the oldest idle one (the second; the first is answering) is taken out.
+        let fourth = open.admit(3).unwrap();
+        assert!(Arc::ptr_eq(
+            fourth.evicted.as_ref().unwrap(),
+            &first[1].slot
+        ));
+        assert_eq!(open.slots.len(), 3);
+        assert!(open.slots.contains_key(&first[0].id));
+        for admitted in [&first[2], &fourth] {
+            admitted.slot.busy.store(true, Ordering::Relaxed);
+        }
+        assert!(
+            open.admit(3).is_none(),
+            "every connection busy: the new one is refused"
+        );
+        assert_eq!(open.slots.len(), 3);
     }
 
     #[test]
