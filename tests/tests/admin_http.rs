@@ -275,7 +275,8 @@ fn the_connection_cap_closes_the_oldest_idle_connections_first() {
 }
 
 /// A client that never finishes its request head (slowloris) is cut at
-/// `ops.http_header_timeout_ms`, whether it sends nothing, half a head, or a byte at a time.
+/// `ops.http_header_timeout_ms`, whether it sends nothing, half a head, or a byte at a time;
+/// a declared body that does not arrive in that time again is answered 408.
 #[test]
 fn slow_request_heads_are_cut_at_the_header_timeout() {
     let (server, _config) = start_with_ops("admin-slow", "http_header_timeout_ms = 300", &[]);
@@ -307,6 +308,26 @@ fn slow_request_heads_are_cut_at_the_header_timeout() {
         }
     }
     assert!(cut, "a head sent a byte at a time was never cut");
+
+    // A body that never arrives is given the same time again, then answered 408 (not run).
+    let mut stalled = connect(addr);
+    stalled
+        .set_read_timeout(Some(SETTLE))
+        .expect("read timeout");
+    let request = format!(
+        "POST /api/v1/drain HTTP/1.1\r\nHost: {addr}\r\nX-Uturn-Admin: 1\r\nContent-Length: 10\r\n\r\nabc"
+    );
+    stalled.write_all(request.as_bytes()).expect("send");
+    let mut answer = String::new();
+    stalled
+        .read_to_string(&mut answer)
+        .expect("answer then close");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(
+        readyz(&server),
+        (200, "ready\n".into()),
+        "a stalled drain ran"
+    );
     let timeouts = metric(
         &server,
         None,
