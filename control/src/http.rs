@@ -2,7 +2,7 @@
 //!
 //! It runs on its own thread and never touches engine state: every admin request becomes an
 //! [`AdminCall`] sent over a bounded crossbeam channel to the control thread, which owns the
-//! engine and answers between two inputs; this thread waits at most [`ADMIN_REPLY_TIMEOUT`]
+//! engine and answers between two inputs; the listener waits at most [`ADMIN_REPLY_TIMEOUT`]
 //! for the reply (503 otherwise). `/metrics` renders the Prometheus recorder's state, and
 //! `/readyz` reads a [`Readiness`] flag the control thread sets, so neither waits on the
 //! control thread.
@@ -19,28 +19,94 @@
 //! | `POST /api/v1/drain` | stops accepting allocations (`?off` resumes) |
 //!
 //! With a token configured every route but `/healthz` and `/readyz` needs
-//! `Authorization: Bearer TOKEN` (401 otherwise).
+//! `Authorization: Bearer TOKEN` (401 otherwise). Without one (the listener is then on
+//! loopback) a request that changes something (any method but GET and HEAD) needs the header
+//! `X-Uturn-Admin: 1` (403 otherwise), and every route but the two health checks needs a
+//! loopback `Host` (421 otherwise): a web page cannot add a custom header to a cross-site
+//! request without a CORS preflight, which this listener never grants, and a page that
+//! rebinds its own name to 127.0.0.1 still sends that name as `Host`.
+//!
+//! **Bounded.** One thread runs a current-thread tokio runtime with hyper's HTTP/1.1 server, so
+//! connections cost a socket and a small task, never a thread. At most
+//! [`HttpLimits::max_connections`] are open; a new one beyond that closes the oldest
+//! connection that has not sent a complete request head yet (so a flood of idle connections
+//! cannot lock out a health check), or, when every open one is busy, is closed at once. A
+//! request head must arrive within [`HttpLimits::header_timeout`] and fit in
+//! [`MAX_HEADER_BYTES`] and [`MAX_HEADERS`] lines (431), a body in [`MAX_BODY_BYTES`] (413).
+//! A connection carries one request (the answer says `Connection: close`), so the token is
+//! checked before the listener reads anything but that one bounded head. Framing that two
+//! parsers could read differently is refused with 400 before anything runs: `Content-Length`
+//! beside `Transfer-Encoding`, more than one `Content-Length` or `Transfer-Encoding` or `Host`
+//! line, a `Content-Length` that is not one decimal number, a `Transfer-Encoding` that is not
+//! exactly `chunked`.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, bounded};
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use subtle::ConstantTimeEq as _;
-use tiny_http::{Header, Method, Request, Response, Server};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Notify, oneshot};
 use tracing::{debug, warn};
 
-/// How long the HTTP thread waits for the control thread to answer an admin request.
+/// How long the listener waits for the control thread to answer an admin request.
 pub const ADMIN_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The header a state-changing request must carry when no token is configured. Browsers
+/// cannot add it to a cross-site request without a CORS preflight, which is never granted.
+pub const ADMIN_HEADER: &str = "x-uturn-admin";
+
+/// The longest request head (request line and header lines) accepted; longer is 431.
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+
+/// The most header lines a request may have; more is 431.
+pub const MAX_HEADERS: usize = 64;
+
+/// The largest request body accepted; larger is 413. No route reads a body: the limit bounds
+/// what a client can make the listener read before it answers.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// hyper's read buffer per connection at most (hyper's own minimum is 8 KiB).
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+
+/// How much of a connection's first bytes are kept to re-read the request head's framing
+/// lines (the head itself is at most [`MAX_HEADER_BYTES`]).
+const HEAD_TAP_BYTES: usize = 2 * MAX_HEADER_BYTES;
+
+/// How long a connection may live beyond its header timeout (reading a body, waiting for the
+/// control thread, writing to a slow reader) before it is closed.
+const CONNECTION_GRACE: Duration = Duration::from_secs(30);
+
+/// The listen backlog: a burst of connects waits in the kernel, not in a refused SYN.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// How long the listener pauses after a failed accept (out of file descriptors), so it does
+/// not spin on an error that repeats until something is closed.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// At most one log line per this interval says the connection cap is reached.
+const CAP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Admin requests waiting for the control thread; beyond this the API answers 503.
 const ADMIN_QUEUE_DEPTH: usize = 64;
-
-/// How long one wait for a request lasts before the thread looks at its stop flag.
-const ACCEPT_POLL: Duration = Duration::from_millis(200);
 
 /// How often the recorder's histograms are folded into their buckets when nobody scrapes:
 /// until then every recorded sample is held in memory, so a server that is never scraped
@@ -81,8 +147,9 @@ pub struct AdminReply {
 pub struct AdminCall {
     /// What is asked.
     pub request: AdminRequest,
-    /// Where the answer goes (the HTTP thread may have given up; sending then fails quietly).
-    pub reply: Sender<AdminReply>,
+    /// Where the answer goes (the listener may have given up; sending then fails quietly).
+    /// A oneshot that a plain thread can send on and the listener's runtime can await.
+    pub reply: oneshot::Sender<AdminReply>,
 }
 
 /// Whether the server takes new allocations, as `/readyz` reports it.
@@ -118,6 +185,32 @@ impl Readiness {
     }
 }
 
+/// What the listener tolerates from its clients (`ops.http_header_timeout_ms`,
+/// `ops.http_max_connections`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// How long a client may take to send a request head.
+    pub header_timeout: Duration,
+    /// Connections open at most.
+    pub max_connections: usize,
+}
+
+impl HttpLimits {
+    /// The limits `[ops]` configures.
+    pub fn from_ops(ops: &crate::ops::OpsConfig) -> Self {
+        Self {
+            header_timeout: Duration::from_millis(u64::from(ops.http_header_timeout_ms)),
+            max_connections: usize::try_from(ops.http_max_connections).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self::from_ops(&crate::ops::OpsConfig::default())
+    }
+}
+
 /// Why the HTTP listener could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -133,16 +226,19 @@ pub enum HttpError {
     /// The Prometheus recorder could not be installed (another one is).
     #[error("cannot install the Prometheus recorder: {0}")]
     Recorder(String),
+    /// The listener's runtime (its event loop) could not be built.
+    #[error("cannot start the HTTP listener's event loop: {0}")]
+    Runtime(io::Error),
     /// The thread could not be spawned.
     #[error("cannot spawn the HTTP thread: {0}")]
-    Spawn(#[from] std::io::Error),
+    Spawn(#[from] io::Error),
 }
 
 /// The running HTTP listener.
 #[derive(Debug)]
 pub struct HttpServer {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Notify>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -155,6 +251,7 @@ impl HttpServer {
         token: Option<String>,
         metrics: bool,
         readiness: Readiness,
+        limits: HttpLimits,
     ) -> Result<(Self, Receiver<AdminCall>), HttpError> {
         let prometheus = if metrics {
             let handle = PrometheusBuilder::new()
@@ -171,23 +268,47 @@ impl HttpServer {
         } else {
             None
         };
-        let server = Server::http(addr).map_err(|e| HttpError::Bind {
-            addr,
-            reason: e.to_string(),
-        })?;
-        let bound = server.server_addr().to_ip().unwrap_or(addr);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (calls_tx, calls) = bounded(ADMIN_QUEUE_DEPTH);
-        let handler = Handler {
-            token,
-            readiness,
-            prometheus,
-            calls: calls_tx,
+        // One thread, whatever the number of connections: the runtime never starts another
+        // (nothing here uses its blocking pool).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(HttpError::Runtime)?;
+        let listener = {
+            let _context = runtime.enter();
+            bind(addr).map_err(|e| HttpError::Bind {
+                addr,
+                reason: e.to_string(),
+            })?
         };
+        let bound = listener.local_addr().unwrap_or(addr);
+        let (calls_tx, calls) = bounded(ADMIN_QUEUE_DEPTH);
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .keep_alive(false)
+            .max_headers(MAX_HEADERS)
+            .max_header_size(MAX_HEADER_BYTES)
+            .max_buf_size(READ_BUFFER_BYTES);
+        let shared = Arc::new(Shared {
+            handler: Handler {
+                token,
+                readiness,
+                prometheus,
+                calls: calls_tx,
+                header_timeout: limits.header_timeout,
+            },
+            http1,
+            limits,
+            open: Mutex::new(Open::default()),
+        });
+        let stop = Arc::new(Notify::new());
         let thread_stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("uturn-http".into())
-            .spawn(move || serve(&server, &handler, &thread_stop))?;
+            .spawn(move || runtime.block_on(serve(listener, shared, thread_stop)))?;
         Ok((
             Self {
                 addr: bound,
@@ -206,12 +327,291 @@ impl HttpServer {
 
 impl Drop for HttpServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        // A stored permit: the accept loop sees it even if it is not waiting right now.
+        self.stop.notify_one();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
 }
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// What the accept loop and every connection task share.
+struct Shared {
+    handler: Handler,
+    http1: http1::Builder,
+    limits: HttpLimits,
+    open: Mutex<Open>,
+}
+
+/// The open connections, oldest first (ids only grow).
+#[derive(Default)]
+struct Open {
+    next_id: u64,
+    slots: BTreeMap<u64, Arc<Slot>>,
+}
+
+/// One open connection, as the cap sees it.
+struct Slot {
+    /// A complete request head has arrived: the connection is answering, not idling.
+    busy: AtomicBool,
+    /// Closes the connection to make room for a new one.
+    evict: Notify,
+}
+
+impl Open {
+    /// Takes a new connection in under the cap `max`: at the cap the oldest connection that is
+    /// not busy is taken out to make room (returned, for the caller to close); when every one
+    /// is busy the new one is refused (`None`).
+    fn admit(&mut self, max: usize) -> Option<Admitted> {
+        let mut evicted = None;
+        if self.slots.len() >= max {
+            let idle = self
+                .slots
+                .iter()
+                .find(|(_, slot)| !slot.busy.load(Ordering::Relaxed))
+                .map(|(id, _)| *id)?;
+            evicted = self.slots.remove(&idle);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let slot = Arc::new(Slot {
+            busy: AtomicBool::new(false),
+            evict: Notify::new(),
+        });
+        self.slots.insert(id, Arc::clone(&slot));
+        Some(Admitted { id, slot, evicted })
+    }
+}
+
+/// A connection taken in, and the one closed to make room for it.
+struct Admitted {
+    id: u64,
+    slot: Arc<Slot>,
+    evicted: Option<Arc<Slot>>,
+}
+
+impl Shared {
+    fn open(&self) -> std::sync::MutexGuard<'_, Open> {
+        // Nothing panics while holding the lock; if something did, the map is still whole.
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a connection in, making room under the cap; `None` when there is none to make.
+    fn admit(&self, last_cap_log: &mut Option<Instant>) -> Option<(u64, Arc<Slot>)> {
+        let mut open = self.open();
+        let at_cap = open.slots.len() >= self.limits.max_connections;
+        let admitted = open.admit(self.limits.max_connections);
+        metrics::gauge!("uturn_http_open_connections").set(open.slots.len() as f64);
+        drop(open);
+        if at_cap {
+            let reason = match &admitted {
+                Some(Admitted {
+                    evicted: Some(_), ..
+                }) => "over_cap_evicted",
+                _ => "over_cap_refused",
+            };
+            metrics::counter!("uturn_http_connections_dropped_total", "reason" => reason)
+                .increment(1);
+            if last_cap_log.is_none_or(|at| at.elapsed() >= CAP_LOG_INTERVAL) {
+                warn!(
+                    max = self.limits.max_connections,
+                    "HTTP listener at its connection cap (ops.http_max_connections): closing \
+                     the oldest connection without a request, or the new one"
+                );
+                *last_cap_log = Some(Instant::now());
+            }
+        }
+        let Admitted { id, slot, evicted } = admitted?;
+        if let Some(evicted) = evicted {
+            evicted.evict.notify_one();
+        }
+        Some((id, slot))
+    }
+
+    fn release(&self, id: u64) {
+        let mut open = self.open();
+        open.slots.remove(&id);
+        metrics::gauge!("uturn_http_open_connections").set(open.slots.len() as f64);
+    }
+}
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>) {
+    let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
+    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_cap_log = None;
+    loop {
+        tokio::select! {
+            () = stop.notified() => break,
+            _ = upkeep.tick() => {
+                if let Some(prometheus) = &shared.handler.prometheus {
+                    prometheus.run_upkeep();
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    // Over the cap with every connection busy: dropping the stream closes it.
+                    if let Some((id, slot)) = shared.admit(&mut last_cap_log) {
+                        tokio::spawn(connection(Arc::clone(&shared), stream, id, slot));
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+        }
+    }
+    // Returning drops the runtime with every connection task: their sockets close.
+}
+
+/// Serves one connection: one request, then close.
+async fn connection(shared: Arc<Shared>, stream: TcpStream, id: u64, slot: Arc<Slot>) {
+    let started = tokio::time::Instant::now();
+    let deadline = started + shared.limits.header_timeout + CONNECTION_GRACE;
+    tokio::select! {
+        () = serve_one(&shared, stream, &slot, started) => {}
+        // Counted when the cap chose it.
+        () = slot.evict.notified() => {}
+        () = tokio::time::sleep_until(deadline) => {
+            metrics::counter!("uturn_http_connections_dropped_total", "reason" => "deadline")
+                .increment(1);
+        }
+    }
+    shared.release(id);
+}
+
+async fn serve_one(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    slot: &Arc<Slot>,
+    started: tokio::time::Instant,
+) {
+    let header_timeout = shared.limits.header_timeout;
+    // hyper takes its 8 KiB read buffer when it starts reading: until the client sends
+    // something (or closes), an idle connection holds only its socket and this task, about
+    // 2 KB. A peek, not `readable()`: tokio reports a fresh registration ready at once.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            debug!(error = %e, "HTTP connection failed before its request");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!("uturn_http_connections_dropped_total", "reason" => "header_timeout")
+                .increment(1);
+            return;
+        }
+    }
+    // The head's time counts from the connection, not from its first byte.
+    let remaining = header_timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(1));
+    let mut http1 = shared.http1.clone();
+    http1.header_read_timeout(remaining);
+    let head = Arc::new(Mutex::new(Vec::new()));
+    let io = TokioIo::new(HeadTap {
+        inner: stream,
+        head: Arc::clone(&head),
+    });
+    let service = {
+        let shared = Arc::clone(shared);
+        let slot = Arc::clone(slot);
+        service_fn(move |request| {
+            slot.busy.store(true, Ordering::Relaxed);
+            let shared = Arc::clone(&shared);
+            let head = Arc::clone(&head);
+            async move { Ok::<_, Infallible>(shared.handler.respond(request, &head).await) }
+        })
+    };
+    if let Err(e) = http1.serve_connection(io, service).await {
+        let reason = if e.is_timeout() {
+            "header_timeout"
+        } else if e.is_parse_too_large() {
+            "header_too_large"
+        } else if e.is_parse() {
+            "malformed"
+        } else {
+            "io"
+        };
+        metrics::counter!("uturn_http_connections_dropped_total", "reason" => reason).increment(1);
+        debug!(error = %e, reason, "HTTP connection ended with an error");
+    }
+}
+
+/// The socket, keeping a copy of the first [`HEAD_TAP_BYTES`] it reads: hyper folds duplicate
+/// `Content-Length` lines and drops one beside `Transfer-Encoding` before a service sees the
+/// headers, so the framing check re-reads the head from these bytes.
+struct HeadTap {
+    inner: TcpStream,
+    head: Arc<Mutex<Vec<u8>>>,
+}
+
+impl AsyncRead for HeadTap {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let mut head = this.head.lock().unwrap_or_else(PoisonError::into_inner);
+            let room = HEAD_TAP_BYTES.saturating_sub(head.len());
+            let fresh = buf.filled().get(before..).unwrap_or_default();
+            head.extend_from_slice(fresh.get(..room.min(fresh.len())).unwrap_or_default());
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for HeadTap {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const JSON: &str = "application/json";
+
+/// A status, a content type and a body.
+type Answer = (u16, &'static str, String);
 
 struct Handler {
     token: Option<String>,
@@ -219,68 +619,73 @@ struct Handler {
     /// None with `ops.metrics = false`.
     prometheus: Option<PrometheusHandle>,
     calls: Sender<AdminCall>,
-}
-
-fn serve(server: &Server, handler: &Handler, stop: &AtomicBool) {
-    let mut upkept = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        match server.recv_timeout(ACCEPT_POLL) {
-            Ok(Some(request)) => handler.handle(request),
-            Ok(None) => {}
-            Err(e) => debug!(error = %e, "HTTP connection failed"),
-        }
-        if upkept.elapsed() >= UPKEEP_INTERVAL {
-            if let Some(prometheus) = &handler.prometheus {
-                prometheus.run_upkeep();
-            }
-            upkept = Instant::now();
-        }
-    }
+    /// Also the time a declared body has to arrive.
+    header_timeout: Duration,
 }
 
 impl Handler {
-    fn handle(&self, request: Request) {
-        let url = request.url().to_owned();
-        let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
-        let method = request.method().clone();
-        let (status, content_type, body) = self.route(&method, path, query, &request);
-        let mut response = Response::from_string(body).with_status_code(status);
-        if let Ok(header) = Header::from_bytes("Content-Type", content_type) {
-            response = response.with_header(header);
-        }
+    async fn respond(
+        &self,
+        request: Request<Incoming>,
+        head: &Mutex<Vec<u8>>,
+    ) -> Response<Full<Bytes>> {
+        let (status, content_type, body) = self.answer(request, head).await;
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() =
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         if status == 401 {
-            if let Ok(header) = Header::from_bytes("WWW-Authenticate", "Bearer") {
-                response = response.with_header(header);
-            }
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let Err(e) = request.respond(response) {
-            debug!(error = %e, "HTTP response not sent");
-        }
+        response
     }
 
-    fn route(
-        &self,
-        method: &Method,
-        path: &str,
-        query: &str,
-        request: &Request,
-    ) -> (u16, &'static str, String) {
-        const TEXT: &str = "text/plain; charset=utf-8";
-        const JSON: &str = "application/json";
-        match (method, path) {
-            (Method::Get, "/healthz") => return (200, TEXT, "ok\n".into()),
-            (Method::Get, "/readyz") => {
+    async fn answer(&self, request: Request<Incoming>, head: &Mutex<Vec<u8>>) -> Answer {
+        let framing = {
+            let head = head.lock().unwrap_or_else(PoisonError::into_inner);
+            check_framing(&head)
+        };
+        if let Err(why) = framing {
+            return refuse("framing", 400, why);
+        }
+        let (parts, body) = request.into_parts();
+        let path = parts.uri.path();
+        let query = parts.uri.query().unwrap_or("");
+        match (&parts.method, path) {
+            (&Method::GET, "/healthz") => return (200, TEXT, "ok\n".into()),
+            (&Method::GET, "/readyz") => {
                 let state = self.readiness.label();
                 let status = if state == "ready" { 200 } else { 503 };
                 return (status, TEXT, format!("{state}\n"));
             }
             _ => {}
         }
-        if !self.authorized(request) {
-            return (401, TEXT, "missing or wrong bearer token\n".into());
+        if self.token.is_none() && !host_is_loopback(&parts.headers) {
+            return refuse(
+                "host",
+                421,
+                "without ops.http_token the admin API answers only requests for a loopback \
+                 host (127.0.0.1, [::1] or localhost)",
+            );
         }
-        let admin = match (method, path) {
-            (Method::Get, "/metrics") => {
+        if !self.authorized(&parts.headers) {
+            return refuse("unauthorized", 401, "missing or wrong bearer token");
+        }
+        let changes_state = !matches!(parts.method, Method::GET | Method::HEAD);
+        if changes_state && self.token.is_none() && !parts.headers.contains_key(ADMIN_HEADER) {
+            return refuse(
+                "admin_header",
+                403,
+                "a request that changes state needs the header `X-Uturn-Admin: 1` (or a \
+                 bearer token), which a web page cannot send cross-site",
+            );
+        }
+        if let Err(refused) = self.read_body(&parts.headers, body).await {
+            return refused;
+        }
+        let admin = match (&parts.method, path) {
+            (&Method::GET, "/metrics") => {
                 let Some(prometheus) = &self.prometheus else {
                     return (
                         404,
@@ -295,12 +700,12 @@ impl Handler {
                     prometheus.render(),
                 );
             }
-            (Method::Get, "/api/v1/status") => AdminRequest::Status,
-            (Method::Get, "/api/v1/allocations") => AdminRequest::Allocations {
+            (&Method::GET, "/api/v1/status") => AdminRequest::Status,
+            (&Method::GET, "/api/v1/allocations") => AdminRequest::Allocations {
                 user: query_param(query, "user"),
                 client: query_param(query, "client"),
             },
-            (Method::Delete, p) if p.starts_with("/api/v1/allocations/") => {
+            (&Method::DELETE, p) if p.starts_with("/api/v1/allocations/") => {
                 let id = p.strip_prefix("/api/v1/allocations/").unwrap_or_default();
                 match id.parse::<u64>() {
                     Ok(id) => AdminRequest::DeleteAllocation(id),
@@ -309,8 +714,8 @@ impl Handler {
                     }
                 }
             }
-            (Method::Post, "/api/v1/reload") => AdminRequest::Reload,
-            (Method::Post, "/api/v1/drain") => {
+            (&Method::POST, "/api/v1/reload") => AdminRequest::Reload,
+            (&Method::POST, "/api/v1/drain") => {
                 AdminRequest::Drain(!query.split('&').any(|p| p == "off"))
             }
             (_, "/metrics" | "/healthz" | "/readyz" | "/api/v1/status" | "/api/v1/reload")
@@ -319,24 +724,61 @@ impl Handler {
             }
             _ => return (404, JSON, error_json("no such route")),
         };
-        let reply = self.call(admin);
+        let reply = self.call(admin).await;
         (reply.status, JSON, format!("{}\n", reply.body))
     }
 
-    fn authorized(&self, request: &Request) -> bool {
+    /// Reads (and drops) the body, bounded in size and time, so nothing runs on a request whose
+    /// body is malformed or still arriving.
+    async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<(), Answer> {
+        let too_large = || {
+            refuse(
+                "too_large",
+                413,
+                &format!("a request body may have {MAX_BODY_BYTES} bytes at most"),
+            )
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+            return Err(too_large());
+        }
+        let collected = tokio::time::timeout(
+            self.header_timeout,
+            Limited::new(body, MAX_BODY_BYTES).collect(),
+        )
+        .await;
+        match collected {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+            Ok(Err(e)) => {
+                debug!(error = %e, "HTTP request body not read");
+                Err(refuse("framing", 400, "the request body could not be read"))
+            }
+            Err(_) => Err(refuse(
+                "body_timeout",
+                408,
+                "the request body did not arrive in time",
+            )),
+        }
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
         let Some(token) = &self.token else {
             return true;
         };
-        request
-            .headers()
+        headers
+            .get_all(header::AUTHORIZATION)
             .iter()
-            .filter(|h| h.field.equiv("Authorization"))
-            .filter_map(|h| h.value.as_str().strip_prefix("Bearer "))
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| v.strip_prefix("Bearer "))
             .any(|given| bool::from(given.trim().as_bytes().ct_eq(token.as_bytes())))
     }
 
-    fn call(&self, request: AdminRequest) -> AdminReply {
-        let (reply_tx, reply_rx) = bounded(1);
+    async fn call(&self, request: AdminRequest) -> AdminReply {
+        let (reply_tx, reply_rx) = oneshot::channel();
         let unavailable = |why: &str| AdminReply {
             status: 503,
             body: serde_json::json!({ "error": why }),
@@ -352,10 +794,72 @@ impl Handler {
             warn!("admin request refused: the control thread's queue is full or gone");
             return unavailable("the control thread is busy or stopped");
         }
-        reply_rx
-            .recv_timeout(ADMIN_REPLY_TIMEOUT)
-            .unwrap_or_else(|_| unavailable("the control thread did not answer in time"))
+        match tokio::time::timeout(ADMIN_REPLY_TIMEOUT, reply_rx).await {
+            Ok(Ok(reply)) => reply,
+            _ => unavailable("the control thread did not answer in time"),
+        }
     }
+}
+
+/// A refusal, counted by `reason`.
+fn refuse(reason: &'static str, status: u16, why: &str) -> Answer {
+    metrics::counter!("uturn_http_requests_refused_total", "reason" => reason).increment(1);
+    (status, TEXT, format!("{why}\n"))
+}
+
+/// Refuses framing that a proxy in front and this server could read differently (request
+/// smuggling, RFC 9112 §6.1 and §6.3): hyper alone lets `Transfer-Encoding` win over
+/// `Content-Length` and folds equal duplicates. `head` starts with the request head.
+fn check_framing(head: &[u8]) -> Result<(), &'static str> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut lines);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err("the request head could not be read"),
+    }
+    let (mut lengths, mut encodings, mut hosts) = (0, 0, 0);
+    for line in request.headers.iter() {
+        let value = line.value.trim_ascii();
+        if line.name.eq_ignore_ascii_case("content-length") {
+            lengths += 1;
+            if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+                return Err("Content-Length must be one decimal number");
+            }
+        } else if line.name.eq_ignore_ascii_case("transfer-encoding") {
+            encodings += 1;
+            if !value.eq_ignore_ascii_case(b"chunked") {
+                return Err("the only Transfer-Encoding accepted is `chunked`");
+            }
+        } else if line.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        }
+    }
+    if lengths > 0 && encodings > 0 {
+        return Err("Content-Length and Transfer-Encoding together are refused");
+    }
+    if lengths > 1 || encodings > 1 {
+        return Err("a framing header (Content-Length, Transfer-Encoding) appears more than once");
+    }
+    if hosts > 1 {
+        return Err("more than one Host header");
+    }
+    Ok(())
+}
+
+/// Whether the request names a loopback host (or none, as HTTP/1.0 may: browsers always do).
+fn host_is_loopback(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::HOST) else {
+        return true;
+    };
+    let Ok(text) = value.to_str() else {
+        return false;
+    };
+    let host = match text.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => text.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn error_json(message: &str) -> String {
@@ -406,6 +910,93 @@ fn percent_decode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn framing(head: &str) -> Result<(), &'static str> {
+        check_framing(head.as_bytes())
+    }
+
+    #[test]
+    fn framing_that_two_parsers_could_read_differently_is_refused() {
+        // RFC 9112 §6.1: Content-Length beside Transfer-Encoding "ought to be handled as an
+        // error"; §6.3: differing or listed lengths are unrecoverable framing errors.
+        let ok = "POST /api/v1/drain HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(framing(ok), Ok(()));
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            Ok(()),
+            "the body after the head does not matter"
+        );
+        for bad in [
+            "POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 4, 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +4\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n",
+        ] {
+            assert!(framing(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\ntransfer-encoding:  Chunked \r\n\r\n"),
+            Ok(()),
+            "names and the coding are case-insensitive"
+        );
+    }
+
+    #[test]
+    fn at_the_cap_the_oldest_idle_connection_makes_room_and_busy_ones_are_kept() {
+        let mut open = Open::default();
+        let first: Vec<_> = (0..3).map(|_| open.admit(3).unwrap()).collect();
+        assert!(first.iter().all(|a| a.evicted.is_none()));
+        first[0].slot.busy.store(true, Ordering::Relaxed);
+        // Full: the oldest idle one (the second; the first is answering) is taken out.
+        let fourth = open.admit(3).unwrap();
+        assert!(Arc::ptr_eq(
+            fourth.evicted.as_ref().unwrap(),
+            &first[1].slot
+        ));
+        assert_eq!(open.slots.len(), 3);
+        assert!(open.slots.contains_key(&first[0].id));
+        for admitted in [&first[2], &fourth] {
+            admitted.slot.busy.store(true, Ordering::Relaxed);
+        }
+        assert!(
+            open.admit(3).is_none(),
+            "every connection busy: the new one is refused"
+        );
+        assert_eq!(open.slots.len(), 3);
+    }
+
+    #[test]
+    fn only_loopback_hosts_pass_without_a_token() {
+        let host = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::HOST, HeaderValue::from_str(value).unwrap());
+            host_is_loopback(&headers)
+        };
+        for ok in [
+            "127.0.0.1:9641",
+            "127.0.0.1",
+            "[::1]:9641",
+            "localhost:9641",
+            "LOCALHOST",
+        ] {
+            assert!(host(ok), "{ok}");
+        }
+        for bad in [
+            "attacker.example:9641",
+            "192.0.2.1:9641",
+            "[2001:db8::1]:80",
+            "localhost.evil",
+        ] {
+            assert!(!host(bad), "{bad}");
+        }
+        assert!(host_is_loopback(&HeaderMap::new()), "HTTP/1.0 without Host");
+    }
 
     #[test]
     fn query_parameters_are_found_and_decoded() {

@@ -38,6 +38,13 @@ pub struct OpsConfig {
     /// keep counting locally but publish nothing, so the allocations API shows no packet
     /// counters either.
     pub metrics: bool,
+    /// How long a client of the HTTP listener may take to send a request head, milliseconds;
+    /// the connection is closed then. Default 5000.
+    pub http_header_timeout_ms: u32,
+    /// Connections the HTTP listener holds open at most. Beyond it the oldest connection that
+    /// has not yet sent a request head is closed for the new one (none: the new one is).
+    /// Default 1024.
+    pub http_max_connections: u32,
 }
 
 /// Log output format.
@@ -61,6 +68,8 @@ impl Default for OpsConfig {
             log_level: "info".to_owned(),
             counters_interval_ms: 1000,
             metrics: true,
+            http_header_timeout_ms: 5000,
+            http_max_connections: 1024,
         }
     }
 }
@@ -92,6 +101,18 @@ impl OpsConfig {
             return Err(invalid(
                 "ops.counters_interval_ms",
                 format!("must be 10 to 60000, not {}", self.counters_interval_ms),
+            ));
+        }
+        if !(100..=60_000).contains(&self.http_header_timeout_ms) {
+            return Err(invalid(
+                "ops.http_header_timeout_ms",
+                format!("must be 100 to 60000, not {}", self.http_header_timeout_ms),
+            ));
+        }
+        if !(1..=65_536).contains(&self.http_max_connections) {
+            return Err(invalid(
+                "ops.http_max_connections",
+                format!("must be 1 to 65536, not {}", self.http_max_connections),
             ));
         }
         Ok(())

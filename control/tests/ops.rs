@@ -243,3 +243,36 @@ fn the_packaged_config_is_valid() {
         "LimitNOFILE={nofile} for {ports} ports"
     );
 }
+
+/// The admin listener's limits come from `[ops]`; a value it cannot use is refused naming the
+/// field.
+#[test]
+fn the_admin_listener_limits_are_read_from_ops_and_checked() {
+    let config = uturn_control::Config::from_toml_str(
+        "[ops]\nhttp_header_timeout_ms = 250\nhttp_max_connections = 8\n",
+    )
+    .unwrap();
+    config.validate().unwrap();
+    let limits = uturn_control::http::HttpLimits::from_ops(&config.ops);
+    assert_eq!(limits.header_timeout, Duration::from_millis(250));
+    assert_eq!(limits.max_connections, 8);
+    let defaults = uturn_control::http::HttpLimits::default();
+    assert_eq!(
+        (defaults.header_timeout, defaults.max_connections),
+        (Duration::from_secs(5), 1024)
+    );
+    for (text, field) in [
+        ("http_header_timeout_ms = 0", "ops.http_header_timeout_ms"),
+        (
+            "http_header_timeout_ms = 600000",
+            "ops.http_header_timeout_ms",
+        ),
+        ("http_max_connections = 0", "ops.http_max_connections"),
+    ] {
+        let refused = uturn_control::Config::from_toml_str(&format!("[ops]\n{text}\n"))
+            .and_then(|c| c.validate().map(|()| c))
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains(field), "{text}: {refused}");
+    }
+}

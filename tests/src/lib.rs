@@ -260,7 +260,8 @@ impl Drop for Uturn {
     }
 }
 
-/// One HTTP/1.1 request with `Connection: close`; returns the status and body.
+/// One HTTP/1.1 request with `Connection: close` and the `X-Uturn-Admin` header the admin API
+/// wants on state-changing requests without a token; returns the status and body.
 ///
 /// # Panics
 ///
@@ -278,8 +279,9 @@ pub fn http_request(
         .set_read_timeout(Some(ANSWER_TIMEOUT))
         .expect("set read timeout");
     let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    // What a state-changing request needs without a token (GET ignores it).
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}X-Uturn-Admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).expect("send request");
     let mut response = Vec::new();

@@ -365,6 +365,14 @@ impl<R: RngCore> ControlThread<R> {
                 config.ops.counters_interval_ms != running.ops.counters_interval_ms,
             ),
             ("ops.metrics", config.ops.metrics != running.ops.metrics),
+            (
+                "ops.http_header_timeout_ms",
+                config.ops.http_header_timeout_ms != running.ops.http_header_timeout_ms,
+            ),
+            (
+                "ops.http_max_connections",
+                config.ops.http_max_connections != running.ops.http_max_connections,
+            ),
         ]
         .into_iter()
         .filter_map(|(field, changed)| changed.then_some(field))

@@ -27,7 +27,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _, reload};
 use uturn_control::config::{IoBackend, UserConfig};
-use uturn_control::http::{HttpServer, Readiness};
+use uturn_control::http::{HttpLimits, HttpServer, Readiness};
 use uturn_control::listen;
 use uturn_control::ops::LogFormat;
 use uturn_control::shell::{
@@ -173,6 +173,7 @@ fn run(
         config.ops.http_token.clone(),
         config.ops.metrics,
         readiness.clone(),
+        HttpLimits::from_ops(&config.ops),
     )?;
 
     // Machine-readable lines on stdout: tests and scripts wait for `uturn is ready`.
