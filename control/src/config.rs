@@ -64,8 +64,8 @@ pub struct ServerConfig {
     /// Seconds a TCP/TLS connection may stay without an allocation before it is closed
     /// (checked once a second). Default 30.
     pub stream_idle_timeout_secs: u32,
-    /// Data-plane shard threads; `0` (default) means one per available core. The relay port range
-    /// is split between the shards (see [`RelayConfig::port_min`]).
+    /// Data-plane shard threads; `0` (default) means one per available core. The shards share
+    /// the relay port range (see [`RelayConfig::port_min`]).
     pub threads: u16,
     /// I/O backend: `"auto"` (default: io_uring when the kernel allows it, else mmsg), `"uring"`
     /// or `"mmsg"`.
