@@ -96,7 +96,8 @@ pub(super) struct OpsState {
     gauges_at: Instant,
     gauges_dirty: bool,
     logs: HashMap<AllocationId, AllocationLog>,
-    limiter: LogLimiter,
+    /// Shared with the shell's own warnings (relay bind failures).
+    pub(super) limiter: LogLimiter,
 }
 
 impl OpsState {
