@@ -25,6 +25,9 @@ pub const RESERVATION_LIFETIME_SECS: u32 = 30;
 pub const PORT_MIN_DEFAULT: u16 = 49152;
 /// Upper end of the RFC 8656 §7.2 range.
 pub const PORT_MAX_DEFAULT: u16 = 65535;
+/// draft-uberti-behave-turn-rest-00 §2.2: "ttl: the duration for which the username and
+/// password are valid, in seconds. A value of one day (86400 seconds) is recommended."
+pub const REST_EXPIRY_MAX_DEFAULT_SECS: u32 = 86_400;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
@@ -119,6 +122,21 @@ pub struct AuthConfig {
     pub binding_requires_auth: bool,
     /// Bound on cached derived keys of TURN REST users. Default 10000.
     pub rest_key_cache_entries: u32,
+    /// How far ahead of the wall clock a TURN REST username's expiry may lie, in seconds; a
+    /// credential that expires later is refused (401, `expiry_too_far`), so a leaked secret
+    /// cannot mint credentials that live for years and a web app's wrong TTL shows at once.
+    /// `0` means the default, 86400 (the REST draft's recommended one-day TTL). Reloadable.
+    pub rest_expiry_max_secs: u32,
+}
+
+impl AuthConfig {
+    /// [`AuthConfig::rest_expiry_max_secs`] with `0` resolved to the default.
+    pub fn rest_expiry_max(&self) -> u64 {
+        match self.rest_expiry_max_secs {
+            0 => u64::from(REST_EXPIRY_MAX_DEFAULT_SECS),
+            secs => u64::from(secs),
+        }
+    }
 }
 
 /// One `[[auth.users]]` entry: `username` and exactly one of `password` or `key`.
@@ -498,6 +516,7 @@ impl Default for AuthConfig {
             integrity_failure_code: 401,
             binding_requires_auth: false,
             rest_key_cache_entries: 10_000,
+            rest_expiry_max_secs: REST_EXPIRY_MAX_DEFAULT_SECS,
         }
     }
 }

@@ -174,7 +174,9 @@ mod tests {
             .map(|seed| {
                 let mut rng = SmallRng::seed_from_u64(seed);
                 let mut ports = PortAllocator::new(49152, 65535).unwrap();
-                ports.allocate(&mut rng, Family::V4, PortShape::Any).unwrap()
+                ports
+                    .allocate(&mut rng, Family::V4, PortShape::Any)
+                    .unwrap()
             })
             .collect();
         assert!(firsts.len() > 16, "{firsts:?}");

@@ -35,6 +35,18 @@ fn the_defaults_are_the_rfc_values() {
     config.validate().unwrap();
 }
 
+/// draft-uberti-behave-turn-rest-00 §2.2: "A value of one day (86400 seconds) is recommended"
+/// for the TTL; that is the default bound on a REST credential's expiry, and 0 means it.
+#[test]
+fn the_rest_expiry_maximum_defaults_to_one_day_and_zero_means_the_default() {
+    assert_eq!(Config::default().auth.rest_expiry_max_secs, 86_400);
+    assert_eq!(Config::default().auth.rest_expiry_max(), 86_400);
+    let zero = Config::from_toml_str("[auth]\nrest_expiry_max_secs = 0").unwrap();
+    assert_eq!(zero.auth.rest_expiry_max(), 86_400);
+    let hour = Config::from_toml_str("[auth]\nrest_expiry_max_secs = 3600").unwrap();
+    assert_eq!(hour.auth.rest_expiry_max(), 3600);
+}
+
 #[test]
 fn an_expressway_style_config_parses() {
     let text = r#"
