@@ -159,8 +159,11 @@ pub struct UserConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RelayConfig {
     /// Relay IPs the relay sockets bind to, at most one IPv4 and one IPv6, each a concrete
-    /// address (it is advertised unless mapped). Default `[]`: with no relay IP every Allocate
-    /// is answered 440 (Address Family not Supported), so a relaying server must set it.
+    /// address (it is advertised unless mapped). Default `[]`: the `uturn` binary then picks
+    /// them at start-up (`shell::default_relay_ips`): a listener's IP when it is specific, else,
+    /// for a wildcard listener, the host's first global IPv4 or IPv6 interface address; it
+    /// refuses to start when it finds none. (An [`crate::Engine`] given no relay IP of a family
+    /// answers Allocates for that family 440, Address Family not Supported.)
     pub relay_ips: Vec<IpAddr>,
     /// External address mapping for static NAT and dual-NIC hosts: `"PUBLIC/PRIVATE"` maps the
     /// relay IP PRIVATE to PUBLIC in XOR-RELAYED-ADDRESS; a bare `"PUBLIC"` applies to the only
@@ -261,6 +264,14 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The users file (`auth.users_file`) could not be read.
+    #[error("cannot read users file (auth.users_file) {path}: {source}")]
+    UsersFile {
+        /// The path configured.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// The TOML did not parse or did not match the schema.
     #[error("invalid config: {0}")]
     Toml(#[from] toml::de::Error),
@@ -295,6 +306,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field: &'static str, reason: String| ConfigError::Invalid { field, reason };
         self.ops.validate()?;
+        check_log_filter(&self.ops.log_level).map_err(|reason| invalid("ops.log_level", reason))?;
         if self.server.listen.is_empty() {
             return Err(invalid(
                 "server.listen",
@@ -482,6 +494,36 @@ impl Config {
         }
         Ok(pairs)
     }
+}
+
+/// Refuses a log filter that would silently log something else than the operator meant.
+/// `tracing`'s EnvFilter takes a bare word as a target name and then logs nothing but that
+/// target, so a typo (`"infoo"`, `"verbose"`) would switch every other log line off; and it
+/// drops a directive it cannot parse with only a warning. Here each comma-separated directive
+/// must be a level or `TARGET=LEVEL` (or a span filter), and the whole must parse.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    use tracing::level_filters::LevelFilter;
+    if filter.trim().is_empty() {
+        return Err("is empty; give a level such as \"info\"".into());
+    }
+    for directive in filter.split(',').map(str::trim) {
+        if directive.is_empty() {
+            return Err(format!("{filter:?} has an empty directive"));
+        }
+        if !directive.contains('=')
+            && !directive.contains('[')
+            && directive.parse::<LevelFilter>().is_err()
+        {
+            return Err(format!(
+                "{directive:?} is neither a level (trace, debug, info, warn, error, off) nor \
+                 TARGET=LEVEL"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| format!("{filter:?}: {e}"))
 }
 
 impl Default for ServerConfig {

@@ -147,6 +147,27 @@ fn invalid_values_are_refused_naming_their_field() {
     }
 }
 
+/// A log filter that EnvFilter would take as something else (a bare word is a target name, and
+/// everything else would go quiet) is refused at load, naming `ops.log_level`.
+#[test]
+fn an_invalid_log_level_is_refused_naming_ops_log_level() {
+    for level in ["verbose", "infoo", "", "info,,debug", "uturn_control=loud"] {
+        let text = format!("[ops]\nlog_level = {level:?}");
+        assert_eq!(field_of(&text), "ops.log_level", "{level:?}");
+    }
+    for level in [
+        "info",
+        "WARN",
+        "off",
+        "uturn_control=debug,info",
+        "uturn_dataplane=trace",
+    ] {
+        let text = format!("[ops]\nlog_level = {level:?}");
+        let config = Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{level:?}: {e}"));
+        assert_eq!(config.ops.log_level, level);
+    }
+}
+
 #[test]
 fn unknown_keys_and_wrong_types_are_refused() {
     assert!(field_of("[relay]\nport_mn = 1").contains("unknown field"));
@@ -185,6 +206,23 @@ fn a_users_file_is_read_into_the_user_table() {
     let error = uturn_control::UserTable::from_config(&config.auth).unwrap_err();
     assert!(error.to_string().contains("line 1"), "{error}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A users file that cannot be read is named as the users file, not as the config file.
+#[test]
+fn a_missing_users_file_is_named_as_the_users_file() {
+    let mut config = Config::default();
+    let path = std::env::temp_dir().join(format!("uturn-no-users-{}", std::process::id()));
+    config.auth.users_file = Some(path.clone());
+    let error = uturn_control::UserTable::from_config(&config.auth).unwrap_err();
+    assert!(
+        matches!(&error, ConfigError::UsersFile { path: p, .. } if *p == path),
+        "{error:?}"
+    );
+    let text = error.to_string();
+    assert!(text.contains("users file (auth.users_file)"), "{text}");
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(!text.contains("config file"), "{text}");
 }
 
 /// Listener schemes parse from the file; a bad one is a TOML error naming the expected form.

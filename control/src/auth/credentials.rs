@@ -171,7 +171,7 @@ impl UserTable {
 
 /// Reads a users file (format in the module docs).
 pub fn read_users_file(path: &Path) -> Result<Vec<UserConfig>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::UsersFile {
         path: path.to_path_buf(),
         source,
     })?;
