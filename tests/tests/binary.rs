@@ -185,6 +185,54 @@ fn an_empty_relay_ips_list_relays_on_the_listen_address_ip() {
     assert!(server.wait_for_log("relay_ips=127.0.0.1", std::time::Duration::from_secs(5)));
 }
 
+/// TURN REST credentials whose expiry lies more than `auth.rest_expiry_max_secs` ahead (one
+/// day by default, the TTL draft-uberti-behave-turn-rest-00 §2.2 recommends) are refused with
+/// 401; the log line names the limit and the failure is counted as `expiry_too_far`, while a
+/// credential for one hour allocates.
+#[test]
+fn a_rest_credential_expiring_beyond_the_maximum_is_refused_logged_and_counted() {
+    let secret = "e2e-secret";
+    let server = Uturn::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--relay-ip",
+        "127.0.0.1",
+        "--auth-secret",
+        secret,
+    ]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let credential = |expiry: u64| {
+        let username = format!("{expiry}:carol");
+        let password = uturn_proto::rest_password(secret.as_bytes(), &username);
+        (username, password)
+    };
+    let (username, password) = credential(now + 30 * 86_400);
+    let mut far = TurnClient::new(server.listener(false), &username, &password);
+    assert_eq!(far.allocate(&[]).map(|_| ()), Err(401));
+    let (username, password) = credential(now + 3600);
+    let mut hour = TurnClient::new(server.listener(false), &username, &password);
+    hour.allocate(&[])
+        .expect("a one-hour REST credential allocates");
+    assert!(
+        server.wait_for_log(
+            "more than auth.rest_expiry_max_secs (86400 s) allows",
+            std::time::Duration::from_secs(5)
+        ),
+        "{}",
+        server.log()
+    );
+    let counted = server.wait_metric(
+        "uturn_auth_failures_total",
+        &[("reason", "expiry_too_far")],
+        1.0,
+        std::time::Duration::from_secs(5),
+    );
+    assert_eq!(counted, 1.0);
+}
+
 /// SIGTERM stops the server: listeners close and the exit code is 0.
 #[test]
 fn sigterm_stops_the_server_with_exit_code_0() {
