@@ -123,8 +123,9 @@ pub struct AuthConfig {
     /// Bound on cached derived keys of TURN REST users. Default 10000.
     pub rest_key_cache_entries: u32,
     /// How far ahead of the wall clock a TURN REST username's expiry may lie, in seconds; a
-    /// credential that expires later is refused (401, `expiry_too_far`), so a leaked secret
-    /// cannot mint credentials that live for years and a web app's wrong TTL shows at once.
+    /// credential that expires later is refused (401, `expiry_too_far`). REST credentials
+    /// cannot be revoked (draft-uberti-behave-turn-rest-00 §5.1), so this bounds how long one
+    /// handed to a browser, or leaked, stays usable, and a web app's wrong TTL shows at once.
     /// `0` means the default, 86400 (the REST draft's recommended one-day TTL). Reloadable.
     pub rest_expiry_max_secs: u32,
 }

@@ -291,8 +291,9 @@ impl RestSecrets {
         if parsed.expiry_unix_secs <= unix_secs {
             return Err(RestRefusal::Expired);
         }
-        // The draft recommends a one-day TTL; an expiry years ahead is a web app minting
-        // credentials with a wrong TTL, or someone holding the secret minting them to keep.
+        // The draft recommends a one-day TTL and has no revocation (§5.1): an expiry further
+        // ahead than the operator allows is a web app with a wrong TTL, or a credential minted
+        // to be kept, and either would stay usable for as long as it claims.
         if parsed.expiry_unix_secs > unix_secs.saturating_add(self.expiry_max_secs) {
             return Err(RestRefusal::TooFar);
         }
