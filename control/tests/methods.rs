@@ -1254,6 +1254,10 @@ fn with_two_shards_one_shard_may_use_the_whole_port_range_before_508() {
     }
     ports.sort_unstable();
     assert_eq!(ports, (50000..=50005).collect::<Vec<_>>());
+    assert!(
+        h.engine.allocations().all(|a| a.shard == ShardId(1)),
+        "every relay socket belongs to the shard that serves its client"
+    );
     h.engine.check_invariants(h.now);
     // The range is full: 508 on the busy shard and on the idle one alike.
     for shard in [ShardId(1), ShardId(0)] {
