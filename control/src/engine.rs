@@ -627,7 +627,8 @@ impl<R: RngCore> Engine<R> {
     }
 
     /// Replaces the TURN REST shared secrets (`auth.secrets`, `auth.rest_separator`,
-    /// `auth.rest_key_cache_entries`, `auth.rest_expiry_max_secs`). Refused when it would switch REST credentials on or off.
+    /// `auth.rest_key_cache_entries`, `auth.rest_expiry_max_secs`). Refused when it would switch
+    /// REST credentials on or off.
     pub fn reload_secrets(
         &mut self,
         auth: &crate::config::AuthConfig,

@@ -93,6 +93,20 @@ fn the_rest_expiry_maximum_is_configurable_and_measured_from_the_wall_clock() {
     h.allocate(&mut client, 2, &[]);
 }
 
+/// The bound is reloadable with the secrets (SIGHUP, `POST /api/v1/reload`).
+#[test]
+fn a_reloaded_rest_expiry_maximum_applies_to_new_requests() {
+    let mut h = Harness::new(rest_config(&["s3cret"]));
+    let mut before = rest_client("198.51.100.1:5000", "s3cret", WALL_UNIX_SECS + 7200);
+    h.allocate(&mut before, 2, &[]);
+    let mut auth = rest_config(&["s3cret"]).auth;
+    auth.rest_expiry_max_secs = 3600;
+    h.engine.reload_secrets(&auth).unwrap();
+    let mut after = rest_client("198.51.100.1:5001", "s3cret", WALL_UNIX_SECS + 7200);
+    h.challenge(&mut after);
+    assert_eq!(failure(&mut h, &after), (AuthFailure::ExpiryTooFar, 401));
+}
+
 #[test]
 fn a_rest_expiry_maximum_of_zero_is_the_one_day_default() {
     let mut config = rest_config(&["s3cret"]);

@@ -2,8 +2,8 @@
 //!
 //! Start-up order: parse flags, load and validate the config and read the files it names
 //! (users file, TLS certificate and key; a bad flag, field or file is one line on standard
-//! error and exit code 2, [`EXIT_CONFIG`]), start the data plane (listeners bound, shards running),
-//! start the HTTP listener (metrics, health, admin API), print the listeners and
+//! error and exit code 2, `EXIT_CONFIG`), start the data plane (listeners bound, shards
+//! running), start the HTTP listener (metrics, health, admin API), print the listeners and
 //! `uturn is ready`, then run the control thread until SIGINT or SIGTERM. SIGHUP reloads users,
 //! REST secrets, peer policy, log level and the TLS certificate; SIGUSR1 starts draining.
 #![forbid(unsafe_code)]
