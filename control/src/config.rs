@@ -25,6 +25,9 @@ pub const RESERVATION_LIFETIME_SECS: u32 = 30;
 pub const PORT_MIN_DEFAULT: u16 = 49152;
 /// Upper end of the RFC 8656 §7.2 range.
 pub const PORT_MAX_DEFAULT: u16 = 65535;
+/// draft-uberti-behave-turn-rest-00 §2.2: "ttl: the duration for which the username and
+/// password are valid, in seconds. A value of one day (86400 seconds) is recommended."
+pub const REST_EXPIRY_MAX_DEFAULT_SECS: u32 = 86_400;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
@@ -64,8 +67,8 @@ pub struct ServerConfig {
     /// Seconds a TCP/TLS connection may stay without an allocation before it is closed
     /// (checked once a second). Default 30.
     pub stream_idle_timeout_secs: u32,
-    /// Data-plane shard threads; `0` (default) means one per available core. The relay port range
-    /// is split between the shards (see [`RelayConfig::port_min`]).
+    /// Data-plane shard threads; `0` (default) means one per available core. The shards share
+    /// the relay port range (see [`RelayConfig::port_min`]).
     pub threads: u16,
     /// I/O backend: `"auto"` (default: io_uring when the kernel allows it, else mmsg), `"uring"`
     /// or `"mmsg"`.
@@ -119,6 +122,22 @@ pub struct AuthConfig {
     pub binding_requires_auth: bool,
     /// Bound on cached derived keys of TURN REST users. Default 10000.
     pub rest_key_cache_entries: u32,
+    /// How far ahead of the wall clock a TURN REST username's expiry may lie, in seconds; a
+    /// credential that expires later is refused (401, `expiry_too_far`). REST credentials
+    /// cannot be revoked (draft-uberti-behave-turn-rest-00 §5.1), so this bounds how long one
+    /// handed to a browser, or leaked, stays usable, and a web app's wrong TTL shows at once.
+    /// `0` means the default, 86400 (the REST draft's recommended one-day TTL). Reloadable.
+    pub rest_expiry_max_secs: u32,
+}
+
+impl AuthConfig {
+    /// [`AuthConfig::rest_expiry_max_secs`] with `0` resolved to the default.
+    pub fn rest_expiry_max(&self) -> u64 {
+        match self.rest_expiry_max_secs {
+            0 => u64::from(REST_EXPIRY_MAX_DEFAULT_SECS),
+            secs => u64::from(secs),
+        }
+    }
 }
 
 /// One `[[auth.users]]` entry: `username` and exactly one of `password` or `key`.
@@ -141,8 +160,11 @@ pub struct UserConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RelayConfig {
     /// Relay IPs the relay sockets bind to, at most one IPv4 and one IPv6, each a concrete
-    /// address (it is advertised unless mapped). Default `[]`: with no relay IP every Allocate
-    /// is answered 440 (Address Family not Supported), so a relaying server must set it.
+    /// address (it is advertised unless mapped). Default `[]`: the `uturn` binary then picks
+    /// them at start-up (`shell::default_relay_ips`): a listener's IP when it is specific, else,
+    /// for a wildcard listener, the host's first global IPv4 or IPv6 interface address; it
+    /// refuses to start when it finds none. (An [`crate::Engine`] given no relay IP of a family
+    /// answers Allocates for that family 440, Address Family not Supported.)
     pub relay_ips: Vec<IpAddr>,
     /// External address mapping for static NAT and dual-NIC hosts: `"PUBLIC/PRIVATE"` maps the
     /// relay IP PRIVATE to PUBLIC in XOR-RELAYED-ADDRESS; a bare `"PUBLIC"` applies to the only
@@ -243,6 +265,14 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The users file (`auth.users_file`) could not be read.
+    #[error("cannot read users file (auth.users_file) {path}: {source}")]
+    UsersFile {
+        /// The path configured.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// The TOML did not parse or did not match the schema.
     #[error("invalid config: {0}")]
     Toml(#[from] toml::de::Error),
@@ -277,6 +307,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field: &'static str, reason: String| ConfigError::Invalid { field, reason };
         self.ops.validate()?;
+        check_log_filter(&self.ops.log_level).map_err(|reason| invalid("ops.log_level", reason))?;
         if self.server.listen.is_empty() {
             return Err(invalid(
                 "server.listen",
@@ -466,6 +497,36 @@ impl Config {
     }
 }
 
+/// Refuses a log filter that would silently log something else than the operator meant.
+/// `tracing`'s EnvFilter takes a bare word as a target name and then logs nothing but that
+/// target, so a typo (`"infoo"`, `"verbose"`) would switch every other log line off; and it
+/// drops a directive it cannot parse with only a warning. Here each comma-separated directive
+/// must be a level or `TARGET=LEVEL` (or a span filter), and the whole must parse.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    use tracing::level_filters::LevelFilter;
+    if filter.trim().is_empty() {
+        return Err("is empty; give a level such as \"info\"".into());
+    }
+    for directive in filter.split(',').map(str::trim) {
+        if directive.is_empty() {
+            return Err(format!("{filter:?} has an empty directive"));
+        }
+        if !directive.contains('=')
+            && !directive.contains('[')
+            && directive.parse::<LevelFilter>().is_err()
+        {
+            return Err(format!(
+                "{directive:?} is neither a level (trace, debug, info, warn, error, off) nor \
+                 TARGET=LEVEL"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| format!("{filter:?}: {e}"))
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -498,6 +559,7 @@ impl Default for AuthConfig {
             integrity_failure_code: 401,
             binding_requires_auth: false,
             rest_key_cache_entries: 10_000,
+            rest_expiry_max_secs: REST_EXPIRY_MAX_DEFAULT_SECS,
         }
     }
 }

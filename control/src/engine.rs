@@ -366,7 +366,7 @@ pub enum EngineError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The port range cannot be split between the shards.
+    /// The port range is empty.
     #[error("relay.port_min/port_max: {0}")]
     PortRange(#[from] PortRangeTooSmall),
     /// The user table was built for another realm.
@@ -520,8 +520,8 @@ impl<R: RngCore> std::fmt::Debug for Engine<R> {
 
 impl<R: RngCore> Engine<R> {
     /// Builds an engine. `users` is the static user table (see [`UserTable::from_config`]);
-    /// `shard_count` is the number of data-plane shards the port range is split between
-    /// (`server.threads` once resolved); `now` starts the engine's clock.
+    /// `shard_count` is the number of data-plane shards (`server.threads` once resolved); they
+    /// share one port range (see [`crate::ports`]); `now` starts the engine's clock.
     pub fn new(
         config: &Config,
         users: UserTable,
@@ -545,7 +545,11 @@ impl<R: RngCore> Engine<R> {
                 .map_or(*ip, |(_, public)| *public);
             relay_ips[family_index(Family::of(*ip))] = Some((*ip, advertised));
         }
-        let ports = PortAllocator::new(config.relay.port_min, config.relay.port_max, shard_count)?;
+        // The shards share one port range (see `ports`), so nothing here is per shard: every
+        // input names its shard. The count stays in the signature so that callers keep stating
+        // the topology the engine serves.
+        let _ = shard_count;
+        let ports = PortAllocator::new(config.relay.port_min, config.relay.port_max)?;
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
         let slots = usize::try_from(config.limits.rate_limit_slots).unwrap_or(1 << 14);
@@ -623,7 +627,8 @@ impl<R: RngCore> Engine<R> {
     }
 
     /// Replaces the TURN REST shared secrets (`auth.secrets`, `auth.rest_separator`,
-    /// `auth.rest_key_cache_entries`). Refused when it would switch REST credentials on or off.
+    /// `auth.rest_key_cache_entries`, `auth.rest_expiry_max_secs`). Refused when it would switch
+    /// REST credentials on or off.
     pub fn reload_secrets(
         &mut self,
         auth: &crate::config::AuthConfig,
@@ -1048,9 +1053,7 @@ impl<R: RngCore> Engine<R> {
             let retrying = !pending.from_reservation && pending.attempts < RELAY_BIND_ATTEMPTS_MAX;
             self.push_event(Event::RelayBindFailed { token, retrying });
             if retrying {
-                if let Some(ports) =
-                    self.pick_ports(request.shard, &pending.families, pending.shape)
-                {
+                if let Some(ports) = self.pick_ports(&pending.families, pending.shape) {
                     pending.ports = ports;
                     pending.attempts += 1;
                     self.start_bind(pending);
@@ -1285,8 +1288,9 @@ impl<R: RngCore> Engine<R> {
         {
             return self.respond_error(request, 508, &[], auth_ref);
         }
-        // Choose the relay ports: from the reservation, or from this shard's slice (8: "If the
-        // server cannot satisfy the request, then the server rejects the request with a 508").
+        // Choose the relay ports: from the reservation, or from the range all shards share (8:
+        // "If the server cannot satisfy the request, then the server rejects the request with a
+        // 508").
         let ports = if let Some((_, port, token)) = reserved {
             if let Some(r) = self.reservations.remove(&token) {
                 self.timers.cancel(r.expiry);
@@ -1294,7 +1298,7 @@ impl<R: RngCore> Engine<R> {
             // The reserved port stays claimed: it passes from the reservation to this Allocate.
             vec![port]
         } else {
-            match self.pick_ports(request.shard, &families, shape) {
+            match self.pick_ports(&families, shape) {
                 Some(ports) => ports,
                 None => return self.respond_error(request, 508, &[], auth_ref),
             }
@@ -1615,20 +1619,12 @@ impl<R: RngCore> Engine<R> {
         }
     }
 
-    fn pick_ports(
-        &mut self,
-        shard: ShardId,
-        families: &[Family],
-        shape: PortShape,
-    ) -> Option<Vec<u16>> {
+    fn pick_ports(&mut self, families: &[Family], shape: PortShape) -> Option<Vec<u16>> {
         let mut ports = Vec::with_capacity(families.len());
         for (index, family) in families.iter().enumerate() {
             // EVEN-PORT applies to the primary relay address only.
             let this_shape = if index == 0 { shape } else { PortShape::Any };
-            match self
-                .ports
-                .allocate(&mut self.rng, *family, shard, this_shape)
-            {
+            match self.ports.allocate(&mut self.rng, *family, this_shape) {
                 Some(port) => ports.push(port),
                 None => {
                     self.release_ports(&families[..index], &ports);

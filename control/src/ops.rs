@@ -27,7 +27,8 @@ pub struct OpsConfig {
     pub alternate_servers: Vec<SocketAddr>,
     /// Log format on standard error: `"human"` (default) or `"json"`.
     pub log_format: LogFormat,
-    /// Log filter (`tracing` EnvFilter syntax, e.g. `"info"` or `"uturn_control=debug"`);
+    /// Log filter (`tracing` EnvFilter syntax, e.g. `"info"` or `"uturn_control=debug"`; each
+    /// comma-separated directive a level or `TARGET=LEVEL`, anything else is refused);
     /// reloadable. `RUST_LOG` wins at start-up when set. Default `"info"`.
     pub log_level: String,
     /// How often shards publish their counters, milliseconds. Default 1000.

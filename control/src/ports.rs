@@ -1,15 +1,16 @@
-//! Relay port allocation: which (relay IP, port) pairs are in use, and which shard owns which
-//! slice of the port range.
+//! Relay port allocation: which (relay IP, port) pairs are in use.
 //!
-//! The configured range is cut into one contiguous slice per data-plane shard, so each shard's
-//! relay sockets come from its own slice and an operator can tell from a port which shard
-//! served it. Within a slice a port is picked at a random offset and the slice is scanned from
-//! there (RFC 8656 §7.2 recommends randomized port assignment, RFC 6056). Each relay IP family
-//! keeps one bit per port (8 KiB per family).
+//! The whole configured range is one pool shared by every data-plane shard. A relay port does
+//! not tie its socket to a shard: the shell binds the socket and hands it to the shard that
+//! serves the client's 5-tuple in `OpenAllocation`, whatever its number. So one busy shard may
+//! use every free port, and an Allocate is answered 508 only when the range itself is full (a
+//! range cut into per-shard slices answered 508 on a shard whose slice was full while other
+//! shards had ports to spare). A port is picked at a random offset in the whole range and the
+//! range is scanned from there (RFC 8656 §7.2 recommends randomized port assignment, RFC 6056),
+//! so a port says nothing about the shard and the guess space is the whole range. Each relay IP
+//! family keeps one bit per port (8 KiB per family).
 
 use rand::RngCore;
-
-use crate::ShardId;
 
 /// An address family with a relay IP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,54 +45,38 @@ pub(crate) enum PortShape {
     EvenPair,
 }
 
-/// The ports in use, per family, and each shard's slice of the range.
+/// The ports in use, per family, over the one range all shards share.
 #[derive(Debug)]
 pub(crate) struct PortAllocator {
-    /// Inclusive `(first, last)` per shard.
-    slices: Vec<(u16, u16)>,
+    /// Inclusive range.
+    first: u16,
+    last: u16,
     /// One bit per port number, per family.
     used: [Vec<u64>; 2],
     in_use: usize,
 }
 
-/// A port range that cannot be split between the shards.
+/// A port range with no port in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("port range {min}-{max} has fewer than 2 ports for each of {shards} shards")]
+#[error("port range {min}-{max} is empty")]
 pub struct PortRangeTooSmall {
     /// First port of the range.
     pub min: u16,
     /// Last port of the range.
     pub max: u16,
-    /// Number of shards.
-    pub shards: u16,
 }
 
 impl PortAllocator {
-    pub(crate) fn new(min: u16, max: u16, shards: u16) -> Result<Self, PortRangeTooSmall> {
-        let error = PortRangeTooSmall { min, max, shards };
-        let shards_count = u32::from(shards.max(1));
-        let span = u32::from(max).saturating_sub(u32::from(min)) + 1;
-        if max < min || span < 2 * shards_count {
-            return Err(error);
+    pub(crate) fn new(min: u16, max: u16) -> Result<Self, PortRangeTooSmall> {
+        if max < min {
+            return Err(PortRangeTooSmall { min, max });
         }
-        let slices = (0..shards_count)
-            .map(|k| {
-                let first = u32::from(min) + k * span / shards_count;
-                let last = u32::from(min) + (k + 1) * span / shards_count - 1;
-                // Both are within [min, max], so they fit in u16.
-                (first as u16, last as u16)
-            })
-            .collect();
         Ok(Self {
-            slices,
+            first: min,
+            last: max,
             used: [vec![0; 1024], vec![0; 1024]],
             in_use: 0,
         })
-    }
-
-    /// The inclusive slice of `shard` (shard numbers beyond the count wrap around).
-    pub(crate) fn slice(&self, shard: ShardId) -> (u16, u16) {
-        self.slices[usize::from(shard.0) % self.slices.len()]
     }
 
     pub(crate) fn is_used(&self, family: Family, port: u16) -> bool {
@@ -120,19 +105,19 @@ impl PortAllocator {
         self.in_use
     }
 
-    /// Takes a free port of `shape` from `shard`'s slice, or `None` when the slice is full.
-    /// For [`PortShape::EvenPair`] the returned port N and N+1 are both taken.
+    /// Takes a free port of `shape` from the range, or `None` when none is left. For
+    /// [`PortShape::EvenPair`] the returned port N and N+1 are both taken.
     pub(crate) fn allocate<R: RngCore>(
         &mut self,
         rng: &mut R,
         family: Family,
-        shard: ShardId,
         shape: PortShape,
     ) -> Option<u16> {
-        let (first, last) = self.slice(shard);
+        let (first, last) = (self.first, self.last);
         let span = u32::from(last) - u32::from(first) + 1;
         let start = rng.next_u32() % span;
         for step in 0..span {
+            // Within [first, last], so it fits in u16.
             let port = (u32::from(first) + (start + step) % span) as u16;
             let fits = match shape {
                 PortShape::Any => !self.is_used(family, port),
@@ -163,39 +148,46 @@ mod tests {
     use rand::rngs::SmallRng;
 
     #[test]
-    fn the_range_is_split_into_contiguous_slices_that_cover_it_once() {
-        let ports = PortAllocator::new(24000, 29999, 4).unwrap();
-        let slices: Vec<_> = (0..4).map(|k| ports.slice(ShardId(k))).collect();
-        assert_eq!(slices[0].0, 24000);
-        assert_eq!(slices[3].1, 29999);
-        for pair in slices.windows(2) {
-            assert_eq!(pair[0].1 + 1, pair[1].0);
-        }
-    }
-
-    #[test]
-    fn a_shard_only_gets_ports_from_its_own_slice_until_it_is_full() {
+    fn every_port_of_the_range_is_handed_out_once_before_the_range_is_full() {
         let mut rng = SmallRng::seed_from_u64(7);
-        let mut ports = PortAllocator::new(50000, 50015, 2).unwrap();
+        let mut ports = PortAllocator::new(50000, 50015).unwrap();
         let mut got = Vec::new();
-        while let Some(port) = ports.allocate(&mut rng, Family::V4, ShardId(1), PortShape::Any) {
+        while let Some(port) = ports.allocate(&mut rng, Family::V4, PortShape::Any) {
             got.push(port);
         }
         got.sort_unstable();
-        assert_eq!(got, (50008..=50015).collect::<Vec<_>>());
+        assert_eq!(got, (50000..=50015).collect::<Vec<_>>());
+        assert_eq!(ports.in_use(), 16);
         assert!(
             ports
-                .allocate(&mut rng, Family::V6, ShardId(1), PortShape::Any)
-                .is_some()
+                .allocate(&mut rng, Family::V6, PortShape::Any)
+                .is_some(),
+            "each family has its own ports"
         );
+    }
+
+    /// RFC 8656 §7.2 recommends randomized port assignment (RFC 6056): the first port of a
+    /// fresh range is not predictable from the range.
+    #[test]
+    fn the_first_port_taken_varies_with_the_random_source() {
+        let firsts: std::collections::BTreeSet<u16> = (0..32)
+            .map(|seed| {
+                let mut rng = SmallRng::seed_from_u64(seed);
+                let mut ports = PortAllocator::new(49152, 65535).unwrap();
+                ports
+                    .allocate(&mut rng, Family::V4, PortShape::Any)
+                    .unwrap()
+            })
+            .collect();
+        assert!(firsts.len() > 16, "{firsts:?}");
     }
 
     #[test]
     fn an_even_pair_takes_an_even_port_and_the_next_one() {
         let mut rng = SmallRng::seed_from_u64(1);
-        let mut ports = PortAllocator::new(50000, 50003, 1).unwrap();
+        let mut ports = PortAllocator::new(50000, 50003).unwrap();
         let port = ports
-            .allocate(&mut rng, Family::V4, ShardId(0), PortShape::EvenPair)
+            .allocate(&mut rng, Family::V4, PortShape::EvenPair)
             .unwrap();
         assert_eq!(port % 2, 0);
         assert!(ports.is_used(Family::V4, port + 1));
@@ -206,8 +198,14 @@ mod tests {
     }
 
     #[test]
-    fn a_range_too_small_for_the_shards_is_refused() {
-        assert!(PortAllocator::new(50000, 50002, 2).is_err());
-        assert!(PortAllocator::new(50000, 49999, 1).is_err());
+    fn an_empty_range_is_refused_and_a_single_port_is_enough() {
+        assert!(PortAllocator::new(50000, 49999).is_err());
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut ports = PortAllocator::new(50000, 50000).unwrap();
+        assert_eq!(
+            ports.allocate(&mut rng, Family::V4, PortShape::Any),
+            Some(50000)
+        );
+        assert_eq!(ports.allocate(&mut rng, Family::V4, PortShape::Any), None);
     }
 }

@@ -418,7 +418,7 @@ impl<R: RngCore> ControlThread<R> {
         }
     }
 
-    fn log_event(&self, event: Event) {
+    fn log_event(&mut self, event: Event) {
         match event {
             // Allocation lifecycle and authentication failures are logged by `ops::observe`
             // (with user, client and relayed address, rate-limited).
@@ -429,7 +429,7 @@ impl<R: RngCore> ControlThread<R> {
             | Event::AuthFailed { .. }
             | Event::PeerDenied { .. } => {}
             Event::RelayBindFailed { token, retrying } => {
-                warn!(token = token.0, retrying, "could not bind a relay port");
+                log_relay_bind_failed(&mut self.ops.limiter, Instant::now(), token, retrying);
             }
             other => debug!(event = ?other),
         }
@@ -439,6 +439,23 @@ impl<R: RngCore> ControlThread<R> {
         // The outcome is logged (and counted) by `reload_all`.
         let _ = self.reload_all();
     }
+}
+
+/// The warning for a relay port that could not be bound, through the log limiter: when other
+/// sockets hold much of the relay range (the kernel's ephemeral ports overlap RFC 8656's
+/// default range), every Allocate fails binds in a row, and a flood of Allocates must not turn
+/// into a flood of lines. Returns whether the line was written.
+fn log_relay_bind_failed(
+    limiter: &mut ops::LogLimiter,
+    now: Instant,
+    token: BindToken,
+    retrying: bool,
+) -> bool {
+    let allowed = limiter.allow("relay_bind_failed", now);
+    if allowed {
+        warn!(token = token.0, retrying, "could not bind a relay port");
+    }
+    allowed
 }
 
 /// The relay IPs to use when none are configured: the listeners' own IPs when they are
@@ -539,6 +556,49 @@ mod tests {
         .map(|s| s.parse().unwrap())
         .collect();
         assert_eq!(listening_addresses(&listeners, &interfaces), expected);
+    }
+
+    /// Counts the lines a `tracing` subscriber writes.
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_burst_of_relay_bind_failures_writes_a_bounded_number_of_lines() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let start = Instant::now();
+        let mut limiter = ops::LogLimiter::new(start);
+        let written = tracing::subscriber::with_default(subscriber, || {
+            (0..1000u64)
+                .filter(|n| log_relay_bind_failed(&mut limiter, start, BindToken(*n), true))
+                .count()
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let logged = text.matches("could not bind a relay port").count();
+        assert_eq!(logged, written);
+        assert!(
+            (1..=20).contains(&logged),
+            "1000 failures in one instant wrote {logged} lines"
+        );
+        // The rest is summarised, not lost.
+        assert_eq!(
+            limiter.summarise(start + Duration::from_secs(10)),
+            1000 - logged as u64
+        );
     }
 
     #[test]

@@ -51,11 +51,12 @@ pub const LIFETIME_BUCKETS_SECS: &[f64] = &[
 
 /// The authentication failure reasons counted (the first leg of every handshake, a request
 /// without credentials, is not a failure).
-const AUTH_REASONS: [AuthFailure; 8] = [
+const AUTH_REASONS: [AuthFailure; 9] = [
     AuthFailure::UnknownUser,
     AuthFailure::BadIntegrity,
     AuthFailure::StaleNonce,
     AuthFailure::ExpiredCredential,
+    AuthFailure::ExpiryTooFar,
     AuthFailure::RealmMismatch,
     AuthFailure::MissingAttributes,
     AuthFailure::AlgorithmMismatch,

@@ -35,6 +35,18 @@ fn the_defaults_are_the_rfc_values() {
     config.validate().unwrap();
 }
 
+/// draft-uberti-behave-turn-rest-00 §2.2: "A value of one day (86400 seconds) is recommended"
+/// for the TTL; that is the default bound on a REST credential's expiry, and 0 means it.
+#[test]
+fn the_rest_expiry_maximum_defaults_to_one_day_and_zero_means_the_default() {
+    assert_eq!(Config::default().auth.rest_expiry_max_secs, 86_400);
+    assert_eq!(Config::default().auth.rest_expiry_max(), 86_400);
+    let zero = Config::from_toml_str("[auth]\nrest_expiry_max_secs = 0").unwrap();
+    assert_eq!(zero.auth.rest_expiry_max(), 86_400);
+    let hour = Config::from_toml_str("[auth]\nrest_expiry_max_secs = 3600").unwrap();
+    assert_eq!(hour.auth.rest_expiry_max(), 3600);
+}
+
 #[test]
 fn an_expressway_style_config_parses() {
     let text = r#"
@@ -135,6 +147,27 @@ fn invalid_values_are_refused_naming_their_field() {
     }
 }
 
+/// A log filter that EnvFilter would take as something else (a bare word is a target name, and
+/// everything else would go quiet) is refused at load, naming `ops.log_level`.
+#[test]
+fn an_invalid_log_level_is_refused_naming_ops_log_level() {
+    for level in ["verbose", "infoo", "", "info,,debug", "uturn_control=loud"] {
+        let text = format!("[ops]\nlog_level = {level:?}");
+        assert_eq!(field_of(&text), "ops.log_level", "{level:?}");
+    }
+    for level in [
+        "info",
+        "WARN",
+        "off",
+        "uturn_control=debug,info",
+        "uturn_dataplane=trace",
+    ] {
+        let text = format!("[ops]\nlog_level = {level:?}");
+        let config = Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{level:?}: {e}"));
+        assert_eq!(config.ops.log_level, level);
+    }
+}
+
 #[test]
 fn unknown_keys_and_wrong_types_are_refused() {
     assert!(field_of("[relay]\nport_mn = 1").contains("unknown field"));
@@ -173,6 +206,23 @@ fn a_users_file_is_read_into_the_user_table() {
     let error = uturn_control::UserTable::from_config(&config.auth).unwrap_err();
     assert!(error.to_string().contains("line 1"), "{error}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A users file that cannot be read is named as the users file, not as the config file.
+#[test]
+fn a_missing_users_file_is_named_as_the_users_file() {
+    let mut config = Config::default();
+    let path = std::env::temp_dir().join(format!("uturn-no-users-{}", std::process::id()));
+    config.auth.users_file = Some(path.clone());
+    let error = uturn_control::UserTable::from_config(&config.auth).unwrap_err();
+    assert!(
+        matches!(&error, ConfigError::UsersFile { path: p, .. } if *p == path),
+        "{error:?}"
+    );
+    let text = error.to_string();
+    assert!(text.contains("users file (auth.users_file)"), "{text}");
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(!text.contains("config file"), "{text}");
 }
 
 /// Listener schemes parse from the file; a bad one is a TOML error naming the expected form.

@@ -1233,22 +1233,63 @@ fn an_external_ip_mapping_advertises_the_public_address() {
     assert_eq!(relayed, [relays[0].advertised]);
 }
 
-/// Each shard owns a contiguous slice of the port range; an allocation's port comes from the
-/// slice of the shard that received its Allocate.
+/// The shards share one port range: a shard that serves every client (SO_REUSEPORT hashed
+/// them all to it) may use every port of the range, and 508 (RFC 8656 §7.2: "If the server
+/// cannot satisfy the request, then the server rejects the request with a 508") comes only
+/// when the whole range is in use, on any shard. The relay sockets stay with the shard that
+/// received the Allocate, which owns the client's 5-tuple.
 #[test]
-fn an_allocation_port_comes_from_the_slice_of_the_receiving_shard() {
+fn with_two_shards_one_shard_may_use_the_whole_port_range_before_508() {
     let mut config = config();
-    config.relay.port_min = 24000;
-    config.relay.port_max = 29999;
-    let mut h = Harness::with_shards(config, 4);
-    for shard in 0..4u16 {
-        h.shard = ShardId(shard);
-        let mut client = Client::new(&format!("198.51.100.1:{}", 5000 + shard));
+    config.relay.port_min = 50000;
+    config.relay.port_max = 50005;
+    let mut h = Harness::with_shards(config, 2);
+    h.shard = ShardId(1);
+    let mut ports = Vec::new();
+    for n in 0..6u16 {
+        let mut client = Client::new(&format!("198.51.100.1:{}", 5000 + n));
         let (_, relays, response) = h.allocate(&mut client, 2, &[]);
-        assert_eq!(response.shard, ShardId(shard));
-        let first = 24000 + shard * 1500;
-        assert!((first..first + 1500).contains(&relays[0].bound.port()));
+        assert_eq!(response.shard, ShardId(1), "answered on the client's shard");
+        ports.push(relays[0].bound.port());
     }
+    ports.sort_unstable();
+    assert_eq!(ports, (50000..=50005).collect::<Vec<_>>());
+    assert!(
+        h.engine.allocations().all(|a| a.shard == ShardId(1)),
+        "every relay socket belongs to the shard that serves its client"
+    );
+    h.engine.check_invariants(h.now);
+    // The range is full: 508 on the busy shard and on the idle one alike.
+    for shard in [ShardId(1), ShardId(0)] {
+        h.shard = shard;
+        let mut client = Client::new(&format!("198.51.100.2:{}", 6000 + shard.0));
+        h.challenge(&mut client);
+        assert_eq!(
+            h.request(&client, Method::ALLOCATE, 2, &[udp()]).code(),
+            Some(508)
+        );
+    }
+}
+
+/// A port freed by one shard's allocation is free for the other shard.
+#[test]
+fn a_port_freed_on_one_shard_is_taken_by_an_allocation_on_another() {
+    let mut config = config();
+    config.relay.port_min = 50000;
+    config.relay.port_max = 50001;
+    let mut h = Harness::with_shards(config, 2);
+    h.shard = ShardId(0);
+    let mut first = Client::new("198.51.100.1:5000");
+    let (_, freed, _) = h.allocate(&mut first, 2, &[]);
+    h.allocate(&mut Client::new("198.51.100.1:5001"), 2, &[]);
+    let response = h.request(&first, Method::REFRESH, 3, &[Attribute::Lifetime(0)]);
+    assert_eq!(response.code(), None);
+    h.shard = ShardId(1);
+    let mut other = Client::new("198.51.100.1:5002");
+    let (_, relays, response) = h.allocate(&mut other, 2, &[]);
+    assert_eq!(response.shard, ShardId(1));
+    assert_eq!(relays[0].bound.port(), freed[0].bound.port());
+    h.engine.check_invariants(h.now);
 }
 
 #[test]

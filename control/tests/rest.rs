@@ -60,6 +60,65 @@ fn a_rest_credential_past_its_expiry_is_refused_as_expired() {
     );
 }
 
+/// draft-uberti-behave-turn-rest-00 §2.2 recommends a TTL of "one day (86400 seconds)": by
+/// default a credential that expires at most that far ahead is accepted, and one that
+/// expires later (a wrong TTL, or a credential minted to keep) is refused with 401 and its
+/// own reason.
+#[test]
+fn a_rest_credential_expiring_more_than_a_day_ahead_is_refused_as_too_far() {
+    let mut h = Harness::new(rest_config(&["s3cret"]));
+    let mut day = rest_client("198.51.100.1:5000", "s3cret", WALL_UNIX_SECS + 86_400);
+    h.allocate(&mut day, 2, &[]);
+    let mut longer = rest_client("198.51.100.1:5001", "s3cret", WALL_UNIX_SECS + 86_401);
+    h.challenge(&mut longer);
+    assert_eq!(failure(&mut h, &longer), (AuthFailure::ExpiryTooFar, 401));
+    let mut years = rest_client("198.51.100.1:5002", "s3cret", WALL_UNIX_SECS * 3);
+    h.challenge(&mut years);
+    assert_eq!(failure(&mut h, &years), (AuthFailure::ExpiryTooFar, 401));
+    h.engine.check_invariants(h.now);
+}
+
+/// `auth.rest_expiry_max_secs` sets the bound; the wall clock (not the monotonic one) is what
+/// the expiry is measured from, so the same credential becomes acceptable as time passes.
+#[test]
+fn the_rest_expiry_maximum_is_configurable_and_measured_from_the_wall_clock() {
+    let mut config = rest_config(&["s3cret"]);
+    config.auth.rest_expiry_max_secs = 600;
+    let mut h = Harness::new(config);
+    let mut client = rest_client("198.51.100.1:5000", "s3cret", WALL_UNIX_SECS + 900);
+    h.challenge(&mut client);
+    assert_eq!(failure(&mut h, &client), (AuthFailure::ExpiryTooFar, 401));
+    h.wall += Duration::from_secs(300);
+    let mut client = rest_client("198.51.100.1:5000", "s3cret", WALL_UNIX_SECS + 900);
+    h.allocate(&mut client, 2, &[]);
+}
+
+/// The bound is reloadable with the secrets (SIGHUP, `POST /api/v1/reload`).
+#[test]
+fn a_reloaded_rest_expiry_maximum_applies_to_new_requests() {
+    let mut h = Harness::new(rest_config(&["s3cret"]));
+    let mut before = rest_client("198.51.100.1:5000", "s3cret", WALL_UNIX_SECS + 7200);
+    h.allocate(&mut before, 2, &[]);
+    let mut auth = rest_config(&["s3cret"]).auth;
+    auth.rest_expiry_max_secs = 3600;
+    h.engine.reload_secrets(&auth).unwrap();
+    let mut after = rest_client("198.51.100.1:5001", "s3cret", WALL_UNIX_SECS + 7200);
+    h.challenge(&mut after);
+    assert_eq!(failure(&mut h, &after), (AuthFailure::ExpiryTooFar, 401));
+}
+
+#[test]
+fn a_rest_expiry_maximum_of_zero_is_the_one_day_default() {
+    let mut config = rest_config(&["s3cret"]);
+    config.auth.rest_expiry_max_secs = 0;
+    let mut h = Harness::new(config);
+    let mut day = rest_client("198.51.100.1:5000", "s3cret", WALL_UNIX_SECS + 86_400);
+    h.allocate(&mut day, 2, &[]);
+    let mut longer = rest_client("198.51.100.1:5001", "s3cret", WALL_UNIX_SECS + 86_401);
+    h.challenge(&mut longer);
+    assert_eq!(failure(&mut h, &longer), (AuthFailure::ExpiryTooFar, 401));
+}
+
 #[test]
 fn a_rest_credential_made_with_another_secret_fails_integrity() {
     let mut h = Harness::new(rest_config(&["s3cret"]));

@@ -171,7 +171,7 @@ impl UserTable {
 
 /// Reads a users file (format in the module docs).
 pub fn read_users_file(path: &Path) -> Result<Vec<UserConfig>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::UsersFile {
         path: path.to_path_buf(),
         source,
     })?;
@@ -240,6 +240,8 @@ pub(crate) enum RestRefusal {
     NotRest,
     /// The expiry timestamp is in the past (draft-uberti-behave-turn-rest-00 §2.2).
     Expired,
+    /// The expiry timestamp lies further ahead than `auth.rest_expiry_max_secs`.
+    TooFar,
 }
 
 /// TURN REST secrets and the bounded cache of keys derived from them.
@@ -249,6 +251,7 @@ pub(crate) struct RestSecrets {
     separator: char,
     cache: HashMap<String, Vec<UserKeys>>,
     cache_entries_max: usize,
+    expiry_max_secs: u64,
 }
 
 impl RestSecrets {
@@ -258,6 +261,7 @@ impl RestSecrets {
             separator: auth.rest_separator,
             cache: HashMap::new(),
             cache_entries_max: (auth.rest_key_cache_entries as usize).max(1),
+            expiry_max_secs: auth.rest_expiry_max(),
         }
     }
 
@@ -270,7 +274,7 @@ impl RestSecrets {
     }
 
     /// The candidate keys of a REST username, one per secret (rotation), if it has not expired
-    /// at `unix_secs`.
+    /// at `unix_secs` and does not expire further ahead than the configured maximum.
     pub(crate) fn keys(
         &mut self,
         username: &str,
@@ -286,6 +290,12 @@ impl RestSecrets {
         // this credential will expire"; at or after it the credential is refused.
         if parsed.expiry_unix_secs <= unix_secs {
             return Err(RestRefusal::Expired);
+        }
+        // The draft recommends a one-day TTL and has no revocation (§5.1): an expiry further
+        // ahead than the operator allows is a web app with a wrong TTL, or a credential minted
+        // to be kept, and either would stay usable for as long as it claims.
+        if parsed.expiry_unix_secs > unix_secs.saturating_add(self.expiry_max_secs) {
+            return Err(RestRefusal::TooFar);
         }
         if !self.cache.contains_key(username) {
             if self.cache.len() >= self.cache_entries_max {
@@ -378,5 +388,38 @@ mod tests {
             Err(RestRefusal::Expired)
         );
         assert_eq!(rest.keys("alice", "uturn", 1000), Err(RestRefusal::NotRest));
+    }
+
+    #[test]
+    fn a_rest_expiry_up_to_the_maximum_ahead_is_accepted_and_one_second_more_is_refused() {
+        let auth = AuthConfig {
+            secrets: vec!["s".into()],
+            rest_expiry_max_secs: 600,
+            ..AuthConfig::default()
+        };
+        let mut rest = RestSecrets::new(&auth);
+        assert!(rest.keys("1600:alice", "uturn", 1000).is_ok());
+        assert_eq!(
+            rest.keys("1601:alice", "uturn", 1000),
+            Err(RestRefusal::TooFar)
+        );
+        // A wall clock near the end of time does not overflow the bound.
+        let far = format!("{}:alice", u64::MAX);
+        assert!(rest.keys(&far, "uturn", u64::MAX - 1).is_ok());
+    }
+
+    #[test]
+    fn a_rest_expiry_maximum_of_zero_means_one_day() {
+        let auth = AuthConfig {
+            secrets: vec!["s".into()],
+            rest_expiry_max_secs: 0,
+            ..AuthConfig::default()
+        };
+        let mut rest = RestSecrets::new(&auth);
+        assert!(rest.keys("87400:alice", "uturn", 1000).is_ok());
+        assert_eq!(
+            rest.keys("87401:alice", "uturn", 1000),
+            Err(RestRefusal::TooFar)
+        );
     }
 }

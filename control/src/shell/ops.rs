@@ -96,7 +96,8 @@ pub(super) struct OpsState {
     gauges_at: Instant,
     gauges_dirty: bool,
     logs: HashMap<AllocationId, AllocationLog>,
-    limiter: LogLimiter,
+    /// Shared with the shell's own warnings (relay bind failures).
+    pub(super) limiter: LogLimiter,
 }
 
 impl OpsState {
@@ -609,6 +610,23 @@ fn auth_advice(
                 None => "REST credential expired".to_owned(),
             }
         }
+        AuthFailure::ExpiryTooFar => {
+            let expiry = user
+                .split(auth.rest_separator)
+                .next()
+                .and_then(|t| t.parse::<u64>().ok());
+            let now = wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let ahead = expiry.map_or_else(
+                || "?".to_owned(),
+                |t| format!("{} s", t.saturating_sub(now)),
+            );
+            format!(
+                "REST credential expires {ahead} from now, more than auth.rest_expiry_max_secs \
+                 ({} s) allows: the application issues TURN credentials with too long a TTL \
+                 (the REST draft recommends one day), or the clocks differ",
+                auth.rest_expiry_max()
+            )
+        }
         AuthFailure::StaleNonce => "nonce stale: the client must retry with the new NONCE \
                                      (normal now and then; constant failures mean a broken client)"
             .to_owned(),
@@ -747,6 +765,13 @@ mod tests {
         assert!(
             expired.contains("expired at 2023-11-14T22:13:20Z (100 s ago)"),
             "{expired}"
+        );
+        let too_far = auth_advice(AuthFailure::ExpiryTooFar, "1800000000:cms", &auth, wall);
+        assert!(
+            too_far.contains(
+                "expires 99999900 s from now, more than auth.rest_expiry_max_secs (86400 s)"
+            ),
+            "{too_far}"
         );
         assert!(auth_advice(AuthFailure::UnknownUser, "x", &auth, wall).contains("unknown user"));
         assert!(auth_advice(AuthFailure::StaleNonce, "x", &auth, wall).contains("nonce stale"));

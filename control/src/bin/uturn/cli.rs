@@ -14,7 +14,17 @@ use uturn_control::ops::LogFormat;
 /// With no flags and no config file it serves UDP 0.0.0.0:3478 with a `demo` user whose
 /// password is printed at start-up. Flags override the config file.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "uturn", version, about, long_about = None)]
+#[command(
+    name = "uturn",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit status: 0 after SIGINT or SIGTERM; 2 for any configuration error (a bad \
+                  flag, a config file that cannot be read or has an invalid field, a users file \
+                  or TLS certificate/key that cannot be read), with one line on standard error \
+                  naming the field or file; 1 when a valid configuration fails at run time (e.g. \
+                  a listener address already in use)."
+)]
 pub(crate) struct Cli {
     /// TOML configuration file (see uturn.example.toml for every setting and its default).
     #[arg(long, short = 'c', value_name = "FILE")]

@@ -1,8 +1,9 @@
 //! The `uturn` binary: flags and config file in, a running TURN server out.
 //!
-//! Start-up order: parse flags, load and validate the config (a bad flag or field is one line
-//! on standard error and exit code 2), start the data plane (listeners bound, shards running),
-//! start the HTTP listener (metrics, health, admin API), print the listeners and
+//! Start-up order: parse flags, load and validate the config and read the files it names
+//! (users file, TLS certificate and key; a bad flag, field or file is one line on standard
+//! error and exit code 2, `EXIT_CONFIG`), start the data plane (listeners bound, shards
+//! running), start the HTTP listener (metrics, health, admin API), print the listeners and
 //! `uturn is ready`, then run the control thread until SIGINT or SIGTERM. SIGHUP reloads users,
 //! REST secrets, peer policy, log level and the TLS certificate; SIGUSR1 starts draining.
 #![forbid(unsafe_code)]
@@ -39,14 +40,21 @@ use uturn_dataplane::{BackendChoice, DataPlane, DataPlaneConfig, StreamLimits, T
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Exit code for a configuration or flag error (clap uses 2 for usage errors too).
+/// Exit code for every configuration error: a bad flag (clap uses 2 for usage errors too), a
+/// config file that cannot be read or has a bad field, a users file or TLS certificate that
+/// cannot be read. Failures of a valid configuration at run time (a listener address in use)
+/// exit with 1. `uturn --help` says so.
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     // First, before the shards and tables are allocated: see `disable_transparent_huge_pages`.
     let thp = disable_transparent_huge_pages();
     let cli = cli::Cli::parse();
-    let (config, demo_password) = match load_config(&cli, None) {
+    let loaded = load_config(&cli, None).and_then(|(config, demo_password)| {
+        let files = load_files(&config)?;
+        Ok((config, demo_password, files))
+    });
+    let (config, demo_password, files) = match loaded {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("uturn: {e:#}");
@@ -57,7 +65,7 @@ fn main() -> ExitCode {
     if let Err(e) = thp {
         warn!(error = %e, "could not turn transparent huge pages off; resident memory may stay above what is in use");
     }
-    match run(cli, config, demo_password, log_level) {
+    match run(cli, config, files, demo_password, log_level) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("uturn: {e:#}");
@@ -135,16 +143,30 @@ fn load_config(cli: &cli::Cli, demo: Option<&str>) -> anyhow::Result<(Config, Op
     Ok((config, demo_password))
 }
 
+/// What the configuration names besides itself, read before anything starts, so that a
+/// missing or broken file is a configuration error like a bad field.
+struct Files {
+    users: UserTable,
+    tls: Option<TlsConfig>,
+}
+
+fn load_files(config: &Config) -> anyhow::Result<Files> {
+    Ok(Files {
+        users: UserTable::from_config(&config.auth)?,
+        tls: streams::load_tls(config)?,
+    })
+}
+
 fn run(
     cli: cli::Cli,
     config: Config,
+    files: Files,
     demo_password: Option<String>,
     log_level: LogLevelSetter,
 ) -> anyhow::Result<()> {
     raise_open_file_limit();
     warn_if_relay_ports_are_ephemeral(&config);
-    let users = UserTable::from_config(&config.auth)?;
-    let tls = streams::load_tls(&config)?;
+    let Files { users, tls } = files;
     let (dataplane, from_shards) =
         DataPlane::start(dataplane_config(&config, tls.clone())).context("start the data plane")?;
     let (backend, why) = dataplane.backend();
