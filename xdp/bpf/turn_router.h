@@ -19,9 +19,9 @@ struct __attribute__((aligned(4))) uturn_endpoint {
 	__u8 pad;       /* offset 19, zero */
 };
 
-/* UTURN_LISTENERS key: a TURN UDP listener address. size 20, value __u8 (1). */
+/* LISTENERS key: a TURN UDP listener address. size 20, value __u8 (1). */
 
-/* UTURN_CHANNELS key (client -> peer). size 44 */
+/* CHANNELS key (client -> peer). size 44 */
 struct uturn_channel_key {
 	struct uturn_endpoint client;   /* offset 0 */
 	struct uturn_endpoint listener; /* offset 20 */
@@ -29,20 +29,20 @@ struct uturn_channel_key {
 	__u8 pad[2];                    /* offset 42, zero */
 };
 
-/* UTURN_CHANNELS value. size 44 */
+/* CHANNELS value. size 44 */
 struct uturn_channel_value {
 	struct uturn_endpoint relayed;  /* offset 0 */
 	struct uturn_endpoint peer;     /* offset 20 */
-	__u8 slot[4];                   /* offset 40, host order: index into UTURN_CHANNEL_STATS */
+	__u8 slot[4];                   /* offset 40, host order: index into CHAN_STATS */
 };
 
-/* UTURN_RELAYS key (peer -> client). size 40 */
+/* RELAYS key (peer -> client). size 40 */
 struct uturn_relay_key {
 	struct uturn_endpoint relayed;  /* offset 0 */
 	struct uturn_endpoint peer;     /* offset 20 */
 };
 
-/* UTURN_RELAYS value. size 48 */
+/* RELAYS value. size 48 */
 struct uturn_relay_value {
 	struct uturn_endpoint listener; /* offset 0 */
 	struct uturn_endpoint client;   /* offset 20 */
@@ -51,7 +51,7 @@ struct uturn_relay_value {
 	__u8 slot[4];                   /* offset 44, host order */
 };
 
-/* UTURN_CHANNEL_STATS value (per CPU, indexed by slot). size 32 */
+/* CHAN_STATS value (per CPU, indexed by slot). size 32 */
 struct uturn_channel_stats {
 	__u64 to_peer_packets;   /* offset 0 */
 	__u64 to_peer_bytes;     /* offset 8: ChannelData payload bytes (header and padding excluded) */
@@ -59,7 +59,7 @@ struct uturn_channel_stats {
 	__u64 to_client_bytes;   /* offset 24: peer payload bytes */
 };
 
-/* UTURN_REASONS index (per CPU __u64). Keep in step with `Reason` in xdp/src/maps.rs. */
+/* REASONS index (per CPU __u64). Keep in step with `Reason` in xdp/src/maps.rs. */
 enum uturn_reason {
 	UTURN_TX_TO_PEER = 0,        /* forwarded client -> peer with XDP_TX */
 	UTURN_REDIRECT_TO_PEER,      /* forwarded client -> peer with bpf_redirect */
