@@ -238,8 +238,8 @@ static __always_inline int parse(struct xdp_md *ctx, struct parsed *p)
 	return pass(UTURN_PASS_NOT_IP), -1;
 }
 
-/* Route src -> dst. Returns 0 and fills fib on success; the packet is not touched, so the
- * caller can still pass it on. */
+/* Route src -> dst. Returns 0 and fills fib on success, else the reason to pass; the packet
+ * is not touched, so the caller can still pass it on. */
 static __always_inline int route(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
 				 const struct uturn_endpoint *src,
 				 const struct uturn_endpoint *dst, __u8 tos, __u32 ip_len)
@@ -260,8 +260,14 @@ static __always_inline int route(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
 		__builtin_memcpy(fib->ipv6_src, src->addr, 16);
 		__builtin_memcpy(fib->ipv6_dst, dst->addr, 16);
 	}
-	long rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
-	return rc == BPF_FIB_LKUP_RET_SUCCESS ? 0 : -1;
+	/* An output lookup, as for a datagram this host sends from its relayed address. The
+	 * kernel takes ifindex as the output interface, so a peer routed out of another interface
+	 * is not found and the stack relays it instead. The kernel answers FWD_DISABLED unless
+	 * forwarding is on for the interface, whatever the flags (README: "XDP fast path"). */
+	long rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		return 0;
+	return rc == BPF_FIB_LKUP_RET_FWD_DISABLED ? UTURN_PASS_FORWARDING_OFF : UTURN_PASS_FIB;
 }
 
 /* Write Ethernet, IP and UDP headers at data for a datagram src -> dst with udp_len bytes of
@@ -399,9 +405,10 @@ static __noinline int to_peer(struct xdp_md *ctx, struct parsed *p)
 	__u32 ip_hdr = hdr_len - sizeof(struct ethhdr) - sizeof(struct udphdr);
 	__u32 udp_len_new = sizeof(struct udphdr) + len;
 	struct bpf_fib_lookup fib;
-	if (route(ctx, &fib, &relayed, &peer, p->tos,
-		  p->family == UTURN_FAMILY_V4 ? ip_hdr + udp_len_new : udp_len_new) < 0)
-		return pass(UTURN_PASS_FIB);
+	int why = route(ctx, &fib, &relayed, &peer, p->tos,
+			p->family == UTURN_FAMILY_V4 ? ip_hdr + udp_len_new : udp_len_new);
+	if (why)
+		return pass(why);
 
 	/* Checksum: take out the old addressing, the ChannelData header and the padding bytes;
 	 * put in the new addressing. The data keeps its 2-byte alignment (it moves by 4). */
@@ -466,9 +473,10 @@ static __noinline int to_client(struct xdp_md *ctx, struct parsed *p,
 	__u32 ip_hdr = hdr_len - sizeof(struct ethhdr) - sizeof(struct udphdr);
 	__u32 udp_len_new = sizeof(struct udphdr) + 4 + len;
 	struct bpf_fib_lookup fib;
-	if (route(ctx, &fib, &listener, &client, p->tos,
-		  p->family == UTURN_FAMILY_V4 ? ip_hdr + udp_len_new : udp_len_new) < 0)
-		return pass(UTURN_PASS_FIB);
+	int why = route(ctx, &fib, &listener, &client, p->tos,
+			p->family == UTURN_FAMILY_V4 ? ip_hdr + udp_len_new : udp_len_new);
+	if (why)
+		return pass(why);
 
 	__u64 s = 0xffff ^ (__u32)p->udp_check;
 	s = sub_addressing(s, &p->src, &p->dst, p->udp_len);

@@ -76,6 +76,7 @@ enum uturn_reason {
 	UTURN_PASS_BAD_LENGTH,       /* ChannelData length beyond the datagram, padding > 3, > 16383 */
 	UTURN_PASS_CROSS_FAMILY,     /* client and peer families differ */
 	UTURN_PASS_NO_CHECKSUM,      /* IPv6 UDP with checksum 0 (invalid) */
+	UTURN_PASS_FORWARDING_OFF,   /* the kernel's FIB lookup needs forwarding on the interface */
 	UTURN_PASS_FIB,              /* no route, no neighbour, or MTU: the stack decides */
 	UTURN_DROP_ADJUST,           /* head/tail adjust failed after the packet was changed */
 	UTURN_REASON_COUNT,

@@ -40,8 +40,9 @@ use maps::{
     RELAY_VALUE_LEN,
 };
 
-/// The compiled program (`clang -O2 -g -target bpf`, see `scripts/build-xdp.sh`).
-pub const OBJECT: &[u8] = include_bytes!("../bpf/turn_router.o");
+/// The compiled program (`clang -O2 -g -target bpf`, see `scripts/build-xdp.sh`), aligned
+/// because the ELF parser reads its headers in place.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/turn_router.o");
 
 const PROGRAM_ROUTER: &str = "uturn_router";
 const PROGRAM_PASS: &str = "uturn_pass";

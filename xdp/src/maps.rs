@@ -131,6 +131,9 @@ pub enum Reason {
     PassCrossFamily,
     /// Passed: IPv6 UDP without a checksum.
     PassNoChecksum,
+    /// Passed: forwarding is off on the interface, and the kernel's FIB lookup (which gives
+    /// the next hop's MAC address) refuses to answer without it.
+    PassForwardingOff,
     /// Passed: the FIB had no route, neighbour or MTU for the rewritten packet.
     PassFib,
     /// Dropped: adjusting the packet failed after it had been changed.
@@ -139,7 +142,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in map index order.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::TxToPeer,
         Self::RedirectToPeer,
         Self::TxToClient,
@@ -155,6 +158,7 @@ impl Reason {
         Self::PassBadLength,
         Self::PassCrossFamily,
         Self::PassNoChecksum,
+        Self::PassForwardingOff,
         Self::PassFib,
         Self::DropAdjust,
     ];
@@ -177,6 +181,7 @@ impl Reason {
             Self::PassBadLength => "pass_bad_length",
             Self::PassCrossFamily => "pass_cross_family",
             Self::PassNoChecksum => "pass_no_checksum",
+            Self::PassForwardingOff => "pass_forwarding_off",
             Self::PassFib => "pass_fib",
             Self::DropAdjust => "drop_adjust",
         }
