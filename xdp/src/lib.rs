@@ -186,6 +186,17 @@ impl ReasonCounters {
     }
 }
 
+/// The kernel's view of the router program (`bpftool prog show id ID` prints the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// The program's id.
+    pub id: u32,
+    /// Runs counted while `kernel.bpf_stats_enabled` was 1.
+    pub run_count: u64,
+    /// Their total run time.
+    pub run_time: std::time::Duration,
+}
+
 /// The loaded program, its maps, and the interfaces it is attached to. Dropping it detaches
 /// the program everywhere (aya detaches every link of a program when the program is dropped).
 pub struct Router {
@@ -379,6 +390,25 @@ impl Router {
             out.0[reason.index()] = values.iter().sum();
         }
         Ok(out)
+    }
+
+    /// The kernel's statistics of the router program: its id, and the run count and total run
+    /// time, which the kernel keeps only while `kernel.bpf_stats_enabled` is 1.
+    pub fn program_stats(&self) -> Result<ProgramStats, XdpError> {
+        let program = self
+            .ebpf
+            .program(PROGRAM_ROUTER)
+            .ok_or(XdpError::Missing(PROGRAM_ROUTER))?;
+        let info = program.info().map_err(|source| XdpError::Program {
+            program: PROGRAM_ROUTER,
+            interface: "-".into(),
+            source,
+        })?;
+        Ok(ProgramStats {
+            id: info.id(),
+            run_count: info.run_count(),
+            run_time: info.run_time(),
+        })
     }
 
     fn check_slot(&self, slot: u32) -> Result<(), XdpError> {

@@ -299,3 +299,134 @@ fn the_router_detaches_on_drop_and_is_never_attached_twice() {
         assert!(shown().contains("prog/xdp"));
     });
 }
+
+/// A uturn killed with SIGKILL cannot detach anything; the kernel does it when the BPF link's
+/// last file descriptor closes, so the next process attaches afresh and nothing is stacked.
+#[test]
+fn a_killed_loader_leaves_no_program_attached() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    if skip() {
+        return;
+    }
+    let topology = Topology::create("kill");
+    let shown = || topology.ip_output(&topology.server_ns, &["link", "show", SERVER_IF]);
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--ignored",
+            "--exact",
+            "helper_attach_and_wait_to_be_killed",
+            "--nocapture",
+        ])
+        .env(HELPER_NETNS, &topology.server_ns)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn helper");
+    let stdout = child.stdout.take().expect("helper stdout");
+    let attached = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.contains(HELPER_READY));
+    assert!(attached, "the helper did not attach");
+    assert!(shown().contains("prog/xdp"), "{}", shown());
+    child.kill().expect("SIGKILL the helper");
+    child.wait().expect("reap the helper");
+    assert!(!shown().contains("prog/xdp"), "left behind: {}", shown());
+    topology.run_in(&topology.server_ns, || {
+        let mut router = Router::load(Limits::default()).expect("load");
+        router
+            .attach(SERVER_IF, AttachMode::Native)
+            .expect("attach after the kill");
+    });
+}
+
+const HELPER_NETNS: &str = "UTURN_XDP_TEST_NETNS";
+const HELPER_READY: &str = "uturn-xdp helper attached";
+
+/// Run by `a_killed_loader_leaves_no_program_attached` in a child process, never on its own.
+#[test]
+#[ignore = "a helper process of a_killed_loader_leaves_no_program_attached"]
+fn helper_attach_and_wait_to_be_killed() {
+    let Ok(ns) = std::env::var(HELPER_NETNS) else {
+        eprintln!("SKIPPED: only runs as the child of a_killed_loader_leaves_no_program_attached");
+        return;
+    };
+    let topology = Topology {
+        client_ns: String::new(),
+        server_ns: ns,
+    };
+    let router = topology.run_in(&topology.server_ns, || {
+        let mut router = Router::load(Limits::default()).expect("load");
+        router
+            .attach(SERVER_IF, AttachMode::Native)
+            .expect("attach");
+        router
+    });
+    println!("{HELPER_READY}");
+    // Blocks until the parent kills this process (or exits, closing stdin).
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    drop(router);
+    // The namespaces belong to the parent test.
+    std::mem::forget(topology);
+}
+
+/// Not a check: measures the router's run time per packet with the kernel's BPF statistics
+/// (`kernel.bpf_stats_enabled`, restored afterwards) over a bounded burst of ChannelData
+/// client → peer and peer → client, and prints it. Run with
+/// `cargo test -p uturn-xdp --test netns -- --ignored --nocapture measure_`.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn measure_program_run_time_per_packet() {
+    const PACKETS: usize = 20_000;
+    if skip() {
+        return;
+    }
+    let topology = Topology::create("measure");
+    topology.enable_forwarding(&topology.server_ns, SERVER_IF);
+    let (mut server, client, ch) = setup(&topology, V4, AttachMode::Native);
+    server.router.insert_channel(&ch).expect("insert channel");
+    let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
+    let before = std::fs::read_to_string(stats_path).expect("read bpf_stats_enabled");
+    std::fs::write(stats_path, "1").expect("enable BPF statistics");
+    let start = server.router.program_stats().expect("stats");
+    let payload = [0x55u8; 160]; // an audio-sized datagram
+    let data = channel_data(CHANNEL, &payload, 0, None);
+    let mut received = [0usize; 2];
+    for i in 0..PACKETS {
+        if i % 2 == 0 {
+            client.client_tx.send(ch.listener, &data, false);
+        } else {
+            client.peer_tx.send(ch.relayed, &payload, false);
+        }
+        // Keep the receive queues short: drain one datagram per datagram sent.
+        let (socket, n) = if i % 2 == 0 {
+            (&client.peer_rx, &mut received[0])
+        } else {
+            (&client.client_rx, &mut received[1])
+        };
+        let mut buf = [0u8; 2048];
+        if socket.recv_from(&mut buf).is_ok() {
+            *n += 1;
+        }
+    }
+    let end = server.router.program_stats().expect("stats");
+    std::fs::write(stats_path, before.trim()).expect("restore bpf_stats_enabled");
+    let runs = end.run_count - start.run_count;
+    let nanos = (end.run_time - start.run_time).as_nanos();
+    let reasons = server.router.reason_counters().expect("reasons");
+    println!(
+        "program id {}: {runs} runs, {nanos} ns, {:.1} ns per run; forwarded {}, received {:?} \
+         of {PACKETS}",
+        end.id,
+        nanos as f64 / runs.max(1) as f64,
+        reasons.forwarded(),
+        received,
+    );
+    assert_eq!(
+        received.iter().sum::<usize>(),
+        PACKETS,
+        "every datagram relayed"
+    );
+}
