@@ -1,14 +1,12 @@
-//! The XDP router in a veth topology the test creates (see `topology`): ChannelData relayed
+//! The XDP router in a veth topology the test creates (see `uturn_e2e::netns`): ChannelData relayed
 //! both ways by the program alone, everything else handed to the stack unchanged, and a
 //! removed channel back on the slow path from the next packet. Needs root; skips with the
 //! reason otherwise.
 
-mod topology;
-
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use topology::{Addrs, CLIENT_IF, RawUdp, SERVER_IF, Topology, V4, V6, skip_reason};
+use uturn_e2e::netns::{Addrs, CLIENT_IF, RawUdp, SERVER_IF, Topology, V4, V6, skip_reason};
 use uturn_xdp::{AttachMode, Channel, ChannelCounters, Limits, PassThrough, Reason, Router};
 
 const LISTENER_PORT: u16 = 3478;

@@ -1,4 +1,5 @@
-//! Two network namespaces joined by a veth pair, created by the test and deleted on drop:
+//! Two network namespaces joined by a veth pair, created by the test and deleted on drop
+//! (the XDP fast path's tests, in `uturn-xdp` and here):
 //! `C` holds the client and the peer (veth `uxc`), `S` the TURN server (veth `uxs`). MAC
 //! addresses and neighbour entries are fixed, so the program's FIB lookups find a neighbour
 //! from the first packet on.
@@ -8,38 +9,50 @@ use std::os::fd::AsFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-pub(crate) const CLIENT_IF: &str = "uxc";
-pub(crate) const SERVER_IF: &str = "uxs";
+pub const CLIENT_IF: &str = "uxc";
+pub const SERVER_IF: &str = "uxs";
 const CLIENT_MAC: &str = "02:00:00:00:c0:01";
 const SERVER_MAC: &str = "02:00:00:00:50:02";
 
 /// The addresses of one family in the topology.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Addrs {
-    pub(crate) client: IpAddr,
-    pub(crate) server: IpAddr,
-    pub(crate) peer: IpAddr,
+pub struct Addrs {
+    pub client: IpAddr,
+    pub server: IpAddr,
+    pub peer: IpAddr,
 }
 
-pub(crate) const V4: Addrs = Addrs {
+pub const V4: Addrs = Addrs {
     client: IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1)),
     server: IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2)),
     peer: IpAddr::V4(Ipv4Addr::new(10, 200, 0, 3)),
 };
 
-pub(crate) const V6: Addrs = Addrs {
+pub const V6: Addrs = Addrs {
     client: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1)),
     server: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2)),
     peer: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 3)),
 };
 
-pub(crate) struct Topology {
-    pub(crate) client_ns: String,
-    pub(crate) server_ns: String,
+pub struct Topology {
+    pub client_ns: String,
+    pub server_ns: String,
+}
+
+/// Why the tests that send from ordinary sockets through XDP cannot run here: those of
+/// [`skip_reason`], or no `ethtool` (see [`Topology::disable_tx_checksum`]).
+pub fn skip_reason_for_sockets() -> Option<String> {
+    skip_reason().or_else(|| {
+        Command::new("ethtool")
+            .arg("--version")
+            .output()
+            .is_err()
+            .then(|| "ethtool is not installed (apt-get install ethtool)".into())
+    })
 }
 
 /// Why the netns tests cannot run here, if they cannot.
-pub(crate) fn skip_reason() -> Option<String> {
+pub fn skip_reason() -> Option<String> {
     if !rustix::process::geteuid().is_root() {
         return Some(
             "not root: network namespaces and XDP need CAP_SYS_ADMIN/CAP_NET_ADMIN/CAP_BPF".into(),
@@ -54,7 +67,7 @@ pub(crate) fn skip_reason() -> Option<String> {
 impl Topology {
     /// Creates the namespaces, the veth pair, addresses and neighbours. Panics with the
     /// failing command (a test fixture).
-    pub(crate) fn create(tag: &str) -> Self {
+    pub fn create(tag: &str) -> Self {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{}-{n}", std::process::id(), tag);
@@ -128,7 +141,7 @@ impl Topology {
     }
 
     /// Runs `f` on a thread that has entered namespace `ns`; sockets it creates stay there.
-    pub(crate) fn run_in<T: Send>(&self, ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    pub fn run_in<T: Send>(&self, ns: &str, f: impl FnOnce() -> T + Send) -> T {
         let path = format!("/run/netns/{ns}");
         std::thread::scope(|scope| {
             scope
@@ -148,7 +161,7 @@ impl Topology {
 
     /// Turns IPv4 and IPv6 forwarding on for `dev` in `ns` (the kernel's FIB lookup from XDP
     /// answers only for interfaces that forward).
-    pub(crate) fn enable_forwarding(&self, ns: &str, dev: &str) {
+    pub fn enable_forwarding(&self, ns: &str, dev: &str) {
         self.run_in(ns, || {
             for family in ["ipv4", "ipv6"] {
                 let path = format!("/proc/sys/net/{family}/conf/{dev}/forwarding");
@@ -157,8 +170,25 @@ impl Topology {
         });
     }
 
+    /// Turns transmit checksum offload off on `dev` in `ns` (`ethtool -K DEV tx off`): a
+    /// socket's datagram then leaves veth with its full UDP checksum, as one from a real NIC
+    /// arrives. With the offload on, veth carries only the pseudo-header sum for the receiver
+    /// to complete; an XDP program that retransmits the frame sends it on with that partial
+    /// sum, and the final receiver drops it (`InCsumErrors`).
+    pub fn disable_tx_checksum(&self, ns: &str, dev: &str) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"])
+            .output()
+            .expect("run ethtool");
+        assert!(
+            out.status.success(),
+            "ethtool -K {dev} tx off: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// `ip -n NS ARGS...`'s standard output.
-    pub(crate) fn ip_output(&self, ns: &str, args: &[&str]) -> String {
+    pub fn ip_output(&self, ns: &str, args: &[&str]) -> String {
         let mut all = vec!["-n", ns];
         all.extend_from_slice(args);
         let out = Command::new("ip").args(&all).output().expect("run ip");
@@ -184,17 +214,16 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// A raw IPPROTO_UDP socket bound to `src`'s IP: the test writes the UDP header and its full
-/// checksum itself. Plain UDP sockets on veth leave the checksum to "hardware" (a partial sum
-/// the receiving veth never completes once XDP has retransmitted the frame); a real NIC
-/// delivers complete checksums, which is what this sender produces.
-pub(crate) struct RawUdp {
+/// A raw IPPROTO_UDP socket bound to `src`'s IP: the test writes the UDP header and its
+/// checksum itself, so it knows the checksum the XDP program starts from and can send a
+/// wrong one on purpose.
+pub struct RawUdp {
     socket: socket2::Socket,
     src: SocketAddr,
 }
 
 impl RawUdp {
-    pub(crate) fn new(src: SocketAddr) -> Self {
+    pub fn new(src: SocketAddr) -> Self {
         use socket2::{Domain, Protocol, Socket, Type};
         let domain = if src.is_ipv4() {
             Domain::IPV4
@@ -209,7 +238,7 @@ impl RawUdp {
     }
 
     /// Sends `payload` from `self.src` to `dst`; `corrupt` flips the checksum.
-    pub(crate) fn send(&self, dst: SocketAddr, payload: &[u8], corrupt: bool) {
+    pub fn send(&self, dst: SocketAddr, payload: &[u8], corrupt: bool) {
         let len = 8 + payload.len();
         let mut datagram = Vec::with_capacity(len);
         datagram.extend_from_slice(&self.src.port().to_be_bytes());
@@ -233,7 +262,7 @@ impl RawUdp {
 }
 
 /// RFC 768 / RFC 8200 §8.1 checksum over the pseudo-header and the datagram (checksum 0).
-pub(crate) fn udp_checksum(src: IpAddr, dst: IpAddr, datagram: &[u8]) -> u16 {
+pub fn udp_checksum(src: IpAddr, dst: IpAddr, datagram: &[u8]) -> u16 {
     let mut sum: u64 = 0;
     let mut add = |bytes: &[u8]| {
         for pair in bytes.chunks(2) {
