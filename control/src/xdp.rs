@@ -73,17 +73,29 @@ impl XdpMirror {
     /// that hold the listeners' IPs) and serves `listeners` (UDP). `Auto` never fails: without
     /// XDP it logs one line saying why and returns a mirror that does nothing. `Native` and
     /// `Generic` fail when they cannot attach.
+    /// `bandwidth_cap` is `limits.allocation_bytes_per_sec`: the program does not enforce it,
+    /// so with a cap XDP stays off rather than relay past it.
     pub fn start(
         mode: XdpMode,
         interfaces: &[String],
         listeners: &[SocketAddr],
+        bandwidth_cap: u32,
     ) -> Result<Self, String> {
         let attach = match mode {
             XdpMode::Off => return Ok(Self::default()),
             XdpMode::Auto | XdpMode::Native => AttachMode::Native,
             XdpMode::Generic => AttachMode::Generic,
         };
-        match Self::attach(attach, interfaces, listeners) {
+        let attached = if bandwidth_cap > 0 {
+            Err(
+                "limits.allocation_bytes_per_sec is set, and the program does not enforce the \
+                 per-allocation bandwidth cap"
+                    .to_owned(),
+            )
+        } else {
+            Self::attach(attach, interfaces, listeners)
+        };
+        match attached {
             Ok((mirror, names, warning)) => {
                 info!(
                     interfaces = %names.join(","),
@@ -424,7 +436,7 @@ mod tests {
 
     #[test]
     fn off_attaches_nothing_and_mirrors_nothing() {
-        let mut mirror = XdpMirror::start(XdpMode::Off, &[], &[]).expect("off never fails");
+        let mut mirror = XdpMirror::start(XdpMode::Off, &[], &[], 0).expect("off never fails");
         assert!(!mirror.is_active());
         mirror.on_table_change(&TableChange::RemoveAllocation {
             alloc: AllocationId(1),
@@ -435,15 +447,24 @@ mod tests {
     #[test]
     fn auto_with_only_wildcard_listeners_runs_without_xdp() {
         let listeners = ["0.0.0.0:3478".parse().unwrap()];
-        let mirror = XdpMirror::start(XdpMode::Auto, &[], &listeners).expect("auto never fails");
+        let mirror = XdpMirror::start(XdpMode::Auto, &[], &listeners, 0).expect("auto never fails");
         assert!(!mirror.is_active());
     }
 
     #[test]
     fn native_refuses_to_start_without_an_address_to_serve() {
         let listeners = ["[::]:3478".parse().unwrap()];
-        let err = XdpMirror::start(XdpMode::Native, &[], &listeners).unwrap_err();
+        let err = XdpMirror::start(XdpMode::Native, &[], &listeners, 0).unwrap_err();
         assert!(err.contains("wildcard"), "{err}");
+    }
+
+    #[test]
+    fn a_bandwidth_cap_keeps_xdp_off_because_the_program_cannot_enforce_it() {
+        let listeners = ["192.0.2.1:3478".parse().unwrap()];
+        let mirror = XdpMirror::start(XdpMode::Auto, &[], &listeners, 125_000).expect("auto");
+        assert!(!mirror.is_active());
+        let err = XdpMirror::start(XdpMode::Generic, &[], &listeners, 125_000).unwrap_err();
+        assert!(err.contains("allocation_bytes_per_sec"), "{err}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ struct Setup {
     topology: Topology,
 }
 
-fn start(xdp: &str) -> Option<Setup> {
+fn start(xdp: &str, relay_extra: &str) -> Option<Setup> {
     if let Some(reason) = skip_reason_for_sockets() {
         eprintln!("SKIPPED: {reason}");
         return None;
@@ -37,7 +37,7 @@ fn start(xdp: &str) -> Option<Setup> {
     let config = TempConfig::new(
         "xdp",
         &format!(
-            "[relay]\nxdp = \"{xdp}\"\nxdp_interfaces = [\"{SERVER_IF}\"]\n\
+            "[relay]\nxdp = \"{xdp}\"\nxdp_interfaces = [\"{SERVER_IF}\"]\n{relay_extra}\n\
              [peers]\nallowed_peers = [\"10.200.0.0/24\"]\n"
         ),
     );
@@ -146,7 +146,7 @@ fn relayed_packets(s: &Setup, path: &str, direction: &str, expected: f64) -> f64
 /// the allocation stops relaying from the next packet (the maps follow the engine).
 #[test]
 fn with_xdp_native_channel_data_takes_the_xdp_path_and_stops_with_the_allocation() {
-    let Some(mut s) = start("native") else {
+    let Some(mut s) = start("native", "") else {
         return;
     };
     assert!(
@@ -200,7 +200,7 @@ fn with_xdp_native_channel_data_takes_the_xdp_path_and_stops_with_the_allocation
 /// With `relay.xdp = "off"` the same exchange runs on the sockets alone.
 #[test]
 fn with_xdp_off_channel_data_takes_the_socket_path() {
-    let Some(mut s) = start("off") else {
+    let Some(mut s) = start("off", "") else {
         return;
     };
     assert!(!s.server.log().contains("XDP fast path attached"));
@@ -209,4 +209,69 @@ fn with_xdp_off_channel_data_takes_the_socket_path() {
     assert_eq!(relayed_packets(&s, "socket", "to_peer", n), n);
     assert_eq!(relayed_packets(&s, "socket", "to_client", n), n);
     assert_eq!(relayed_packets(&s, "xdp", "to_peer", 0.0), 0.0);
+}
+
+/// RFC 8656 §9: a peer without a permission gets nothing to the client, also with the program
+/// attached (its datagram meets no channel there and the shard drops it); the permitted peer's
+/// next datagram is the first the client receives.
+#[test]
+fn with_xdp_a_peer_without_permission_never_reaches_the_client() {
+    let Some(mut s) = start("native", "") else {
+        return;
+    };
+    let stranger = s.topology.run_in(&s.topology.client_ns, || {
+        UdpSocket::bind(SocketAddr::new(V4.client, 0)).expect("stranger socket")
+    });
+    stranger
+        .send_to(b"not permitted", s.relayed)
+        .expect("stranger send");
+    s.peer.send_to(b"permitted", s.relayed).expect("peer send");
+    assert_eq!(
+        s.client.recv_relayed(ANSWER_TIMEOUT),
+        Some(Relayed::ChannelData {
+            channel: CHANNEL,
+            payload: b"permitted".to_vec()
+        })
+    );
+    assert_eq!(relayed_packets(&s, "xdp", "to_client", 1.0), 1.0);
+}
+
+/// RFC 8656 §12: a channel binding that expires ends the fast path at once. The permission
+/// (longer-lived) still stands, so the peer's next datagram reaches the client as a Data
+/// indication from the shards, and ChannelData on the expired channel is not relayed.
+#[test]
+fn with_xdp_an_expired_channel_falls_back_to_the_slow_path_at_once() {
+    let Some(mut s) = start("native", "channel_lifetime_secs = 2") else {
+        return;
+    };
+    exchange(&mut s, 1);
+    assert!(
+        s.server
+            .wait_for_log("ChannelExpired", Duration::from_secs(10)),
+        "the channel did not expire: {}",
+        s.server.log()
+    );
+    let peer = s.peer.local_addr().expect("peer address");
+    s.peer
+        .send_to(b"after expiry", s.relayed)
+        .expect("peer send");
+    assert_eq!(
+        s.client.recv_relayed(ANSWER_TIMEOUT),
+        Some(Relayed::Data {
+            peer,
+            payload: b"after expiry".to_vec()
+        })
+    );
+    s.client
+        .send_channel_data(CHANNEL, b"on an expired channel");
+    s.peer
+        .set_read_timeout(Some(Duration::from_millis(400)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    assert!(
+        s.peer.recv_from(&mut buf).is_err(),
+        "relayed on an expired channel"
+    );
+    assert_eq!(relayed_packets(&s, "xdp", "to_client", 1.0), 1.0);
+    assert_eq!(relayed_packets(&s, "socket", "to_client", 1.0), 1.0);
 }

@@ -241,6 +241,7 @@ fn run(
         config.relay.xdp,
         &config.relay.xdp_interfaces,
         &listeners,
+        config.limits.allocation_bytes_per_sec,
     )
     .map_err(|why| anyhow::anyhow!("relay.xdp: {why}"))?;
     let control = ControlThread::new(
