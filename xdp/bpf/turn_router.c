@@ -62,6 +62,13 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2 * 65536);
+	__type(key, __u32);
+	__type(value, struct uturn_nexthop);
+} NEXTHOPS SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, UTURN_REASON_COUNT);
 	__type(key, __u32);
 	__type(value, __u64);
@@ -73,6 +80,9 @@ struct {
 /* The default TTL / hop limit of a Linux socket, which the slow path's relay socket uses. */
 #define TTL_DEFAULT 64
 #define IP_DF 0x4000
+/* How long a FIB answer is reused for a channel's direction. The lookup is about half the
+ * program's run time; a route or neighbour change reaches a busy channel within this time. */
+#define NEXTHOP_CACHE_NS 1000000000ULL
 
 struct parsed {
 	struct uturn_endpoint src;
@@ -238,13 +248,25 @@ static __always_inline int parse(struct xdp_md *ctx, struct parsed *p)
 	return pass(UTURN_PASS_NOT_IP), -1;
 }
 
-/* Route src -> dst. Returns 0 and fills fib on success, else the reason to pass; the packet
- * is not touched, so the caller can still pass it on. */
+/* Route src -> dst: the channel direction's cached answer while it is fresh and the packet
+ * is no longer than one the FIB accepted, else a FIB lookup. Returns 0 and fills fib's
+ * ifindex and MAC addresses on success, else the reason to pass; the packet is not touched,
+ * so the caller can still pass it on. */
 static __always_inline int route(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
 				 const struct uturn_endpoint *src,
-				 const struct uturn_endpoint *dst, __u8 tos, __u32 ip_len)
+				 const struct uturn_endpoint *dst, __u8 tos, __u32 ip_len,
+				 __u32 nexthop_index)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
+	struct uturn_nexthop *nh = bpf_map_lookup_elem(&NEXTHOPS, &nexthop_index);
+	__u64 now = bpf_ktime_get_ns();
+	if (nh && now < nh->expires_ns && nh->in_ifindex == ctx->ingress_ifindex &&
+	    ip_len <= nh->len_ok) {
+		fib->ifindex = nh->ifindex;
+		__builtin_memcpy(fib->dmac, nh->dmac, ETH_ALEN);
+		__builtin_memcpy(fib->smac, nh->smac, ETH_ALEN);
+		return 0;
+	}
 	fib->l4_protocol = IPPROTO_UDP;
 	__builtin_memcpy(&fib->sport, src->port, 2);
 	__builtin_memcpy(&fib->dport, dst->port, 2);
@@ -265,8 +287,17 @@ static __always_inline int route(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
 	 * is not found and the stack relays it instead. The kernel answers FWD_DISABLED unless
 	 * forwarding is on for the interface, whatever the flags (README: "XDP fast path"). */
 	long rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), BPF_FIB_LOOKUP_OUTPUT);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (nh) {
+			nh->expires_ns = now + NEXTHOP_CACHE_NS;
+			nh->ifindex = fib->ifindex;
+			nh->in_ifindex = ctx->ingress_ifindex;
+			nh->len_ok = ip_len;
+			__builtin_memcpy(nh->dmac, fib->dmac, ETH_ALEN);
+			__builtin_memcpy(nh->smac, fib->smac, ETH_ALEN);
+		}
 		return 0;
+	}
 	return rc == BPF_FIB_LKUP_RET_FWD_DISABLED ? UTURN_PASS_FORWARDING_OFF : UTURN_PASS_FIB;
 }
 
@@ -406,7 +437,8 @@ static __noinline int to_peer(struct xdp_md *ctx, struct parsed *p)
 	__u32 udp_len_new = sizeof(struct udphdr) + len;
 	struct bpf_fib_lookup fib;
 	int why = route(ctx, &fib, &relayed, &peer, p->tos,
-			p->family == UTURN_FAMILY_V4 ? ip_hdr + udp_len_new : udp_len_new);
+			p->family == UTURN_FAMILY_V4 ? ip_hdr + udp_len_new : udp_len_new,
+			slot * 2);
 	if (why)
 		return pass(why);
 
@@ -474,7 +506,8 @@ static __noinline int to_client(struct xdp_md *ctx, struct parsed *p,
 	__u32 udp_len_new = sizeof(struct udphdr) + 4 + len;
 	struct bpf_fib_lookup fib;
 	int why = route(ctx, &fib, &listener, &client, p->tos,
-			p->family == UTURN_FAMILY_V4 ? ip_hdr + udp_len_new : udp_len_new);
+			p->family == UTURN_FAMILY_V4 ? ip_hdr + udp_len_new : udp_len_new,
+			slot * 2 + 1);
 	if (why)
 		return pass(why);
 

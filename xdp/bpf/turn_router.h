@@ -59,6 +59,18 @@ struct uturn_channel_stats {
 	__u64 to_client_bytes;   /* offset 24: peer payload bytes */
 };
 
+/* NEXTHOPS value (per CPU, index 2 * slot + direction, 0 to peer, 1 to client): the last
+ * successful FIB answer for a channel's direction, reused until expires_ns. The loader zeroes
+ * both when it gives the slot to a channel. size 32 */
+struct uturn_nexthop {
+	__u64 expires_ns;  /* offset 0: bpf_ktime_get_ns() deadline; 0 = empty */
+	__u32 ifindex;     /* offset 8: output interface */
+	__u32 in_ifindex;  /* offset 12: the ingress interface the answer was for */
+	__u32 len_ok;      /* offset 16: the largest IP length the FIB accepted (MTU) */
+	__u8 dmac[6];      /* offset 20 */
+	__u8 smac[6];      /* offset 26 */
+};
+
 /* REASONS index (per CPU __u64). Keep in step with `Reason` in xdp/src/maps.rs. */
 enum uturn_reason {
 	UTURN_TX_TO_PEER = 0,        /* forwarded client -> peer with XDP_TX */

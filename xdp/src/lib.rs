@@ -36,8 +36,8 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 
 pub use maps::Reason;
 use maps::{
-    CHANNEL_KEY_LEN, CHANNEL_STATS_WORDS, CHANNEL_VALUE_LEN, ENDPOINT_LEN, RELAY_KEY_LEN,
-    RELAY_VALUE_LEN,
+    CHANNEL_KEY_LEN, CHANNEL_STATS_WORDS, CHANNEL_VALUE_LEN, ENDPOINT_LEN, NEXTHOP_WORDS,
+    RELAY_KEY_LEN, RELAY_VALUE_LEN,
 };
 
 /// The compiled program (`clang -O2 -g -target bpf`, see `scripts/build-xdp.sh`), aligned
@@ -205,6 +205,7 @@ pub struct Router {
     channels: HashMap<MapData, [u8; CHANNEL_KEY_LEN], [u8; CHANNEL_VALUE_LEN]>,
     relays: HashMap<MapData, [u8; RELAY_KEY_LEN], [u8; RELAY_VALUE_LEN]>,
     stats: PerCpuArray<MapData, [u64; CHANNEL_STATS_WORDS]>,
+    nexthops: PerCpuArray<MapData, [u64; NEXTHOP_WORDS]>,
     reasons: PerCpuArray<MapData, u64>,
     listener_set: HashSet<SocketAddr>,
     attached: Vec<(String, AttachMode)>,
@@ -229,6 +230,7 @@ impl Router {
             .set_max_entries("CHANNELS", limits.channels_max)
             .set_max_entries("RELAYS", limits.channels_max)
             .set_max_entries("CHAN_STATS", limits.slots_max)
+            .set_max_entries("NEXTHOPS", limits.slots_max.saturating_mul(2))
             .set_max_entries("LISTENERS", limits.listeners_max)
             .load(OBJECT)?;
         let router = xdp_program(&mut ebpf, PROGRAM_ROUTER)?;
@@ -243,6 +245,7 @@ impl Router {
             channels: take_map(&mut ebpf, "CHANNELS", HashMap::try_from)?,
             relays: take_map(&mut ebpf, "RELAYS", HashMap::try_from)?,
             stats: take_map(&mut ebpf, "CHAN_STATS", PerCpuArray::try_from)?,
+            nexthops: take_map(&mut ebpf, "NEXTHOPS", PerCpuArray::try_from)?,
             reasons: take_map(&mut ebpf, "REASONS", PerCpuArray::try_from)?,
             ebpf,
             listener_set: HashSet::new(),
@@ -311,6 +314,17 @@ impl Router {
                 map: "CHAN_STATS",
                 source,
             })?;
+        // The slot's cached next hops belonged to its previous channel.
+        for direction in 0..2 {
+            let empty = PerCpuValues::try_from(vec![[0u64; NEXTHOP_WORDS]; self.cpus])
+                .map_err(XdpError::Cpus)?;
+            self.nexthops
+                .set(channel.slot * 2 + direction, empty, 0)
+                .map_err(|source| XdpError::Map {
+                    map: "NEXTHOPS",
+                    source,
+                })?;
+        }
         self.channels
             .insert(
                 maps::channel_key(channel.client, channel.listener, channel.channel),
@@ -437,6 +451,7 @@ impl PassThrough {
             .set_max_entries("CHANNELS", 1)
             .set_max_entries("RELAYS", 1)
             .set_max_entries("CHAN_STATS", 1)
+            .set_max_entries("NEXTHOPS", 1)
             .set_max_entries("LISTENERS", 1)
             .load(OBJECT)?;
         let program = xdp_program(&mut ebpf, PROGRAM_PASS)?;

@@ -16,6 +16,8 @@ pub(crate) const RELAY_KEY_LEN: usize = 40;
 pub(crate) const RELAY_VALUE_LEN: usize = 48;
 /// `struct uturn_channel_stats`: four `u64` per CPU.
 pub(crate) const CHANNEL_STATS_WORDS: usize = 4;
+/// `struct uturn_nexthop`: 32 bytes per CPU, only ever zeroed from here.
+pub(crate) const NEXTHOP_WORDS: usize = 4;
 
 const FAMILY_V4: u8 = 4;
 const FAMILY_V6: u8 = 6;
@@ -271,6 +273,10 @@ mod tests {
                     OFF_RELAY_VALUE_SLOT
                 ]
             )
+        );
+        assert_eq!(
+            c_layout("uturn_nexthop"),
+            (NEXTHOP_WORDS * 8, vec![0, 8, 12, 16, 20, 26])
         );
         assert_eq!(
             c_layout("uturn_channel_stats"),
