@@ -6,8 +6,9 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use uturn_e2e::netns::{CLIENT_IF, SERVER_IF, Topology, V4, skip_reason_for_sockets};
+use uturn_e2e::netns::{Addrs, CLIENT_IF, SERVER_IF, Topology, V4, V6, skip_reason_for_sockets};
 use uturn_e2e::{ANSWER_TIMEOUT, Relayed, TempConfig, TurnClient, Uturn};
+use uturn_proto::{AddressFamily, Attribute};
 use uturn_xdp::{AttachMode, PassThrough};
 
 const COUNTERS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,6 +27,12 @@ struct Setup {
 }
 
 fn start(xdp: &str, relay_extra: &str) -> Option<Setup> {
+    start_family(V4, xdp, relay_extra)
+}
+
+/// uturn on UDP and TCP listeners of `family`'s server address, a UDP client with an
+/// allocation and channel `CHANNEL` bound to a UDP peer, all in the topology.
+fn start_family(family: Addrs, xdp: &str, relay_extra: &str) -> Option<Setup> {
     if let Some(reason) = skip_reason_for_sockets() {
         eprintln!("SKIPPED: {reason}");
         return None;
@@ -38,11 +45,12 @@ fn start(xdp: &str, relay_extra: &str) -> Option<Setup> {
         "xdp",
         &format!(
             "[relay]\nxdp = \"{xdp}\"\nxdp_interfaces = [\"{SERVER_IF}\"]\n{relay_extra}\n\
-             [peers]\nallowed_peers = [\"10.200.0.0/24\"]\n"
+             [peers]\nallowed_peers = [\"10.200.0.0/24\", \"fd00:200::/64\"]\n"
         ),
     );
-    let listen = format!("{}:3478", V4.server);
-    let relay_ip = V4.server.to_string();
+    let listen = SocketAddr::new(family.server, 3478).to_string();
+    let listen_tcp = format!("tcp://{}", SocketAddr::new(family.server, 3479));
+    let relay_ip = family.server.to_string();
     let server = Uturn::start_in_netns(
         &topology.server_ns,
         &[
@@ -50,6 +58,8 @@ fn start(xdp: &str, relay_extra: &str) -> Option<Setup> {
             config.path(),
             "--listen",
             &listen,
+            "--listen",
+            &listen_tcp,
             "--relay-ip",
             &relay_ip,
             "--realm",
@@ -64,23 +74,29 @@ fn start(xdp: &str, relay_extra: &str) -> Option<Setup> {
             "1",
         ],
     );
-    let listener = server.listener(false);
+    let listener = server.listener(family.server.is_ipv6());
     let (pass, mut client, peer) = topology.run_in(&topology.client_ns, || {
         (
             PassThrough::attach(CLIENT_IF, AttachMode::Native)
                 .expect("pass-through on the client veth"),
             TurnClient::new_on(
-                SocketAddr::new(V4.client, 0),
+                SocketAddr::new(family.client, 0),
                 listener,
                 "alice",
                 "wonderland",
             ),
-            UdpSocket::bind(SocketAddr::new(V4.peer, 0)).expect("peer socket"),
+            UdpSocket::bind(SocketAddr::new(family.peer, 0)).expect("peer socket"),
         )
     });
     peer.set_read_timeout(Some(ANSWER_TIMEOUT))
         .expect("timeout");
-    let allocation = client.allocate(&[]).expect("Allocate");
+    // RFC 8656 §7.2: without REQUESTED-ADDRESS-FAMILY the relayed address is IPv4.
+    let family_attr = if family.server.is_ipv6() {
+        vec![Attribute::RequestedAddressFamily(AddressFamily::V6)]
+    } else {
+        Vec::new()
+    };
+    let allocation = client.allocate(&family_attr).expect("Allocate");
     client
         .channel_bind(CHANNEL, peer.local_addr().expect("peer address"))
         .expect("ChannelBind");
@@ -125,10 +141,22 @@ fn exchange(s: &mut Setup, rounds: usize) {
 }
 
 fn relayed_packets(s: &Setup, path: &str, direction: &str, expected: f64) -> f64 {
+    relayed_packets_on(s, "udp", path, direction, expected)
+}
+
+/// `uturn_relayed_packets_total` for one transport, path and direction, once it reaches
+/// `expected` (or the wait ends).
+fn relayed_packets_on(
+    s: &Setup,
+    transport: &str,
+    path: &str,
+    direction: &str,
+    expected: f64,
+) -> f64 {
     let labels = [
         ("path", path),
         ("direction", direction),
-        ("transport", "udp"),
+        ("transport", transport),
     ];
     let server = &s.server;
     s.topology.run_in(&s.topology.server_ns, || {
@@ -274,4 +302,65 @@ fn with_xdp_an_expired_channel_falls_back_to_the_slow_path_at_once() {
     );
     assert_eq!(relayed_packets(&s, "xdp", "to_client", 1.0), 1.0);
     assert_eq!(relayed_packets(&s, "socket", "to_client", 1.0), 1.0);
+}
+
+/// The same over IPv6 (RFC 8656 §12 with RFC 8200 §8.1's mandatory UDP checksum): the
+/// datagrams reach their sockets, so the program's checksum updates are right.
+#[test]
+fn with_xdp_native_ipv6_channel_data_takes_the_xdp_path() {
+    let Some(mut s) = start_family(V6, "native", "") else {
+        return;
+    };
+    exchange(&mut s, ROUNDS);
+    let n = ROUNDS as f64;
+    assert_eq!(relayed_packets(&s, "xdp", "to_peer", n), n);
+    assert_eq!(relayed_packets(&s, "xdp", "to_client", n), n);
+    assert_eq!(relayed_packets(&s, "socket", "to_peer", 0.0), 0.0);
+}
+
+/// Beside the fast path, what it passes on keeps working: Send indications and Data
+/// indications (RFC 8656 §11) for a UDP client, and a TCP client's ChannelData (RFC 8656
+/// §3.1), all on the sockets' path.
+#[test]
+fn with_xdp_send_indications_and_tcp_clients_keep_working() {
+    let Some(mut s) = start("native", "") else {
+        return;
+    };
+    let peer = s.peer.local_addr().expect("peer address");
+    s.client.send_indication(peer, b"by indication");
+    let mut buf = [0u8; 1500];
+    let (n, from) = s
+        .peer
+        .recv_from(&mut buf)
+        .expect("the peer receives the Send indication");
+    assert_eq!((&buf[..n], from), (&b"by indication"[..], s.relayed));
+
+    let tcp_listener = s.server.stream_listener("tcp", false);
+    let mut tcp = s.topology.run_in(&s.topology.client_ns, || {
+        TurnClient::new_tcp(tcp_listener, "alice", "wonderland")
+    });
+    let allocation = tcp.allocate(&[]).expect("Allocate over TCP");
+    tcp.channel_bind(CHANNEL, peer)
+        .expect("ChannelBind over TCP");
+    tcp.send_channel_data(CHANNEL, b"over tcp");
+    let (n, from) = s
+        .peer
+        .recv_from(&mut buf)
+        .expect("the peer receives the TCP client's data");
+    assert_eq!((&buf[..n], from), (&b"over tcp"[..], allocation.relayed[0]));
+    s.peer
+        .send_to(b"back over tcp", allocation.relayed[0])
+        .expect("peer send");
+    assert_eq!(
+        tcp.recv_relayed(ANSWER_TIMEOUT),
+        Some(Relayed::ChannelData {
+            channel: CHANNEL,
+            payload: b"back over tcp".to_vec()
+        })
+    );
+    assert_eq!(
+        relayed_packets_on(&s, "tcp", "socket", "to_client", 1.0),
+        1.0
+    );
+    assert_eq!(relayed_packets(&s, "xdp", "to_peer", 0.0), 0.0);
 }
