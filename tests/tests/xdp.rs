@@ -364,3 +364,100 @@ fn with_xdp_send_indications_and_tcp_clients_keep_working() {
     );
     assert_eq!(relayed_packets(&s, "xdp", "to_peer", 0.0), 0.0);
 }
+
+/// Kills and reaps a helper process when dropped.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Interop: coturn's `turnutils_uclient` (channels, RFC 5766 numbering) against uturn with
+/// the program attached, `turnutils_peer` echoing in the client namespace. Every message comes
+/// back, and every one went through the XDP path.
+#[test]
+fn with_xdp_coturns_uclient_relays_over_channels_on_the_xdp_path() {
+    use std::process::{Command, Stdio};
+    for tool in ["turnutils_uclient", "turnutils_peer"] {
+        if Command::new("which")
+            .arg(tool)
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            eprintln!("SKIPPED: {tool} is not installed (Debian package coturn)");
+            return;
+        }
+    }
+    let Some(s) = start("native", "accept_rfc5766_channel_numbers = true") else {
+        return;
+    };
+    const MESSAGES: usize = 2 * 200;
+    let peer_port = "3480";
+    let _peer = Reaped(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &s.topology.client_ns,
+                "turnutils_peer",
+                "-L",
+            ])
+            .arg(V4.peer.to_string())
+            .args(["-p", peer_port])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start turnutils_peer"),
+    );
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &s.topology.client_ns,
+            "timeout",
+            "60",
+            "turnutils_uclient",
+        ])
+        .args([
+            "-p", "3478", "-r", peer_port, "-z", "5", "-m", "2", "-n", "200",
+        ])
+        .args(["-u", "alice", "-w", "wonderland", "-e"])
+        .arg(V4.peer.to_string())
+        .arg(V4.server.to_string())
+        .output()
+        .expect("run turnutils_uclient");
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let totals = log
+        .lines()
+        .filter_map(|l| l.split("tot_send_msgs=").nth(1))
+        .next_back()
+        .unwrap_or_else(|| panic!("no totals in turnutils_uclient's output:\n{log}"));
+    let number = |key: &str| -> Option<usize> {
+        totals
+            .split(key)
+            .nth(1)?
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    let sent: Option<usize> = totals
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok());
+    assert_eq!(sent, Some(MESSAGES), "{log}");
+    assert_eq!(number("tot_recv_msgs="), Some(MESSAGES), "{log}");
+    let n = MESSAGES as f64;
+    assert_eq!(
+        relayed_packets(&s, "xdp", "to_peer", n),
+        n,
+        "{}",
+        s.server.log()
+    );
+    assert_eq!(relayed_packets(&s, "xdp", "to_client", n), n);
+    assert_eq!(relayed_packets(&s, "socket", "to_peer", 0.0), 0.0);
+}
