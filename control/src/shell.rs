@@ -220,6 +220,10 @@ impl<R: RngCore> ControlThread<R> {
                     self.ops
                         .telemetry
                         .on_xdp_counters(&self.xdp.poll_counters());
+                    if let Some(reasons) = self.xdp.reasons() {
+                        let failures = self.xdp.map_failures();
+                        self.ops.telemetry.set_xdp_reasons(&reasons, failures);
+                    }
                 }
                 let index = usize::from(counters.shard.0);
                 self.ops.telemetry.set_connections(

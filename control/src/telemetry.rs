@@ -345,6 +345,16 @@ impl Telemetry {
         }
     }
 
+    /// Publishes the XDP program's own counters: per forward/pass/drop reason (`pass_*` went
+    /// on to the kernel and the shards), and the channels left on the socket path because the
+    /// program's maps were full.
+    pub fn set_xdp_reasons(&self, reasons: &uturn_xdp::ReasonCounters, map_failures: u64) {
+        for (reason, count) in reasons.iter() {
+            counter!("uturn_xdp_packets_total", "reason" => reason.label()).absolute(count);
+        }
+        counter!("uturn_xdp_map_failures_total").absolute(map_failures);
+    }
+
     /// The latest packet and byte counters of one allocation, for the admin API: the shards'
     /// and the XDP program's together.
     pub fn allocation_counters(&self, alloc: AllocationId) -> AllocationCounters {

@@ -293,6 +293,23 @@ impl XdpMirror {
         self.map_failures
     }
 
+    /// The program's per-reason counters (cumulative), when it is attached.
+    pub fn reasons(&self) -> Option<uturn_xdp::ReasonCounters> {
+        self.router.as_ref()?.reason_counters().ok()
+    }
+
+    fn count_map_failure(&mut self) {
+        self.map_failures += 1;
+        // A full map fails every bind after it: log the 1st, 2nd, 4th, 8th... only.
+        if self.map_failures.is_power_of_two() {
+            warn!(
+                failures = self.map_failures,
+                "XDP: a channel stays on the socket path (the program's maps or counter slots \
+                 are full)"
+            );
+        }
+    }
+
     /// Puts in or takes out each channel of `alloc` so that the maps hold exactly the channels
     /// that are bound and whose peer IP has a permission.
     fn sync(&mut self, alloc: AllocationId) {
@@ -309,7 +326,7 @@ impl XdpMirror {
             match (wanted, relayed, t.channels[i].entry.is_some()) {
                 (true, Some(relayed), false) => {
                     let Some(slot) = self.slot() else {
-                        self.map_failures += 1;
+                        self.count_map_failure();
                         continue;
                     };
                     let entry = Channel {
@@ -332,7 +349,7 @@ impl XdpMirror {
                             let _ = r.remove_channel(&entry);
                         }
                         self.free_slots.push(slot);
-                        self.map_failures += 1;
+                        self.count_map_failure();
                     }
                 }
                 (false, _, true) => {

@@ -205,6 +205,22 @@ fn with_xdp_native_channel_data_takes_the_xdp_path_and_stops_with_the_allocation
     };
     assert_eq!(entry["to_peer"]["packets"], ROUNDS, "{entry}");
     assert_eq!(entry["to_client"]["packets"], ROUNDS, "{entry}");
+    // The program's own counters: ROUNDS each way forwarded with XDP_TX, and the Allocate and
+    // ChannelBind (STUN) passed on to the shards.
+    let reason = |name: &str, expected: f64| {
+        let labels = [("reason", name)];
+        s.topology.run_in(&s.topology.server_ns, || {
+            server.wait_metric(
+                "uturn_xdp_packets_total",
+                &labels,
+                expected,
+                COUNTERS_TIMEOUT,
+            )
+        })
+    };
+    assert_eq!(reason("tx_to_peer", n), n);
+    assert_eq!(reason("tx_to_client", n), n);
+    assert!(reason("pass_not_channel_data", 2.0) >= 2.0);
 
     let id = entry["id"].as_u64().expect("numeric id");
     let (status, body) = s.topology.run_in(&s.topology.server_ns, || {
