@@ -409,20 +409,7 @@ impl Router {
     /// The kernel's statistics of the router program: its id, and the run count and total run
     /// time, which the kernel keeps only while `kernel.bpf_stats_enabled` is 1.
     pub fn program_stats(&self) -> Result<ProgramStats, XdpError> {
-        let program = self
-            .ebpf
-            .program(PROGRAM_ROUTER)
-            .ok_or(XdpError::Missing(PROGRAM_ROUTER))?;
-        let info = program.info().map_err(|source| XdpError::Program {
-            program: PROGRAM_ROUTER,
-            interface: "-".into(),
-            source,
-        })?;
-        Ok(ProgramStats {
-            id: info.id(),
-            run_count: info.run_count(),
-            run_time: info.run_time(),
-        })
+        program_stats(&self.ebpf, PROGRAM_ROUTER)
     }
 
     fn check_slot(&self, slot: u32) -> Result<(), XdpError> {
@@ -440,7 +427,7 @@ impl Router {
 /// that arrive by XDP_TX or redirect only to a peer that runs XDP itself (or has GRO on), so
 /// tests and benchmarks attach this one there. Detached on drop.
 pub struct PassThrough {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 impl PassThrough {
@@ -462,8 +449,28 @@ impl PassThrough {
         };
         program.load().map_err(error)?;
         program.attach(interface, mode.flags()).map_err(error)?;
-        Ok(Self { _ebpf: ebpf })
+        Ok(Self { ebpf })
     }
+
+    /// The kernel's statistics of the pass-through program (see [`Router::program_stats`]):
+    /// the cost of an XDP program that does nothing, for comparison.
+    pub fn program_stats(&self) -> Result<ProgramStats, XdpError> {
+        program_stats(&self.ebpf, PROGRAM_PASS)
+    }
+}
+
+fn program_stats(ebpf: &Ebpf, name: &'static str) -> Result<ProgramStats, XdpError> {
+    let program = ebpf.program(name).ok_or(XdpError::Missing(name))?;
+    let info = program.info().map_err(|source| XdpError::Program {
+        program: name,
+        interface: "-".into(),
+        source,
+    })?;
+    Ok(ProgramStats {
+        id: info.id(),
+        run_count: info.run_count(),
+        run_time: info.run_time(),
+    })
 }
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, XdpError> {
