@@ -45,6 +45,8 @@ use maps::{
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/turn_router.o");
 
 const PROGRAM_ROUTER: &str = "uturn_router";
+/// The most counter slots [`Limits::slots_max`] may ask for.
+pub const SLOTS_MAX: u32 = 1 << 24;
 const PROGRAM_PASS: &str = "uturn_pass";
 
 /// Errors of loading, attaching and map updates.
@@ -226,6 +228,13 @@ impl Router {
     /// Loads the embedded object with the given map sizes and verifies the router program.
     /// Needs CAP_BPF (or CAP_SYS_ADMIN); attaching needs CAP_NET_ADMIN.
     pub fn load(limits: Limits) -> Result<Self, XdpError> {
+        // Two next-hop entries per slot are indexed as 2 * slot + direction in a u32.
+        if limits.slots_max > SLOTS_MAX {
+            return Err(XdpError::SlotOutOfRange {
+                slot: limits.slots_max,
+                max: SLOTS_MAX,
+            });
+        }
         let mut ebpf = EbpfLoader::new()
             .set_max_entries("CHANNELS", limits.channels_max)
             .set_max_entries("RELAYS", limits.channels_max)
