@@ -32,12 +32,14 @@
 #define AF_INET6 10
 
 /* The loader may change max_entries before loading; these are the defaults. */
+/* Indexed by UDP destination port (host order): UTURN_PORT_LISTENER / UTURN_PORT_RELAY. One
+ * array lookup sorts every UDP datagram, so traffic that is not TURN costs no hash lookup. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 64);
-	__type(key, struct uturn_endpoint);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
 	__type(value, __u8);
-} LISTENERS SEC(".maps");
+} PORTS SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -547,8 +549,16 @@ int uturn_router(struct xdp_md *ctx)
 
 	if (parse(ctx, &p) < 0)
 		return XDP_PASS;
-	if (bpf_map_lookup_elem(&LISTENERS, &p.dst))
+	__u32 port = ((__u32)p.dst.port[0] << 8) | p.dst.port[1];
+	__u8 *flags = bpf_map_lookup_elem(&PORTS, &port);
+	__u8 f = flags ? *flags : 0;
+	/* The channel key holds the listener's address, so a datagram to another address on a
+	 * listener port misses there. A port that is both (another IP's relay port) is taken as a
+	 * listener's: its peer datagrams go to the stack, which relays them. */
+	if (f & UTURN_PORT_LISTENER)
 		return to_peer(ctx, &p);
+	if (!(f & UTURN_PORT_RELAY))
+		return pass(UTURN_PASS_NOT_OURS);
 
 	struct uturn_relay_key rk;
 	rk.relayed = p.dst;

@@ -19,7 +19,9 @@ struct __attribute__((aligned(4))) uturn_endpoint {
 	__u8 pad;       /* offset 19, zero */
 };
 
-/* LISTENERS key: a TURN UDP listener address. size 20, value __u8 (1). */
+/* PORTS value bits, indexed by UDP destination port in host order. */
+#define UTURN_PORT_LISTENER 1  /* a TURN UDP listener's port */
+#define UTURN_PORT_RELAY 2     /* the port of a relayed address with a channel */
 
 /* CHANNELS key (client -> peer). size 44 */
 struct uturn_channel_key {
@@ -82,7 +84,7 @@ enum uturn_reason {
 	UTURN_PASS_IP_OPTIONS,       /* IPv4 with ihl != 5 */
 	UTURN_PASS_FRAGMENT,         /* IPv4 MF or fragment offset */
 	UTURN_PASS_MALFORMED,        /* lengths or IPv4 header checksum inconsistent */
-	UTURN_PASS_NOT_OURS,         /* UDP to neither a listener nor a (relayed, peer) with a channel */
+	UTURN_PASS_NOT_OURS,         /* UDP to neither a listener's nor a relayed address's port, or a (relayed, peer) without a channel */
 	UTURN_PASS_NOT_CHANNEL_DATA, /* to a listener, first byte not 0x40-0x7F (STUN...) */
 	UTURN_PASS_UNKNOWN_CHANNEL,  /* ChannelData on no channel of this 5-tuple */
 	UTURN_PASS_BAD_LENGTH,       /* ChannelData length beyond the datagram, padding > 3, > 16383 */

@@ -30,14 +30,14 @@ mod maps;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use aya::programs::{ProgramError, Xdp, XdpFlags};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
 pub use maps::Reason;
 use maps::{
-    CHANNEL_KEY_LEN, CHANNEL_STATS_WORDS, CHANNEL_VALUE_LEN, ENDPOINT_LEN, NEXTHOP_WORDS,
-    RELAY_KEY_LEN, RELAY_VALUE_LEN,
+    CHANNEL_KEY_LEN, CHANNEL_STATS_WORDS, CHANNEL_VALUE_LEN, NEXTHOP_WORDS, RELAY_KEY_LEN,
+    RELAY_VALUE_LEN,
 };
 
 /// The compiled program (`clang -O2 -g -target bpf`, see `scripts/build-xdp.sh`), aligned
@@ -45,6 +45,9 @@ use maps::{
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/turn_router.o");
 
 const PROGRAM_ROUTER: &str = "uturn_router";
+/// `PORTS` bits (`UTURN_PORT_*` in `bpf/turn_router.h`).
+const PORT_LISTENER: u8 = 1;
+const PORT_RELAY: u8 = 2;
 /// The most counter slots [`Limits::slots_max`] may ask for.
 pub const SLOTS_MAX: u32 = 1 << 24;
 const PROGRAM_PASS: &str = "uturn_pass";
@@ -117,8 +120,6 @@ pub struct Limits {
     pub channels_max: u32,
     /// Per-channel counter slots; slots run from 0 to `slots_max - 1`.
     pub slots_max: u32,
-    /// TURN UDP listener addresses.
-    pub listeners_max: u32,
 }
 
 impl Default for Limits {
@@ -126,7 +127,6 @@ impl Default for Limits {
         Self {
             channels_max: 65_536,
             slots_max: 65_536,
-            listeners_max: 64,
         }
     }
 }
@@ -203,13 +203,13 @@ pub struct ProgramStats {
 /// the program everywhere (aya detaches every link of a program when the program is dropped).
 pub struct Router {
     ebpf: Ebpf,
-    listeners: HashMap<MapData, [u8; ENDPOINT_LEN], u8>,
+    ports: Array<MapData, u8>,
     channels: HashMap<MapData, [u8; CHANNEL_KEY_LEN], [u8; CHANNEL_VALUE_LEN]>,
     relays: HashMap<MapData, [u8; RELAY_KEY_LEN], [u8; RELAY_VALUE_LEN]>,
     stats: PerCpuArray<MapData, [u64; CHANNEL_STATS_WORDS]>,
     nexthops: PerCpuArray<MapData, [u64; NEXTHOP_WORDS]>,
     reasons: PerCpuArray<MapData, u64>,
-    listener_set: HashSet<SocketAddr>,
+    listener_ports: HashSet<u16>,
     attached: Vec<(String, AttachMode)>,
     cpus: usize,
     slots_max: u32,
@@ -219,7 +219,7 @@ impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Router")
             .field("attached", &self.attached)
-            .field("listeners", &self.listener_set)
+            .field("listener_ports", &self.listener_ports)
             .finish_non_exhaustive()
     }
 }
@@ -240,7 +240,6 @@ impl Router {
             .set_max_entries("RELAYS", limits.channels_max)
             .set_max_entries("CHAN_STATS", limits.slots_max)
             .set_max_entries("NEXTHOPS", limits.slots_max.saturating_mul(2))
-            .set_max_entries("LISTENERS", limits.listeners_max)
             .load(OBJECT)?;
         let router = xdp_program(&mut ebpf, PROGRAM_ROUTER)?;
         router.load().map_err(|source| XdpError::Program {
@@ -250,14 +249,14 @@ impl Router {
         })?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| XdpError::Cpus(e))?;
         Ok(Self {
-            listeners: take_map(&mut ebpf, "LISTENERS", HashMap::try_from)?,
+            ports: take_map(&mut ebpf, "PORTS", Array::try_from)?,
             channels: take_map(&mut ebpf, "CHANNELS", HashMap::try_from)?,
             relays: take_map(&mut ebpf, "RELAYS", HashMap::try_from)?,
             stats: take_map(&mut ebpf, "CHAN_STATS", PerCpuArray::try_from)?,
             nexthops: take_map(&mut ebpf, "NEXTHOPS", PerCpuArray::try_from)?,
             reasons: take_map(&mut ebpf, "REASONS", PerCpuArray::try_from)?,
             ebpf,
-            listener_set: HashSet::new(),
+            listener_ports: HashSet::new(),
             attached: Vec::new(),
             cpus,
             slots_max: limits.slots_max,
@@ -284,30 +283,31 @@ impl Router {
         &self.attached
     }
 
-    /// Makes `addrs` the set of TURN UDP listener addresses (adds the new, removes the gone).
+    /// Makes `addrs` the set of TURN UDP listener addresses: their ports are the ones the
+    /// program looks at for ChannelData (the channel key then matches the whole address).
     pub fn set_listeners(&mut self, addrs: &[SocketAddr]) -> Result<(), XdpError> {
-        let wanted: HashSet<SocketAddr> = addrs.iter().copied().collect();
-        for gone in self.listener_set.difference(&wanted) {
-            match self.listeners.remove(&maps::endpoint(*gone)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(XdpError::Map {
-                        map: "LISTENERS",
-                        source,
-                    });
-                }
-            }
+        let wanted: HashSet<u16> = addrs.iter().map(SocketAddr::port).collect();
+        let old: Vec<u16> = self.listener_ports.difference(&wanted).copied().collect();
+        for port in old {
+            self.set_port_flags(port, PORT_LISTENER, false)?;
         }
-        for addr in wanted.difference(&self.listener_set) {
-            self.listeners
-                .insert(maps::endpoint(*addr), 1, 0)
-                .map_err(|source| XdpError::Map {
-                    map: "LISTENERS",
-                    source,
-                })?;
+        let new: Vec<u16> = wanted.difference(&self.listener_ports).copied().collect();
+        for port in new {
+            self.set_port_flags(port, PORT_LISTENER, true)?;
         }
-        self.listener_set = wanted;
+        self.listener_ports = wanted;
         Ok(())
+    }
+
+    fn set_port_flags(&mut self, port: u16, flag: u8, on: bool) -> Result<(), XdpError> {
+        let error = |source| XdpError::Map {
+            map: "PORTS",
+            source,
+        };
+        let index = u32::from(port);
+        let flags = self.ports.get(&index, 0).map_err(error)?;
+        let flags = if on { flags | flag } else { flags & !flag };
+        self.ports.set(index, flags, 0).map_err(error)
     }
 
     /// Puts a bound channel in both directions' maps and zeroes its counter slot. The
@@ -344,6 +344,8 @@ impl Router {
                 map: "CHANNELS",
                 source,
             })?;
+        // Never cleared: a port flagged for nothing costs one hash miss per datagram to it.
+        self.set_port_flags(channel.relayed.port(), PORT_RELAY, true)?;
         self.relays
             .insert(
                 maps::relay_key(channel.relayed, channel.peer),
@@ -448,7 +450,6 @@ impl PassThrough {
             .set_max_entries("RELAYS", 1)
             .set_max_entries("CHAN_STATS", 1)
             .set_max_entries("NEXTHOPS", 1)
-            .set_max_entries("LISTENERS", 1)
             .load(OBJECT)?;
         let program = xdp_program(&mut ebpf, PROGRAM_PASS)?;
         let error = |source| XdpError::Program {
