@@ -18,16 +18,44 @@ use std::net::{IpAddr, SocketAddr};
 use hashbrown::HashMap;
 use tracing::{info, warn};
 use uturn_dataplane::AllocationCounters;
-use uturn_xdp::{AttachMode, Channel, Limits, Router};
+use uturn_xdp::{AttachMode, Channel, ChannelCounters, Limits, ReasonCounters, Router, XdpError};
 
 use crate::config::XdpMode;
 use crate::engine::TableChange;
 use crate::{AllocationId, Transport};
 
+/// What the mirror needs of the program's maps: [`Router`] in uturn, a recording fake in the
+/// tests below.
+pub trait ChannelMaps {
+    /// See [`Router::insert_channel`].
+    fn insert_channel(&mut self, channel: &Channel) -> Result<(), XdpError>;
+    /// See [`Router::remove_channel`].
+    fn remove_channel(&mut self, channel: &Channel) -> Result<(), XdpError>;
+    /// See [`Router::channel_counters`].
+    fn channel_counters(&self, slot: u32) -> Result<ChannelCounters, XdpError>;
+    /// See [`Router::reason_counters`].
+    fn reason_counters(&self) -> Result<ReasonCounters, XdpError>;
+}
+
+impl ChannelMaps for Router {
+    fn insert_channel(&mut self, channel: &Channel) -> Result<(), XdpError> {
+        Self::insert_channel(self, channel)
+    }
+    fn remove_channel(&mut self, channel: &Channel) -> Result<(), XdpError> {
+        Self::remove_channel(self, channel)
+    }
+    fn channel_counters(&self, slot: u32) -> Result<ChannelCounters, XdpError> {
+        Self::channel_counters(self, slot)
+    }
+    fn reason_counters(&self) -> Result<ReasonCounters, XdpError> {
+        Self::reason_counters(self)
+    }
+}
+
 /// The program and the shell's copy of what it was told, per allocation.
-#[derive(Debug, Default)]
-pub struct XdpMirror {
-    router: Option<Router>,
+#[derive(Debug)]
+pub struct XdpMirror<M = Router> {
+    router: Option<M>,
     allocations: HashMap<AllocationId, Tracked>,
     /// Allocations removed since the last counter poll, with their final XDP counters.
     ended: Vec<(AllocationId, AllocationCounters)>,
@@ -66,6 +94,20 @@ pub struct XdpReport {
     pub counters: AllocationCounters,
     /// The allocation is gone: this is its final report.
     pub ended: bool,
+}
+
+impl<M> Default for XdpMirror<M> {
+    fn default() -> Self {
+        Self {
+            router: None,
+            allocations: HashMap::new(),
+            ended: Vec::new(),
+            free_slots: Vec::new(),
+            next_slot: 0,
+            slots_max: 0,
+            map_failures: 0,
+        }
+    }
 }
 
 impl XdpMirror {
@@ -171,6 +213,17 @@ impl XdpMirror {
         };
         Ok((mirror, names, warning))
     }
+}
+
+impl<M: ChannelMaps> XdpMirror<M> {
+    /// A mirror over `maps` with `slots_max` counter slots (tests; uturn uses [`Self::start`]).
+    pub fn with_maps(maps: M, slots_max: u32) -> Self {
+        Self {
+            router: Some(maps),
+            slots_max,
+            ..Self::default()
+        }
+    }
 
     /// Whether the program is attached.
     pub fn is_active(&self) -> bool {
@@ -241,6 +294,8 @@ impl XdpMirror {
                     self.take_out(&mut t.retired, &mut bound);
                 }
                 self.allocations.insert(*alloc, t);
+                // A channel of this allocation left out for want of a slot may fit now.
+                self.sync(*alloc);
             }
             TableChange::RemoveAllocation { alloc } => {
                 let Some(mut t) = self.allocations.remove(alloc) else {
@@ -294,7 +349,7 @@ impl XdpMirror {
     }
 
     /// The program's per-reason counters (cumulative), when it is attached.
-    pub fn reasons(&self) -> Option<uturn_xdp::ReasonCounters> {
+    pub fn reasons(&self) -> Option<ReasonCounters> {
         self.router.as_ref()?.reason_counters().ok()
     }
 
@@ -394,7 +449,7 @@ impl XdpMirror {
     }
 }
 
-fn add(sum: &mut AllocationCounters, c: uturn_xdp::ChannelCounters) {
+fn add(sum: &mut AllocationCounters, c: ChannelCounters) {
     sum.to_peer_packets += c.to_peer_packets;
     sum.to_peer_bytes += c.to_peer_bytes;
     sum.to_client_packets += c.to_client_packets;
@@ -450,6 +505,225 @@ fn capability_hint(error: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{BindToken, FiveTuple, RelayAddress};
+
+    /// Records what the mirror put in the "maps"; counters per slot are set by the test.
+    #[derive(Debug, Default)]
+    struct FakeMaps {
+        channels: HashMap<u32, Channel>,
+        counters: HashMap<u32, ChannelCounters>,
+    }
+
+    impl ChannelMaps for FakeMaps {
+        fn insert_channel(&mut self, channel: &Channel) -> Result<(), XdpError> {
+            self.counters
+                .insert(channel.slot, ChannelCounters::default());
+            self.channels.insert(channel.slot, *channel);
+            Ok(())
+        }
+        fn remove_channel(&mut self, channel: &Channel) -> Result<(), XdpError> {
+            self.channels.remove(&channel.slot);
+            Ok(())
+        }
+        fn channel_counters(&self, slot: u32) -> Result<ChannelCounters, XdpError> {
+            Ok(self.counters.get(&slot).copied().unwrap_or_default())
+        }
+        fn reason_counters(&self) -> Result<ReasonCounters, XdpError> {
+            Ok(ReasonCounters::default())
+        }
+    }
+
+    const ALLOC: AllocationId = AllocationId(7);
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address")
+    }
+
+    fn mirror_with_allocation(transport: Transport, listener: &str) -> XdpMirror<FakeMaps> {
+        let mut mirror = XdpMirror::with_maps(FakeMaps::default(), 2);
+        mirror.on_table_change(&TableChange::OpenAllocation {
+            alloc: ALLOC,
+            token: BindToken(1),
+            client: FiveTuple {
+                transport,
+                client: addr("192.0.2.10:5000"),
+                server: addr(listener),
+            },
+            relays: vec![
+                RelayAddress {
+                    bound: addr("198.51.100.1:50000"),
+                    advertised: addr("198.51.100.1:50000"),
+                },
+                RelayAddress {
+                    bound: addr("[2001:db8::1]:50002"),
+                    advertised: addr("[2001:db8::1]:50002"),
+                },
+            ],
+            dont_fragment: false,
+        });
+        mirror
+    }
+
+    fn in_maps(mirror: &XdpMirror<FakeMaps>) -> Vec<Channel> {
+        let mut v: Vec<Channel> = mirror
+            .router
+            .as_ref()
+            .map(|m| m.channels.values().copied().collect())
+            .unwrap_or_default();
+        v.sort_by_key(|c| c.channel);
+        v
+    }
+
+    /// RFC 8656 §12 and §9: the program relays a channel only while it is bound and its peer's
+    /// IP has a permission, the same two facts the shards check.
+    #[test]
+    fn a_channel_is_in_the_maps_exactly_while_bound_and_permitted() {
+        let mut m = mirror_with_allocation(Transport::Udp, "192.0.2.1:3478");
+        let peer = addr("203.0.113.5:6000");
+        m.on_table_change(&TableChange::BindChannel {
+            alloc: ALLOC,
+            channel: 0x4000,
+            peer,
+        });
+        assert!(in_maps(&m).is_empty(), "no permission yet");
+        m.on_table_change(&TableChange::SetPermission {
+            alloc: ALLOC,
+            peer_ip: peer.ip(),
+        });
+        let entries = in_maps(&m);
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            entries[0].relayed,
+            addr("198.51.100.1:50000"),
+            "the relayed address of the peer's family"
+        );
+        assert_eq!(entries[0].listener, addr("192.0.2.1:3478"));
+        assert_eq!(entries[0].client, addr("192.0.2.10:5000"));
+        // A reload that revokes the peer removes its permission: out at once, back when allowed.
+        m.on_table_change(&TableChange::RemovePermission {
+            alloc: ALLOC,
+            peer_ip: peer.ip(),
+        });
+        assert!(in_maps(&m).is_empty());
+        m.on_table_change(&TableChange::SetPermission {
+            alloc: ALLOC,
+            peer_ip: peer.ip(),
+        });
+        assert_eq!(in_maps(&m).len(), 1);
+        m.on_table_change(&TableChange::UnbindChannel {
+            alloc: ALLOC,
+            channel: 0x4000,
+        });
+        assert!(in_maps(&m).is_empty(), "expiry/unbind");
+    }
+
+    #[test]
+    fn an_ipv6_peer_uses_the_ipv6_relayed_address() {
+        let mut m = mirror_with_allocation(Transport::Udp, "192.0.2.1:3478");
+        let peer = addr("[2001:db8:5::9]:6000");
+        m.on_table_change(&TableChange::SetPermission {
+            alloc: ALLOC,
+            peer_ip: peer.ip(),
+        });
+        m.on_table_change(&TableChange::BindChannel {
+            alloc: ALLOC,
+            channel: 0x4001,
+            peer,
+        });
+        assert_eq!(in_maps(&m)[0].relayed, addr("[2001:db8::1]:50002"));
+    }
+
+    #[test]
+    fn stream_clients_and_wildcard_listeners_stay_on_the_socket_path() {
+        for (transport, listener) in [
+            (Transport::Tcp, "192.0.2.1:3478"),
+            (Transport::Udp, "0.0.0.0:3478"),
+        ] {
+            let mut m = mirror_with_allocation(transport, listener);
+            let peer = addr("203.0.113.5:6000");
+            m.on_table_change(&TableChange::SetPermission {
+                alloc: ALLOC,
+                peer_ip: peer.ip(),
+            });
+            m.on_table_change(&TableChange::BindChannel {
+                alloc: ALLOC,
+                channel: 0x4000,
+                peer,
+            });
+            assert!(in_maps(&m).is_empty(), "{transport:?} {listener}");
+        }
+    }
+
+    /// The allocation's XDP counters add up over its channels, keep what removed channels
+    /// relayed, and come once more, marked ended, after the allocation goes; its slots are
+    /// then free for the next channels.
+    #[test]
+    fn counters_survive_their_channels_and_slots_are_reused() {
+        let mut m = mirror_with_allocation(Transport::Udp, "192.0.2.1:3478");
+        let peers = [addr("203.0.113.5:6000"), addr("203.0.113.6:6000")];
+        for (i, peer) in peers.iter().enumerate() {
+            m.on_table_change(&TableChange::SetPermission {
+                alloc: ALLOC,
+                peer_ip: peer.ip(),
+            });
+            let channel = 0x4000 + u16::try_from(i).expect("small");
+            m.on_table_change(&TableChange::BindChannel {
+                alloc: ALLOC,
+                channel,
+                peer: *peer,
+            });
+        }
+        let slots: Vec<u32> = in_maps(&m).iter().map(|c| c.slot).collect();
+        assert_eq!(slots.len(), 2);
+        let maps = m.router.as_mut().expect("maps");
+        for slot in &slots {
+            maps.counters.insert(
+                *slot,
+                ChannelCounters {
+                    to_peer_packets: 3,
+                    to_peer_bytes: 30,
+                    to_client_packets: 2,
+                    to_client_bytes: 20,
+                },
+            );
+        }
+        // No slot left for a third channel: it stays on the socket path, counted.
+        let third = addr("203.0.113.7:6000");
+        m.on_table_change(&TableChange::SetPermission {
+            alloc: ALLOC,
+            peer_ip: third.ip(),
+        });
+        m.on_table_change(&TableChange::BindChannel {
+            alloc: ALLOC,
+            channel: 0x4002,
+            peer: third,
+        });
+        assert_eq!(in_maps(&m).len(), 2);
+        assert_eq!(m.map_failures(), 1);
+
+        m.on_table_change(&TableChange::UnbindChannel {
+            alloc: ALLOC,
+            channel: 0x4000,
+        });
+        let channels: Vec<u16> = in_maps(&m).iter().map(|c| c.channel).collect();
+        assert_eq!(channels, [0x4001, 0x4002], "the third takes the freed slot");
+        let reports = m.poll_counters();
+        assert_eq!(reports.len(), 1);
+        assert_eq!(
+            reports[0].counters.to_peer_packets, 6,
+            "the unbound channel's packets stay"
+        );
+        assert!(!reports[0].ended);
+
+        m.on_table_change(&TableChange::RemoveAllocation { alloc: ALLOC });
+        assert!(in_maps(&m).is_empty());
+        let reports = m.poll_counters();
+        assert_eq!(reports.len(), 1);
+        assert!(reports[0].ended);
+        assert_eq!(reports[0].counters.to_client_bytes, 40);
+        assert!(m.poll_counters().is_empty(), "the final report comes once");
+        assert_eq!(m.free_slots.len(), 2);
+    }
 
     #[test]
     fn off_attaches_nothing_and_mirrors_nothing() {
