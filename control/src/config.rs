@@ -188,6 +188,28 @@ pub struct RelayConfig {
     /// longer does. Default false (RFC 8656: answered 400). Turn it on for clients written for
     /// RFC 5766 that pick channels up there, such as coturn's `turnutils_uclient`.
     pub accept_rfc5766_channel_numbers: bool,
+    /// The XDP fast path for UDP ChannelData (README "XDP fast path"): `"off"` (default),
+    /// `"auto"` (native XDP where it attaches, else none, with one log line saying why),
+    /// `"native"` or `"generic"` (fail to start when it cannot attach).
+    pub xdp: XdpMode,
+    /// Interfaces to attach the XDP program to. Default `[]`: those holding the UDP
+    /// listeners' addresses.
+    pub xdp_interfaces: Vec<String>,
+}
+
+/// `relay.xdp`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// No XDP program (the default: it needs CAP_BPF and forwarding on the interface).
+    #[default]
+    Off,
+    /// Native XDP where the driver and the capabilities allow it, else none.
+    Auto,
+    /// Native XDP or refuse to start.
+    Native,
+    /// Generic (skb) XDP or refuse to start.
+    Generic,
 }
 
 /// `[limits]`. `0` means unlimited where noted.
@@ -383,6 +405,17 @@ impl Config {
             ));
         }
         let relay = &self.relay;
+        // IFNAMSIZ: interface names are at most 15 bytes.
+        if let Some(bad) = relay
+            .xdp_interfaces
+            .iter()
+            .find(|n| n.is_empty() || n.len() > 15)
+        {
+            return Err(invalid(
+                "relay.xdp_interfaces",
+                format!("{bad:?} is not an interface name (1 to 15 bytes)"),
+            ));
+        }
         if relay.port_min == 0 || relay.port_min > relay.port_max {
             return Err(invalid(
                 "relay.port_min",
@@ -577,6 +610,8 @@ impl Default for RelayConfig {
             channel_lifetime_secs: CHANNEL_LIFETIME_SECS,
             reservation_lifetime_secs: RESERVATION_LIFETIME_SECS,
             accept_rfc5766_channel_numbers: false,
+            xdp: XdpMode::Off,
+            xdp_interfaces: Vec::new(),
         }
     }
 }

@@ -94,6 +94,7 @@ mod stream_transport;
 pub mod telemetry;
 mod timers;
 pub mod tls;
+pub mod xdp;
 
 use std::net::SocketAddr;
 

@@ -91,6 +91,8 @@ pub struct ControlThread<R: RngCore> {
     counters: Vec<Option<Counters>>,
     config: Config,
     ops: ops::OpsState,
+    /// The XDP program's maps, following the same table changes as the shards.
+    xdp: crate::xdp::XdpMirror,
 }
 
 impl<R: RngCore> ControlThread<R> {
@@ -140,7 +142,14 @@ impl<R: RngCore> ControlThread<R> {
             ops: ops::OpsState::new(counters.len(), Instant::now()),
             counters,
             config,
+            xdp: crate::xdp::XdpMirror::default(),
         })
+    }
+
+    /// Mirrors channel changes into an attached XDP program from now on (`relay.xdp`).
+    pub fn with_xdp(mut self, xdp: crate::xdp::XdpMirror) -> Self {
+        self.xdp = xdp;
+        self
     }
 
     /// Runs until [`Signal::Stop`] (or until every shard is gone), then shuts the data plane
@@ -227,6 +236,16 @@ impl<R: RngCore> ControlThread<R> {
             }
             ToControl::Counters(counters) => {
                 self.ops.telemetry.on_counters(&counters);
+                // The program's counters are read at the pace of shard 0's reports.
+                if counters.shard.0 == 0 && self.xdp.is_active() {
+                    self.ops
+                        .telemetry
+                        .on_xdp_counters(&self.xdp.poll_counters());
+                    if let Some(reasons) = self.xdp.reasons() {
+                        let failures = self.xdp.map_failures();
+                        self.ops.telemetry.set_xdp_reasons(&reasons, failures);
+                    }
+                }
                 let index = usize::from(counters.shard.0);
                 self.ops.telemetry.set_connections(
                     index,
@@ -319,6 +338,7 @@ impl<R: RngCore> ControlThread<R> {
     }
 
     fn apply_table_change(&mut self, shard: ShardId, change: TableChange) {
+        self.xdp.on_table_change(&change);
         let command = match change {
             TableChange::OpenAllocation {
                 alloc,

@@ -88,6 +88,8 @@ pub struct Telemetry {
     relayed: AllocationCounters,
     /// Allocations the engine removed whose final report may still come.
     retired: hashbrown::HashSet<AllocationId>,
+    /// The latest XDP counters (cumulative) of each allocation the program relayed for.
+    xdp: HashMap<AllocationId, AllocationCounters>,
 }
 
 impl Telemetry {
@@ -102,11 +104,18 @@ impl Telemetry {
         for transport in [Transport::Udp, Transport::Tcp, Transport::Tls] {
             for direction in ["to_peer", "to_client"] {
                 let t = transport_label(transport);
-                counter!("uturn_relayed_packets_total", "direction" => direction, "transport" => t)
+                counter!("uturn_relayed_packets_total", "direction" => direction, "transport" => t, "path" => "socket")
                     .absolute(0);
-                counter!("uturn_relayed_bytes_total", "direction" => direction, "transport" => t)
+                counter!("uturn_relayed_bytes_total", "direction" => direction, "transport" => t, "path" => "socket")
                     .absolute(0);
             }
+        }
+        // The XDP program relays UDP clients only.
+        for direction in ["to_peer", "to_client"] {
+            counter!("uturn_relayed_packets_total", "direction" => direction, "transport" => "udp", "path" => "xdp")
+                .absolute(0);
+            counter!("uturn_relayed_bytes_total", "direction" => direction, "transport" => "udp", "path" => "xdp")
+                .absolute(0);
         }
         for reason in uturn_dataplane::DropReason::ALL {
             counter!("uturn_dropped_packets_total", "reason" => reason.name()).absolute(0);
@@ -151,6 +160,7 @@ impl Telemetry {
             allocations: HashMap::new(),
             relayed: AllocationCounters::default(),
             retired: hashbrown::HashSet::new(),
+            xdp: HashMap::new(),
         }
     }
 
@@ -269,13 +279,13 @@ impl Telemetry {
                 continue;
             }
             let t = transport_label(transport);
-            counter!("uturn_relayed_packets_total", "direction" => "to_peer", "transport" => t)
+            counter!("uturn_relayed_packets_total", "direction" => "to_peer", "transport" => t, "path" => "socket")
                 .increment(moved.to_peer_packets);
-            counter!("uturn_relayed_bytes_total", "direction" => "to_peer", "transport" => t)
+            counter!("uturn_relayed_bytes_total", "direction" => "to_peer", "transport" => t, "path" => "socket")
                 .increment(moved.to_peer_bytes);
-            counter!("uturn_relayed_packets_total", "direction" => "to_client", "transport" => t)
+            counter!("uturn_relayed_packets_total", "direction" => "to_client", "transport" => t, "path" => "socket")
                 .increment(moved.to_client_packets);
-            counter!("uturn_relayed_bytes_total", "direction" => "to_client", "transport" => t)
+            counter!("uturn_relayed_bytes_total", "direction" => "to_client", "transport" => t, "path" => "socket")
                 .increment(moved.to_client_bytes);
         }
         // A retired allocation that its own shard no longer reports has had its final counters
@@ -305,12 +315,59 @@ impl Telemetry {
         uturn_dataplane::sparse::shrink_set(&mut self.retired);
     }
 
-    /// The latest packet and byte counters of one allocation, for the admin API.
+    /// Turns the XDP program's per-allocation counters (cumulative) into increments of the
+    /// `path="xdp"` series, and keeps them for the admin API.
+    pub fn on_xdp_counters(&mut self, reports: &[crate::xdp::XdpReport]) {
+        let mut moved = AllocationCounters::default();
+        for report in reports {
+            let last = if report.ended {
+                self.xdp.remove(&report.alloc).unwrap_or_default()
+            } else {
+                self.xdp
+                    .insert(report.alloc, report.counters)
+                    .unwrap_or_default()
+            };
+            let c = report.counters;
+            moved.to_peer_packets += c.to_peer_packets.saturating_sub(last.to_peer_packets);
+            moved.to_peer_bytes += c.to_peer_bytes.saturating_sub(last.to_peer_bytes);
+            moved.to_client_packets += c.to_client_packets.saturating_sub(last.to_client_packets);
+            moved.to_client_bytes += c.to_client_bytes.saturating_sub(last.to_client_bytes);
+        }
+        uturn_dataplane::sparse::shrink_map(&mut self.xdp);
+        add(&mut self.relayed, moved);
+        for (direction, packets, bytes) in [
+            ("to_peer", moved.to_peer_packets, moved.to_peer_bytes),
+            ("to_client", moved.to_client_packets, moved.to_client_bytes),
+        ] {
+            counter!("uturn_relayed_packets_total", "direction" => direction, "transport" => "udp", "path" => "xdp")
+                .increment(packets);
+            counter!("uturn_relayed_bytes_total", "direction" => direction, "transport" => "udp", "path" => "xdp")
+                .increment(bytes);
+        }
+    }
+
+    /// Publishes the XDP program's own counters: per forward/pass/drop reason (`pass_*` went
+    /// on to the kernel and the shards), and the channels left on the socket path because the
+    /// program's maps were full.
+    pub fn set_xdp_reasons(&self, reasons: &uturn_xdp::ReasonCounters, map_failures: u64) {
+        for (reason, count) in reasons.iter() {
+            counter!("uturn_xdp_packets_total", "reason" => reason.label()).absolute(count);
+        }
+        counter!("uturn_xdp_map_failures_total").absolute(map_failures);
+    }
+
+    /// The latest packet and byte counters of one allocation, for the admin API: the shards'
+    /// and the XDP program's together.
     pub fn allocation_counters(&self, alloc: AllocationId) -> AllocationCounters {
-        self.allocations
+        let mut sum = self
+            .allocations
             .get(&alloc)
             .map(|t| t.last)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Some(xdp) = self.xdp.get(&alloc) {
+            add(&mut sum, *xdp);
+        }
+        sum
     }
 
     /// Sets the number of open TCP or TLS client connections of one shard (for the stream

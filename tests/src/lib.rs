@@ -13,6 +13,8 @@
 //! is bounded in count and time. All traffic stays on 127.0.0.1 and ::1.
 #![forbid(unsafe_code)]
 
+pub mod netns;
+
 use std::cell::RefCell;
 use std::io::{BufRead as _, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
@@ -58,12 +60,25 @@ impl Uturn {
     /// When the binary cannot be built or started, or exits before it is ready: the test
     /// cannot go on, and the panic message carries the server's log.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_command(Command::new(uturn_binary()), args)
+    }
+
+    /// Like [`Uturn::start`], inside the network namespace `netns` (`ip netns exec`, which
+    /// execs the binary, so the child is uturn itself). The HTTP listener is then in that
+    /// namespace too: reach it from a thread there ([`netns::Topology::run_in`]).
+    pub fn start_in_netns(netns: &str, args: &[&str]) -> Self {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns]).arg(uturn_binary());
+        Self::start_command(command, args)
+    }
+
+    fn start_command(mut command: Command, args: &[&str]) -> Self {
         let mut args: Vec<&str> = args.to_vec();
         // Tests run in parallel: never the default HTTP port.
         if !args.contains(&"--http") {
             args.extend(["--http", "127.0.0.1:0"]);
         }
-        let mut child = Command::new(uturn_binary())
+        let mut child = command
             .args(&args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
@@ -630,7 +645,13 @@ pub struct TurnClient {
 impl TurnClient {
     /// A client on a fresh loopback socket of the server's family.
     pub fn new(server: SocketAddr, username: &str, password: &str) -> Self {
-        let socket = UdpSocket::bind(loopback(server.is_ipv6())).expect("bind client socket");
+        Self::new_on(loopback(server.is_ipv6()), server, username, password)
+    }
+
+    /// A client on a UDP socket bound to `local` (an address in a test's network namespace
+    /// rather than loopback).
+    pub fn new_on(local: SocketAddr, server: SocketAddr, username: &str, password: &str) -> Self {
+        let socket = UdpSocket::bind(local).expect("bind client socket");
         socket
             .connect(server)
             .expect("connect client socket to the server");

@@ -259,6 +259,14 @@ fn run(
                 .map(|l| (l.kind.name(), l.addr)),
         )
         .collect();
+    // Before the control thread runs, so no table change can come before the program's maps.
+    let xdp = uturn_control::xdp::XdpMirror::start(
+        config.relay.xdp,
+        &config.relay.xdp_interfaces,
+        &listeners,
+        config.limits.allocation_bytes_per_sec,
+    )
+    .map_err(|why| anyhow::anyhow!("relay.xdp: {why}"))?;
     let control = ControlThread::new(
         config,
         users,
@@ -278,7 +286,8 @@ fn run(
         })),
         log_level: Some(log_level),
         reload_hooks: reload_tls.into_iter().collect(),
-    });
+    })
+    .with_xdp(xdp);
     println!("uturn is ready");
     info!("uturn is ready");
     control.run();
