@@ -55,6 +55,9 @@ struct Tls {
     session: UnbufferedServerConnection,
     /// Decrypted bytes not yet cut into frames (records and frames do not line up).
     plain: StreamFramer,
+    /// Whether rustls has written any record for the client yet; until then the record layer
+    /// is plaintext, so an alert of our own is a valid record.
+    sent: bool,
 }
 
 /// A connection's fixed bytes for the socket, as a two-region circular queue (a "bip buffer"):
@@ -297,7 +300,11 @@ impl Connection {
         let Mode::Tls(tls) = &mut self.mode else {
             return Ok(None);
         };
-        let Tls { session, plain } = &mut **tls;
+        let Tls {
+            session,
+            plain,
+            sent: tls_sent,
+        } = &mut **tls;
         // Bounded: every turn consumes input, emits output or returns; the cap guards a bug.
         for _ in 0..1024 {
             let incoming = self
@@ -307,9 +314,20 @@ impl Connection {
             let UnbufferedStatus { mut discard, state } = session.process_tls_records(incoming);
             let mut done = None;
             let mut closed = None;
-            let Ok(state) = state else {
-                queue_alert(session, &mut self.tx);
-                return Err(Close::Error);
+            let state = match state {
+                Ok(state) => state,
+                Err(error) => {
+                    // rustls's contract: the discard is applied before any further call, and a
+                    // further call sees the rest of the same bytes, never a buffer it has not
+                    // seen (its deframer keeps offsets into that buffer).
+                    self.rx_start = (self.rx_start + discard).min(self.rx_end);
+                    let rest = self
+                        .rx
+                        .get_mut(self.rx_start..self.rx_end)
+                        .ok_or(Close::Error)?;
+                    queue_alert(session, rest, &mut self.tx, &error, *tls_sent);
+                    return Err(Close::Error);
+                }
             };
             match state {
                 ConnectionState::ReadTraffic(mut traffic) => {
@@ -334,6 +352,7 @@ impl Connection {
                     // A handshake record that does not fit: the client is not reading.
                     let written = encode.encode(out).map_err(|_| Close::Error)?;
                     tx.commit(range.start, written, in_b);
+                    *tls_sent |= written > 0;
                 }
                 ConnectionState::TransmitTlsData(transmit) => {
                     // The records are in `tx`, which goes out in order: that is transmitting.
@@ -366,7 +385,11 @@ impl Connection {
             }
             if let Some(result) = closed {
                 if result == Err(Close::Eof) {
-                    queue_close_notify(session, &mut self.rx, &mut self.tx);
+                    let rest = self
+                        .rx
+                        .get_mut(self.rx_start..self.rx_end)
+                        .ok_or(Close::Error)?;
+                    queue_close_notify(session, rest, &mut self.tx);
                 }
                 return result.map(|()| done);
             }
@@ -451,6 +474,7 @@ impl Tls {
         Ok(Self {
             session: UnbufferedServerConnection::new(config)?,
             plain: StreamFramer::new(frame_len_max),
+            sent: false,
         })
     }
 }
@@ -541,11 +565,27 @@ fn gather(parts: &[&[u8]; 2], mut offset: usize, out: &mut [u8]) {
     }
 }
 
-/// After a TLS error, rustls has queued the fatal alert that names it (RFC 8446 §6.2); put it
-/// in `tx`, so that the edge's last write tells the client why (a `bad_record_mac` or
-/// `decode_error` instead of a bare reset), best effort: without room it is left out.
-fn queue_alert(session: &mut UnbufferedServerConnection, tx: &mut SendQueue) {
-    let status = session.process_tls_records(&mut []);
+/// After a fatal TLS error, puts the alert that names it (RFC 8446 §6.2, RFC 5246 §7.2.2) in
+/// `tx`, so that the edge's last write tells the client why (a `bad_record_mac` or
+/// `decode_error` instead of a bare reset); best effort: without room it is left out.
+///
+/// rustls queues its alert inside the session and hands it out only from
+/// `process_tls_records`, which returns queued records before it reads input. So it is called
+/// once more, on `rest`: the bytes of the failed call minus its discard, the only buffer its
+/// deframer's offsets are valid for (an empty or fresh buffer makes rustls 0.23 index out of
+/// range). Only an `EncodeTlsData` answer is used; rustls is not driven further.
+///
+/// Some errors queue nothing (a handshake message longer than rustls accepts is one). Then, if
+/// no record has gone to the client yet, the record layer is still plaintext and the alert is
+/// written here; after that it would have to be encrypted, and the connection just closes.
+fn queue_alert(
+    session: &mut UnbufferedServerConnection,
+    rest: &mut [u8],
+    tx: &mut SendQueue,
+    error: &rustls::Error,
+    sent: bool,
+) {
+    let status = session.process_tls_records(rest);
     if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
         let (range, in_b) = tx.largest_free();
         if let Some(out) = tx.buf.get_mut(range.clone())
@@ -553,16 +593,37 @@ fn queue_alert(session: &mut UnbufferedServerConnection, tx: &mut SendQueue) {
         {
             tx.commit(range.start, written, in_b);
         }
+        return;
+    }
+    if sent {
+        return;
+    }
+    let description = match error {
+        // A fatal alert from the client ends the connection without one of ours.
+        rustls::Error::AlertReceived(_) => return,
+        rustls::Error::InvalidMessage(invalid) => rustls::AlertDescription::from(invalid.clone()),
+        rustls::Error::PeerMisbehaved(_) => rustls::AlertDescription::UnexpectedMessage,
+        _ => rustls::AlertDescription::HandshakeFailure,
+    };
+    // Type alert, legacy version TLS 1.2, length 2, level fatal.
+    let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, u8::from(description)];
+    if let Some((range, in_b)) = tx.reserve(alert.len())
+        && let Some(out) = tx.buf.get_mut(range.clone())
+    {
+        out.copy_from_slice(&alert);
+        tx.commit(range.start, alert.len(), in_b);
     }
 }
 
+/// Queues our close_notify in answer to the client's. `rest` is what is left of the bytes the
+/// last `process_tls_records` saw, after its discard (see [`queue_alert`] for why no other
+/// buffer will do).
 fn queue_close_notify(
     session: &mut UnbufferedServerConnection,
-    rx: &mut IoBuf,
+    rest: &mut [u8],
     tx: &mut SendQueue,
 ) {
-    let incoming = rx.get_mut(0..0).unwrap_or(&mut []);
-    let status = session.process_tls_records(incoming);
+    let status = session.process_tls_records(rest);
     if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state
         && let Some((range, in_b)) = tx.reserve(64)
         && let Some(out) = tx.buf.get_mut(range.clone())
@@ -753,6 +814,26 @@ mod tests {
         let pending = h.server.pending();
         assert!(pending.len() >= 7, "an alert is queued: {pending:?}");
         assert_eq!((pending[0], pending[5]), (21, 2), "{pending:?}");
+    }
+
+    /// The record that aborted the server: a handshake record whose message claims 16 MiB.
+    /// rustls refuses it; the connection must close with an alert and nothing may panic.
+    #[test]
+    fn an_oversized_handshake_message_closes_the_connection_without_a_panic() {
+        let mut record = vec![0x16, 0x03, 0x01, 0x00, 0x10];
+        record.extend_from_slice(&[0xff; 16]);
+        for chunk in [usize::MAX, 1, 5, 7] {
+            let mut h = Harness::new(&rustls::version::TLS13, 64 * 1024);
+            assert_eq!(h.feed(&record, chunk), Err(Close::Error), "chunk {chunk}");
+            let pending = h.server.pending();
+            assert!(pending.len() >= 7, "an alert is queued: {pending:?}");
+            // Alert, fatal, decode_error (50): the message does not parse (RFC 8446 §6.2).
+            assert_eq!(
+                (pending[0], pending[5], pending[6]),
+                (21, 2, 50),
+                "{pending:?}"
+            );
+        }
     }
 
     #[test]
