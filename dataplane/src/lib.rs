@@ -108,6 +108,7 @@
 mod addr;
 #[allow(unsafe_code)]
 mod bufring;
+mod contain;
 mod error;
 mod mmsg;
 #[allow(unsafe_code)]
@@ -128,6 +129,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 pub use uturn_proto::ChannelNumber;
 
+pub use crate::contain::abort_on_uncontained_panics;
 pub use crate::error::DataPlaneError;
 pub use crate::stream::{StreamKind, StreamLimits, StreamListen, TlsConfig};
 
@@ -536,6 +538,9 @@ pub struct ShardCounters {
     pub stream_open_tcp: u64,
     /// TLS connections open now.
     pub stream_open_tls: u64,
+    /// Connections closed because their TLS or framing work panicked (the panic was caught;
+    /// see the `contain` module).
+    pub connection_panics: u64,
 }
 
 /// One counters report.

@@ -35,6 +35,13 @@ pub(crate) const TLS_PLAINTEXT_LEN_MAX: usize = 1 << 14;
 /// TLS 1.2 explicit nonce 8, tag 16, TLS 1.3 content type 1.
 const TLS_RECORD_OVERHEAD_MAX: usize = 5 + 8 + 16 + 1;
 
+/// Test builds only: a connection that receives bytes starting with these (or is handed a
+/// frame whose payload does) panics inside its own work, to show that the panic is contained.
+/// The leading 0xff is garbage to every framer, so no real client could send it by accident;
+/// release and debug builds of the binary do not have this at all.
+#[cfg(test)]
+pub(crate) const TEST_PANIC_MAGIC: &[u8] = b"\xffuturn test: panic here";
+
 /// Why a connection ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Close {
@@ -234,6 +241,14 @@ impl Connection {
         on_frame: &mut dyn FnMut(ClientTransport, &[u8]),
     ) -> Result<(), Close> {
         self.rx_end = (self.rx_end + n).min(self.rx.len());
+        #[cfg(test)]
+        if self
+            .rx
+            .get(self.rx_start..self.rx_end)
+            .is_some_and(|b| b.starts_with(TEST_PANIC_MAGIC))
+        {
+            panic!("injected by a test: this connection's framing work panics");
+        }
         if let Mode::Sniff = self.mode {
             let Some(&first) = self
                 .rx
@@ -410,6 +425,10 @@ impl Connection {
         padding: usize,
         scratch: &mut [u8],
     ) -> Result<(), DropReason> {
+        #[cfg(test)]
+        if parts[1].starts_with(TEST_PANIC_MAGIC) {
+            panic!("injected by a test: this connection's send work panics");
+        }
         let result = match self.mode {
             Mode::Sniff => Err(DropReason::NoAllocation),
             Mode::Plain => {
@@ -601,7 +620,7 @@ fn queue_alert(
     let description = match error {
         // A fatal alert from the client ends the connection without one of ours.
         rustls::Error::AlertReceived(_) => return,
-        rustls::Error::InvalidMessage(invalid) => rustls::AlertDescription::from(invalid.clone()),
+        rustls::Error::InvalidMessage(invalid) => rustls::AlertDescription::from(*invalid),
         rustls::Error::PeerMisbehaved(_) => rustls::AlertDescription::UnexpectedMessage,
         _ => rustls::AlertDescription::HandshakeFailure,
     };
