@@ -110,6 +110,8 @@ mod addr;
 mod bufring;
 mod contain;
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod mmsg;
 #[allow(unsafe_code)]
 mod ring;

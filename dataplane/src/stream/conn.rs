@@ -65,6 +65,8 @@ struct Tls {
     /// Whether rustls has written any record for the client yet; until then the record layer
     /// is plaintext, so an alert of our own is a valid record.
     sent: bool,
+    /// The session ended (closed or failed): rustls is not called again.
+    ended: bool,
 }
 
 /// A connection's fixed bytes for the socket, as a two-region circular queue (a "bip buffer"):
@@ -305,8 +307,30 @@ impl Connection {
     /// Drives rustls over the received records until it needs more bytes: handshake records go
     /// to `tx`, application data through the plaintext framer to `on_frame`. With `encrypt`,
     /// also encrypts that frame into `tx` once rustls allows application data; returns whether
-    /// it did.
+    /// it did. Once it has returned `Err` (the session ended or failed), it never calls rustls
+    /// again: rustls is not made to be driven after a fatal error (it asserts it sends at most
+    /// one fatal alert), and the edges close the connection anyway.
     fn pump_tls(
+        &mut self,
+        encrypt: Option<(&[&[u8]; 2], usize)>,
+        scratch: &mut [u8],
+        on_frame: &mut dyn FnMut(ClientTransport, &[u8]),
+    ) -> Result<Option<Result<(), DropReason>>, Close> {
+        match &self.mode {
+            Mode::Tls(tls) if tls.ended => return Err(Close::Error),
+            Mode::Tls(_) => {}
+            _ => return Ok(None),
+        }
+        let result = self.pump_tls_records(encrypt, scratch, on_frame);
+        if result.is_err()
+            && let Mode::Tls(tls) = &mut self.mode
+        {
+            tls.ended = true;
+        }
+        result
+    }
+
+    fn pump_tls_records(
         &mut self,
         mut encrypt: Option<(&[&[u8]; 2], usize)>,
         scratch: &mut [u8],
@@ -319,6 +343,7 @@ impl Connection {
             session,
             plain,
             sent: tls_sent,
+            ended: _,
         } = &mut **tls;
         // Bounded: every turn consumes input, emits output or returns; the cap guards a bug.
         for _ in 0..1024 {
@@ -494,6 +519,7 @@ impl Tls {
             session: UnbufferedServerConnection::new(config)?,
             plain: StreamFramer::new(frame_len_max),
             sent: false,
+            ended: false,
         })
     }
 }

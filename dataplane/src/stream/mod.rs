@@ -71,7 +71,7 @@
 //! [`ToControl::ConnectionClosed`](crate::ToControl::ConnectionClosed) and control removes the
 //! allocation (RFC 8656 §3.1).
 
-mod conn;
+pub(crate) mod conn;
 #[cfg(test)]
 mod tests;
 
@@ -143,8 +143,9 @@ pub struct StreamLimits {
     pub send_queue_bytes: usize,
     /// Largest frame a client may send (STUN message or ChannelData with padding).
     pub frame_len_max: usize,
-    /// Connections open at once per source IP across all shards; more are accepted and closed
-    /// at once (`stream_refused`, and dropped as `source_connections`). `0` means no limit.
+    /// Connections open at once per source (an IPv4 address or an IPv6 /64) across all shards;
+    /// more are accepted and closed at once (`stream_refused`, and dropped as
+    /// `source_connections`). `0` means no limit.
     pub connections_per_source_max: usize,
 }
 
@@ -262,7 +263,7 @@ pub(crate) struct Listener {
     pub(crate) socket: TcpListener,
 }
 
-/// Open TCP/TLS connections per source IP, shared by every shard so the limit is server-wide
+/// Open TCP/TLS connections per source (IPv4 address or IPv6 /64), shared by every shard so the limit is server-wide
 /// (issue 8). A mutex around a map, not atomics: it is touched only on accept and close, never
 /// on the packet path, and an exact count per IP needs no hashing into shared buckets (where
 /// two sources could be refused for each other). Contention is between shards accepting at the
@@ -273,8 +274,9 @@ pub(crate) struct SourceConnections {
 }
 
 impl SourceConnections {
-    /// Counts one more connection from `ip` unless it already has `max` (0: no limit).
+    /// Counts one more connection from `ip` unless its source already has `max` (0: no limit).
     fn try_add(&self, ip: IpAddr, max: usize) -> bool {
+        let ip = source_of(ip);
         let mut open = match self.open.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -291,6 +293,7 @@ impl SourceConnections {
     }
 
     fn remove(&self, ip: IpAddr) {
+        let ip = source_of(ip);
         let mut open = match self.open.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -301,6 +304,19 @@ impl SourceConnections {
                 open.remove(&ip);
             }
         }
+    }
+}
+
+/// The source a connection counts against: an IPv4 address, or the /64 of an IPv6 address, as
+/// the rate limits count (one host is given a whole /64, RFC 6177 §2; counting per /128 would
+/// let one attacker open `connections_per_source_max` connections from each of 2^64 addresses).
+/// `ip` is canonical already (an IPv4-mapped address arrives as IPv4).
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+            v6.to_bits() & (u128::MAX << 64),
+        )),
     }
 }
 

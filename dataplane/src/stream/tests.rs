@@ -1,7 +1,8 @@
-//! A running data plane (real shard threads, real loopback sockets) whose stream connections
-//! are made to panic through the test-only hook ([`conn::TEST_PANIC_MAGIC`]): the panicking
-//! connection is closed and counted, the shard and every other connection and allocation go
-//! on, on both backends.
+//! Stream-layer tests that need more than one connection's bytes: a running data plane (real
+//! shard threads, real loopback sockets) whose connections are made to panic through the
+//! test-only hook ([`conn::TEST_PANIC_MAGIC`](super::conn::TEST_PANIC_MAGIC)), showing that the
+//! panicking connection is closed and counted while the shard and every other connection and
+//! allocation go on, on both backends; and the per-source connection cap.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -288,4 +289,33 @@ fn a_panicking_connection_is_closed_and_counted_while_the_shard_goes_on_mmsg() {
 #[test]
 fn a_panicking_connection_is_closed_and_counted_while_the_shard_goes_on_uring() {
     a_panicking_connection_is_closed_and_counted_while_the_shard_goes_on(BackendChoice::Uring);
+}
+
+/// Issue-8 limit, per source as the rate limits count it: the addresses of one IPv6 /64 share
+/// one budget (one host owns the /64), another /64 has its own; IPv4 counts per address.
+#[test]
+fn the_per_source_connection_cap_counts_an_ipv6_slash_64_as_one_source() {
+    let sources = super::SourceConnections::default();
+    let ip = |text: &str| -> std::net::IpAddr { text.parse().expect("literal") };
+    assert!(sources.try_add(ip("2001:db8:1:2::1"), 2));
+    assert!(sources.try_add(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), 2));
+    assert!(
+        !sources.try_add(ip("2001:db8:1:2:1234::9"), 2),
+        "a third address of the same /64 is over the cap"
+    );
+    assert!(
+        sources.try_add(ip("2001:db8:1:3::1"), 2),
+        "the next /64 is another source"
+    );
+    sources.remove(ip("2001:db8:1:2::1"));
+    assert!(
+        sources.try_add(ip("2001:db8:1:2::77"), 2),
+        "closing any address of the /64 frees room for all of it"
+    );
+    assert!(sources.try_add(ip("192.0.2.1"), 1));
+    assert!(!sources.try_add(ip("192.0.2.1"), 1));
+    assert!(
+        sources.try_add(ip("192.0.2.2"), 1),
+        "IPv4 counts per address"
+    );
 }
