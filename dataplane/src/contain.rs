@@ -190,6 +190,64 @@ mod tests {
         assert_eq!(first.location, second.location);
     }
 
+    /// Runs this test binary again with only `test` selected and `UTURN_CONTAIN_CHILD` set;
+    /// returns how the child ended.
+    fn run_child(test: &str, mode: &str) -> std::process::ExitStatus {
+        let exe = std::env::current_exe().expect("test binary");
+        std::process::Command::new(exe)
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env("UTURN_CONTAIN_CHILD", mode)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run the child")
+    }
+
+    fn child_mode() -> Option<String> {
+        std::env::var("UTURN_CONTAIN_CHILD").ok()
+    }
+
+    /// A panic on a shard thread outside a connection's work, or in shared work called back
+    /// from inside one, ends the process with SIGABRT (what `panic = "abort"` did), instead of
+    /// unwinding away the shard thread or being caught as the connection's.
+    #[test]
+    fn a_panic_outside_contained_work_aborts_the_process() {
+        use std::os::unix::process::ExitStatusExt as _;
+        const NAME: &str = "contain::tests::a_panic_outside_contained_work_aborts_the_process";
+        match child_mode().as_deref() {
+            Some("outside") => {
+                let _ = std::thread::spawn(|| {
+                    enter_shard_thread();
+                    panic!("a shard bug outside any connection");
+                })
+                .join();
+                // Only reached if the hook did not abort; the parent sees a clean exit.
+                return;
+            }
+            Some("callback") => {
+                let _ = std::thread::spawn(|| {
+                    enter_shard_thread();
+                    let _ = contained(|| uncontained(|| panic!("a fast-path bug")));
+                })
+                .join();
+                return;
+            }
+            _ => {}
+        }
+        for mode in ["outside", "callback"] {
+            let status = run_child(NAME, mode);
+            assert_eq!(status.signal(), Some(libc::SIGABRT), "{mode}: {status:?}");
+        }
+        // The contained case, for contrast: the same thread survives and exits cleanly.
+        let survived = std::thread::spawn(|| {
+            enter_shard_thread();
+            contained(|| panic!("one connection's bug")).is_err()
+        })
+        .join()
+        .expect("the shard thread lives on");
+        assert!(survived);
+    }
+
     #[test]
     fn uncontained_work_inside_contained_work_restores_the_flag() {
         let inner = contained(|| uncontained(|| CONTAINED.get())).expect("no panic");
