@@ -308,7 +308,8 @@ fn stream_arm(
     let Some(conn) = streams.conn_mut(slot) else {
         return;
     };
-    if conn.retired {
+    if conn.retired || conn.panicked {
+        // A panicked one is closed at the end of this turn (`Streams::take_panicked`).
         return;
     }
     let fd = conn.socket.as_raw_fd();

@@ -577,6 +577,10 @@ impl Streams {
         let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
             return Ok(());
         };
+        if conn.panicked {
+            // Panicked earlier in this loop turn (queueing a frame) and not closed yet.
+            return Err(Close::Error);
+        }
         let (listener, client) = (conn.listener, conn.client);
         let reported = &mut conn.reported;
         let io = &mut conn.io;
