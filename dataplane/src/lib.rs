@@ -81,7 +81,10 @@
 //!
 //! `tables` (a shard's tables and every fast-path decision, shared by both backends), `uring`
 //! and `mmsg` (the two shard loops), `shard` (startup, backend choice, readiness handshake),
-//! `socket` (listeners, relay sockets), `addr` (socket addresses to/from kernel form). `unsafe`
+//! `socket` (listeners, relay sockets), `addr` (socket addresses to/from kernel form),
+//! `contain` (a panic in one stream connection's TLS or framing work closes that connection;
+//! every other panic aborts), `fuzzing` (harness of the `tls` fuzz target; tests and the
+//! `fuzzing` feature only). `unsafe`
 //! is denied crate-wide and allowed only in `ring` (SQEs, in-flight tokens, send slots),
 //! `bufring` (the provided-buffer ring) and `sys` (affinity, eventfd, setsockopt, epoll,
 //! `recvmmsg`/`sendmmsg`); every block carries a `// SAFETY:` comment.
