@@ -6,18 +6,20 @@
 #   FUZZ_TARGETS="engine" scripts/fuzz.sh 60  # a subset
 #
 # Targets: parse_message and stream_framer (proto/fuzz), engine (control/fuzz: arbitrary
-# request sequences from several clients against a fake clock). cargo-fuzz needs nightly; when
+# request sequences from several clients against a fake clock), tls (dataplane/fuzz: byte
+# streams cut at arbitrary points into a tls:// and an auto:// connection, through the
+# connection code the shards run). cargo-fuzz needs nightly; when
 # `cargo +nightly` is missing the script uses the stable toolchain with RUSTC_BOOTSTRAP=1,
 # which works for these targets. New inputs go to fuzz/corpus-work/<target> (ignored by git);
 # crashes to fuzz/artifacts/<target>/. Every crash becomes a regression test: fix it, then
 # copy the input into fuzz/corpus/<target>/ (proto: name it *.invalid.bin if it must be
 # refused), where `cargo test` replays it (proto/tests/fuzz_corpus.rs,
-# control/tests/fuzz_corpus.rs).
+# control/tests/fuzz_corpus.rs, dataplane/src/fuzzing.rs).
 set -euo pipefail
 
 seconds="${1:-600}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
-targets="${FUZZ_TARGETS:-parse_message stream_framer engine}"
+targets="${FUZZ_TARGETS:-parse_message stream_framer engine tls}"
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$root/target-fuzz}"
 
 if ! command -v cargo-fuzz >/dev/null; then
@@ -37,6 +39,7 @@ for target in $targets; do
     case "$target" in
         parse_message | stream_framer) crate="$root/proto" ;;
         engine) crate="$root/control" ;;
+        tls) crate="$root/dataplane" ;;
         *) echo "unknown target $target" >&2; exit 2 ;;
     esac
     seeds="$crate/fuzz/corpus/$target"

@@ -40,6 +40,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "uturn_dataplane_completions_total",
     "uturn_dataplane_completions_per_turn_max",
     "uturn_dataplane_submits_total",
+    "uturn_connection_panics_total",
     "uturn_reloads_total",
 ];
 
@@ -141,6 +142,7 @@ impl Telemetry {
                 "uturn_dataplane_loop_turns_total",
                 "uturn_dataplane_completions_total",
                 "uturn_dataplane_submits_total",
+                "uturn_connection_panics_total",
             ] {
                 counter!(name, "shard" => s.clone()).absolute(0);
             }
@@ -240,6 +242,10 @@ impl Telemetry {
             .increment(delta(now.completions, previous.completions));
         counter!("uturn_dataplane_submits_total", "shard" => shard.clone())
             .increment(delta(now.submits, previous.submits));
+        // Stream connections closed because their TLS or framing work panicked (caught in the
+        // shard; each is logged there with its backtrace).
+        counter!("uturn_connection_panics_total", "shard" => shard.clone())
+            .increment(delta(now.connection_panics, previous.connection_panics));
         #[allow(clippy::cast_precision_loss)] // a per-turn count, far below 2^52
         gauge!("uturn_dataplane_completions_per_turn_max", "shard" => shard)
             .set(now.completions_per_turn_max as f64);
@@ -469,6 +475,31 @@ mod tests {
             relays: Vec::new(),
             lifetime_secs: 600,
         }
+    }
+
+    /// A shard's caught connection panics reach Prometheus as `uturn_connection_panics_total`,
+    /// per shard, counted once however often the cumulative total is reported.
+    #[test]
+    fn caught_connection_panics_are_exported_per_shard() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let mut t = Telemetry::new(2, 0.0);
+            let mut panicked = report(1, &[]);
+            panicked.shard_counters.connection_panics = 2;
+            t.on_counters(&panicked);
+            t.on_counters(&panicked);
+            t.on_counters(&report(0, &[]));
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("uturn_connection_panics_total{shard=\"1\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("uturn_connection_panics_total{shard=\"0\"} 0"),
+            "{text}"
+        );
     }
 
     /// Cumulative reports become exact totals: a removed allocation's final report counts once,

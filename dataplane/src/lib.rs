@@ -82,7 +82,10 @@
 //!
 //! `tables` (a shard's tables and every fast-path decision, shared by both backends), `uring`
 //! and `mmsg` (the two shard loops), `shard` (startup, backend choice, readiness handshake),
-//! `socket` (listeners, relay sockets), `addr` (socket addresses to/from kernel form). `unsafe`
+//! `socket` (listeners, relay sockets), `addr` (socket addresses to/from kernel form),
+//! `contain` (a panic in one stream connection's TLS or framing work closes that connection;
+//! every other panic aborts), `fuzzing` (harness of the `tls` fuzz target; tests and the
+//! `fuzzing` feature only). `unsafe`
 //! is denied crate-wide and allowed only in `ring` (SQEs, in-flight tokens, send slots),
 //! `bufring` (the provided-buffer ring) and `sys` (affinity, eventfd, setsockopt, epoll,
 //! `recvmmsg`/`sendmmsg`); every block carries a `// SAFETY:` comment.
@@ -109,7 +112,10 @@
 mod addr;
 #[allow(unsafe_code)]
 mod bufring;
+mod contain;
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod mmsg;
 #[allow(unsafe_code)]
 mod ring;
@@ -129,6 +135,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 pub use uturn_proto::ChannelNumber;
 
+pub use crate::contain::abort_on_uncontained_panics;
 pub use crate::error::DataPlaneError;
 pub use crate::stream::{StreamKind, StreamLimits, StreamListen, TlsConfig};
 
@@ -581,6 +588,9 @@ pub struct ShardCounters {
     pub stream_open_tcp: u64,
     /// TLS connections open now.
     pub stream_open_tls: u64,
+    /// Connections closed because their TLS or framing work panicked (the panic was caught;
+    /// see the `contain` module).
+    pub connection_panics: u64,
 }
 
 /// One counters report.

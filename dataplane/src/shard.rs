@@ -13,7 +13,7 @@ use crate::stream::{self, StreamKind, Streams};
 use crate::tables::Core;
 use crate::{
     Backend, BackendChoice, DataPlane, DataPlaneConfig, DataPlaneError, DropReason, PAYLOAD_OFFSET,
-    ShardCommand, ShardHandle, ShardId, ToControl, bufring, mmsg, ring, sys, uring,
+    ShardCommand, ShardHandle, ShardId, ToControl, bufring, contain, mmsg, ring, sys, uring,
 };
 
 /// Buffer and batch sizes a shard needs, from the config.
@@ -267,6 +267,8 @@ pub(crate) fn start(
         let thread = std::thread::Builder::new()
             .name(format!("uturn-shard-{id}"))
             .spawn(move || {
+                // Before any work: a panic outside a connection's contained work aborts.
+                contain::enter_shard_thread();
                 if let Some(cpu) = cpu
                     && let Err(error) = sys::pin_current_thread(cpu)
                 {

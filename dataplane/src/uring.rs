@@ -277,6 +277,10 @@ pub(crate) fn run(setup: ShardSetup) {
                 Op::Cancel | Op::Free => {}
             }
         }
+        // Connections whose encryption of a relayed frame panicked (see `Streams::queue`).
+        while let Some(slot) = streams.take_panicked() {
+            stream_close(&mut core, &mut streams, &mut ring, slot);
+        }
     }
     // Drain the ring before any socket closes: SQEs still queued may name their descriptors,
     // and stream buffers lent to operations come back only through their completions.
@@ -304,7 +308,8 @@ fn stream_arm(
     let Some(conn) = streams.conn_mut(slot) else {
         return;
     };
-    if conn.retired {
+    if conn.retired || conn.panicked {
+        // A panicked one is closed at the end of this turn (`Streams::take_panicked`).
         return;
     }
     let fd = conn.socket.as_raw_fd();
@@ -387,6 +392,7 @@ fn stream_completion(
 fn stream_close(core: &mut crate::tables::Core, streams: &mut Streams, ring: &mut Ring, slot: u32) {
     if let Some(conn) = streams.conn_mut(slot)
         && conn.send_op.is_none()
+        && !conn.panicked
         && conn.io.wants_write()
     {
         // Best effort, one non-blocking write: what is queued last, our TLS close_notify (a

@@ -35,6 +35,13 @@ pub(crate) const TLS_PLAINTEXT_LEN_MAX: usize = 1 << 14;
 /// TLS 1.2 explicit nonce 8, tag 16, TLS 1.3 content type 1.
 const TLS_RECORD_OVERHEAD_MAX: usize = 5 + 8 + 16 + 1;
 
+/// Test builds only: a connection that receives bytes starting with these (or is handed a
+/// frame whose payload does) panics inside its own work, to show that the panic is contained.
+/// The leading 0xff is garbage to every framer, so no real client could send it by accident;
+/// release and debug builds of the binary do not have this at all.
+#[cfg(test)]
+pub(crate) const TEST_PANIC_MAGIC: &[u8] = b"\xffuturn test: panic here";
+
 /// Why a connection ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Close {
@@ -55,6 +62,11 @@ struct Tls {
     session: UnbufferedServerConnection,
     /// Decrypted bytes not yet cut into frames (records and frames do not line up).
     plain: StreamFramer,
+    /// Whether rustls has written any record for the client yet; until then the record layer
+    /// is plaintext, so an alert of our own is a valid record.
+    sent: bool,
+    /// The session ended (closed or failed): rustls is not called again.
+    ended: bool,
 }
 
 /// A connection's fixed bytes for the socket, as a two-region circular queue (a "bip buffer"):
@@ -231,6 +243,14 @@ impl Connection {
         on_frame: &mut dyn FnMut(ClientTransport, &[u8]),
     ) -> Result<(), Close> {
         self.rx_end = (self.rx_end + n).min(self.rx.len());
+        #[cfg(test)]
+        if self
+            .rx
+            .get(self.rx_start..self.rx_end)
+            .is_some_and(|b| b.starts_with(TEST_PANIC_MAGIC))
+        {
+            panic!("injected by a test: this connection's framing work panics");
+        }
         if let Mode::Sniff = self.mode {
             let Some(&first) = self
                 .rx
@@ -287,8 +307,30 @@ impl Connection {
     /// Drives rustls over the received records until it needs more bytes: handshake records go
     /// to `tx`, application data through the plaintext framer to `on_frame`. With `encrypt`,
     /// also encrypts that frame into `tx` once rustls allows application data; returns whether
-    /// it did.
+    /// it did. Once it has returned `Err` (the session ended or failed), it never calls rustls
+    /// again: rustls is not made to be driven after a fatal error (it asserts it sends at most
+    /// one fatal alert), and the edges close the connection anyway.
     fn pump_tls(
+        &mut self,
+        encrypt: Option<(&[&[u8]; 2], usize)>,
+        scratch: &mut [u8],
+        on_frame: &mut dyn FnMut(ClientTransport, &[u8]),
+    ) -> Result<Option<Result<(), DropReason>>, Close> {
+        match &self.mode {
+            Mode::Tls(tls) if tls.ended => return Err(Close::Error),
+            Mode::Tls(_) => {}
+            _ => return Ok(None),
+        }
+        let result = self.pump_tls_records(encrypt, scratch, on_frame);
+        if result.is_err()
+            && let Mode::Tls(tls) = &mut self.mode
+        {
+            tls.ended = true;
+        }
+        result
+    }
+
+    fn pump_tls_records(
         &mut self,
         mut encrypt: Option<(&[&[u8]; 2], usize)>,
         scratch: &mut [u8],
@@ -297,7 +339,12 @@ impl Connection {
         let Mode::Tls(tls) = &mut self.mode else {
             return Ok(None);
         };
-        let Tls { session, plain } = &mut **tls;
+        let Tls {
+            session,
+            plain,
+            sent: tls_sent,
+            ended: _,
+        } = &mut **tls;
         // Bounded: every turn consumes input, emits output or returns; the cap guards a bug.
         for _ in 0..1024 {
             let incoming = self
@@ -307,9 +354,20 @@ impl Connection {
             let UnbufferedStatus { mut discard, state } = session.process_tls_records(incoming);
             let mut done = None;
             let mut closed = None;
-            let Ok(state) = state else {
-                queue_alert(session, &mut self.tx);
-                return Err(Close::Error);
+            let state = match state {
+                Ok(state) => state,
+                Err(error) => {
+                    // rustls's contract: the discard is applied before any further call, and a
+                    // further call sees the rest of the same bytes, never a buffer it has not
+                    // seen (its deframer keeps offsets into that buffer).
+                    self.rx_start = (self.rx_start + discard).min(self.rx_end);
+                    let rest = self
+                        .rx
+                        .get_mut(self.rx_start..self.rx_end)
+                        .ok_or(Close::Error)?;
+                    queue_alert(session, rest, &mut self.tx, &error, *tls_sent);
+                    return Err(Close::Error);
+                }
             };
             match state {
                 ConnectionState::ReadTraffic(mut traffic) => {
@@ -334,6 +392,7 @@ impl Connection {
                     // A handshake record that does not fit: the client is not reading.
                     let written = encode.encode(out).map_err(|_| Close::Error)?;
                     tx.commit(range.start, written, in_b);
+                    *tls_sent |= written > 0;
                 }
                 ConnectionState::TransmitTlsData(transmit) => {
                     // The records are in `tx`, which goes out in order: that is transmitting.
@@ -366,7 +425,11 @@ impl Connection {
             }
             if let Some(result) = closed {
                 if result == Err(Close::Eof) {
-                    queue_close_notify(session, &mut self.rx, &mut self.tx);
+                    let rest = self
+                        .rx
+                        .get_mut(self.rx_start..self.rx_end)
+                        .ok_or(Close::Error)?;
+                    queue_close_notify(session, rest, &mut self.tx);
                 }
                 return result.map(|()| done);
             }
@@ -387,6 +450,10 @@ impl Connection {
         padding: usize,
         scratch: &mut [u8],
     ) -> Result<(), DropReason> {
+        #[cfg(test)]
+        if parts[1].starts_with(TEST_PANIC_MAGIC) {
+            panic!("injected by a test: this connection's send work panics");
+        }
         let result = match self.mode {
             Mode::Sniff => Err(DropReason::NoAllocation),
             Mode::Plain => {
@@ -451,6 +518,8 @@ impl Tls {
         Ok(Self {
             session: UnbufferedServerConnection::new(config)?,
             plain: StreamFramer::new(frame_len_max),
+            sent: false,
+            ended: false,
         })
     }
 }
@@ -541,11 +610,27 @@ fn gather(parts: &[&[u8]; 2], mut offset: usize, out: &mut [u8]) {
     }
 }
 
-/// After a TLS error, rustls has queued the fatal alert that names it (RFC 8446 §6.2); put it
-/// in `tx`, so that the edge's last write tells the client why (a `bad_record_mac` or
-/// `decode_error` instead of a bare reset), best effort: without room it is left out.
-fn queue_alert(session: &mut UnbufferedServerConnection, tx: &mut SendQueue) {
-    let status = session.process_tls_records(&mut []);
+/// After a fatal TLS error, puts the alert that names it (RFC 8446 §6.2, RFC 5246 §7.2.2) in
+/// `tx`, so that the edge's last write tells the client why (a `bad_record_mac` or
+/// `decode_error` instead of a bare reset); best effort: without room it is left out.
+///
+/// rustls queues its alert inside the session and hands it out only from
+/// `process_tls_records`, which returns queued records before it reads input. So it is called
+/// once more, on `rest`: the bytes of the failed call minus its discard, the only buffer its
+/// deframer's offsets are valid for (an empty or fresh buffer makes rustls 0.23 index out of
+/// range). Only an `EncodeTlsData` answer is used; rustls is not driven further.
+///
+/// Some errors queue nothing (a handshake message longer than rustls accepts is one). Then, if
+/// no record has gone to the client yet, the record layer is still plaintext and the alert is
+/// written here; after that it would have to be encrypted, and the connection just closes.
+fn queue_alert(
+    session: &mut UnbufferedServerConnection,
+    rest: &mut [u8],
+    tx: &mut SendQueue,
+    error: &rustls::Error,
+    sent: bool,
+) {
+    let status = session.process_tls_records(rest);
     if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
         let (range, in_b) = tx.largest_free();
         if let Some(out) = tx.buf.get_mut(range.clone())
@@ -553,16 +638,37 @@ fn queue_alert(session: &mut UnbufferedServerConnection, tx: &mut SendQueue) {
         {
             tx.commit(range.start, written, in_b);
         }
+        return;
+    }
+    if sent {
+        return;
+    }
+    let description = match error {
+        // A fatal alert from the client ends the connection without one of ours.
+        rustls::Error::AlertReceived(_) => return,
+        rustls::Error::InvalidMessage(invalid) => rustls::AlertDescription::from(*invalid),
+        rustls::Error::PeerMisbehaved(_) => rustls::AlertDescription::UnexpectedMessage,
+        _ => rustls::AlertDescription::HandshakeFailure,
+    };
+    // Type alert, legacy version TLS 1.2, length 2, level fatal.
+    let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, u8::from(description)];
+    if let Some((range, in_b)) = tx.reserve(alert.len())
+        && let Some(out) = tx.buf.get_mut(range.clone())
+    {
+        out.copy_from_slice(&alert);
+        tx.commit(range.start, alert.len(), in_b);
     }
 }
 
+/// Queues our close_notify in answer to the client's. `rest` is what is left of the bytes the
+/// last `process_tls_records` saw, after its discard (see [`queue_alert`] for why no other
+/// buffer will do).
 fn queue_close_notify(
     session: &mut UnbufferedServerConnection,
-    rx: &mut IoBuf,
+    rest: &mut [u8],
     tx: &mut SendQueue,
 ) {
-    let incoming = rx.get_mut(0..0).unwrap_or(&mut []);
-    let status = session.process_tls_records(incoming);
+    let status = session.process_tls_records(rest);
     if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state
         && let Some((range, in_b)) = tx.reserve(64)
         && let Some(out) = tx.buf.get_mut(range.clone())
@@ -753,6 +859,26 @@ mod tests {
         let pending = h.server.pending();
         assert!(pending.len() >= 7, "an alert is queued: {pending:?}");
         assert_eq!((pending[0], pending[5]), (21, 2), "{pending:?}");
+    }
+
+    /// The record that aborted the server: a handshake record whose message claims 16 MiB.
+    /// rustls refuses it; the connection must close with an alert and nothing may panic.
+    #[test]
+    fn an_oversized_handshake_message_closes_the_connection_without_a_panic() {
+        let mut record = vec![0x16, 0x03, 0x01, 0x00, 0x10];
+        record.extend_from_slice(&[0xff; 16]);
+        for chunk in [usize::MAX, 1, 5, 7] {
+            let mut h = Harness::new(&rustls::version::TLS13, 64 * 1024);
+            assert_eq!(h.feed(&record, chunk), Err(Close::Error), "chunk {chunk}");
+            let pending = h.server.pending();
+            assert!(pending.len() >= 7, "an alert is queued: {pending:?}");
+            // Alert, fatal, decode_error (50): the message does not parse (RFC 8446 §6.2).
+            assert_eq!(
+                (pending[0], pending[5], pending[6]),
+                (21, 2, 50),
+                "{pending:?}"
+            );
+        }
     }
 
     #[test]

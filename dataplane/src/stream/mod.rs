@@ -71,7 +71,9 @@
 //! [`ToControl::ConnectionClosed`](crate::ToControl::ConnectionClosed) and control removes the
 //! allocation (RFC 8656 §3.1).
 
-mod conn;
+pub(crate) mod conn;
+#[cfg(test)]
+mod tests;
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -84,6 +86,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 pub(crate) use self::conn::{Close, Connection, Start};
 use crate::addr::canonical;
+use crate::contain::{self, Caught};
 use crate::sys::Epoll;
 use crate::tables::{Action, Core};
 use crate::{ClientTransport, DataPlaneError, DropReason};
@@ -140,8 +143,9 @@ pub struct StreamLimits {
     pub send_queue_bytes: usize,
     /// Largest frame a client may send (STUN message or ChannelData with padding).
     pub frame_len_max: usize,
-    /// Connections open at once per source IP across all shards; more are accepted and closed
-    /// at once (`stream_refused`, and dropped as `source_connections`). `0` means no limit.
+    /// Connections open at once per source (an IPv4 address or an IPv6 /64) across all shards;
+    /// more are accepted and closed at once (`stream_refused`, and dropped as
+    /// `source_connections`). `0` means no limit.
     pub connections_per_source_max: usize,
 }
 
@@ -259,7 +263,7 @@ pub(crate) struct Listener {
     pub(crate) socket: TcpListener,
 }
 
-/// Open TCP/TLS connections per source IP, shared by every shard so the limit is server-wide
+/// Open TCP/TLS connections per source (IPv4 address or IPv6 /64), shared by every shard so the limit is server-wide
 /// (issue 8). A mutex around a map, not atomics: it is touched only on accept and close, never
 /// on the packet path, and an exact count per IP needs no hashing into shared buckets (where
 /// two sources could be refused for each other). Contention is between shards accepting at the
@@ -270,8 +274,9 @@ pub(crate) struct SourceConnections {
 }
 
 impl SourceConnections {
-    /// Counts one more connection from `ip` unless it already has `max` (0: no limit).
+    /// Counts one more connection from `ip` unless its source already has `max` (0: no limit).
     fn try_add(&self, ip: IpAddr, max: usize) -> bool {
+        let ip = source_of(ip);
         let mut open = match self.open.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -288,6 +293,7 @@ impl SourceConnections {
     }
 
     fn remove(&self, ip: IpAddr) {
+        let ip = source_of(ip);
         let mut open = match self.open.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -298,6 +304,19 @@ impl SourceConnections {
                 open.remove(&ip);
             }
         }
+    }
+}
+
+/// The source a connection counts against: an IPv4 address, or the /64 of an IPv6 address, as
+/// the rate limits count (one host is given a whole /64, RFC 6177 §2; counting per /128 would
+/// let one attacker open `connections_per_source_max` connections from each of 2^64 addresses).
+/// `ip` is canonical already (an IPv4-mapped address arrives as IPv4).
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+            v6.to_bits() & (u128::MAX << 64),
+        )),
     }
 }
 
@@ -322,6 +341,9 @@ pub(crate) struct Conn {
     /// Closed for everyone else (tables, control, counters); kept only until the ring gives
     /// its buffers back.
     pub(crate) retired: bool,
+    /// Its TLS or framing work panicked: its state is garbage, so nothing more is read from
+    /// it (not even the last best-effort write); it is closing.
+    pub(crate) panicked: bool,
 }
 
 impl Conn {
@@ -353,6 +375,9 @@ pub(crate) struct Streams {
     /// Plaintext staging for TLS encryption (one record), allocated once per shard.
     scratch: Box<[u8]>,
     sources: SourceConnections,
+    /// Connections whose work panicked while a relayed frame was queued for them; the edge
+    /// closes them ([`take_panicked`](Self::take_panicked)).
+    panicked: Vec<u32>,
 }
 
 impl Streams {
@@ -398,6 +423,7 @@ impl Streams {
             open_tls: 0,
             scratch: vec![0; conn::TLS_PLAINTEXT_LEN_MAX].into_boxed_slice(),
             sources,
+            panicked: Vec::new(),
         })
     }
 
@@ -495,6 +521,7 @@ impl Streams {
             recv_op: None,
             send_op: None,
             retired: false,
+            panicked: false,
         };
         let slot = match self.free.pop() {
             Some(slot) => slot,
@@ -542,21 +569,42 @@ impl Streams {
     }
 
     /// `n` bytes were read into the connection's read range: frames go to the fast path.
+    /// The connection's own work (TLS, framing) is contained: a panic in it closes this
+    /// connection (`Err`), counted and logged; the fast path it calls per frame is not (a
+    /// panic there aborts, see the `contain` module).
     pub(crate) fn received(&mut self, core: &mut Core, slot: u32, n: usize) -> Result<(), Close> {
         let tls = self.tls.as_ref();
         let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
             return Ok(());
         };
+        if conn.panicked {
+            // Panicked earlier in this loop turn (queueing a frame) and not closed yet.
+            return Err(Close::Error);
+        }
         let (listener, client) = (conn.listener, conn.client);
         let reported = &mut conn.reported;
-        let result = conn.io.received(
-            n,
-            || tls.map(TlsConfig::current),
-            &mut self.scratch,
-            &mut |transport, frame| {
-                handle_frame(core, listener, client, transport, frame, reported);
-            },
-        );
+        let io = &mut conn.io;
+        let scratch = &mut self.scratch;
+        let outcome = contain::contained(|| {
+            io.received(
+                n,
+                || tls.map(TlsConfig::current),
+                scratch,
+                &mut |transport, frame| {
+                    contain::uncontained(|| {
+                        handle_frame(core, listener, client, transport, frame, reported);
+                    });
+                },
+            )
+        });
+        let result = match outcome {
+            Ok(result) => result,
+            Err(caught) => {
+                conn.panicked = true;
+                connection_panicked(core, client, &caught);
+                Err(Close::Error)
+            }
+        };
         if conn.io.is_tls() && !conn.counted_tls {
             // An `auto` connection turned out to be TLS.
             conn.counted_tls = true;
@@ -569,7 +617,9 @@ impl Streams {
 
     /// Queues `parts` and `padding` zero bytes as one frame for the client of listener
     /// `listener` at `client`, whole or not at all; returns the connection's slot for the edge
-    /// to write from.
+    /// to write from. Encryption is contained like [`received`](Self::received): after a
+    /// panic the frame is dropped (`send_error`) and the slot waits in
+    /// [`take_panicked`](Self::take_panicked) for the edge to close it.
     pub(crate) fn queue(
         &mut self,
         core: &mut Core,
@@ -584,10 +634,16 @@ impl Streams {
         let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
             return Err(DropReason::NoAllocation);
         };
+        if conn.panicked {
+            return Err(DropReason::SendError);
+        }
         let first_overflow = conn.io.queue_full_drops == 0;
-        match conn.io.queue_frame(parts, padding, &mut self.scratch) {
-            Ok(()) => Ok(slot),
-            Err(reason) => {
+        let io = &mut conn.io;
+        let scratch = &mut self.scratch;
+        let outcome = contain::contained(|| io.queue_frame(parts, padding, scratch));
+        match outcome {
+            Ok(Ok(())) => Ok(slot),
+            Ok(Err(reason)) => {
                 if reason == DropReason::QueueFull && first_overflow {
                     tracing::debug!(
                         shard = core.shard().0,
@@ -598,7 +654,18 @@ impl Streams {
                 }
                 Err(reason)
             }
+            Err(caught) => {
+                conn.panicked = true;
+                connection_panicked(core, client, &caught);
+                self.panicked.push(slot);
+                Err(DropReason::SendError)
+            }
         }
+    }
+
+    /// A connection whose work panicked in [`queue`](Self::queue), for the edge to close.
+    pub(crate) fn take_panicked(&mut self) -> Option<u32> {
+        self.panicked.pop()
     }
 
     /// Slots of connections that have had no allocation for `idle_timeout`; counted as timeouts.
@@ -705,7 +772,15 @@ impl Streams {
         parts: [&[u8]; 2],
         padding: usize,
     ) -> Result<(), DropReason> {
-        let slot = self.queue(core, listener, client, parts, padding)?;
+        let slot = match self.queue(core, listener, client, parts, padding) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                while let Some(slot) = self.take_panicked() {
+                    self.close_now(core, slot);
+                }
+                return Err(reason);
+            }
+        };
         if let (Some(epoll), Some(conn)) = (
             &self.epoll,
             self.conns.get_mut(slot as usize).and_then(Option::as_mut),
@@ -752,7 +827,9 @@ impl Streams {
                 Err(_) => return Err(Close::Error),
             };
             if let Err(close) = self.received(core, slot, n) {
-                if let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) {
+                if let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut)
+                    && !conn.panicked
+                {
                     // Best effort: what `received` queued last, our close_notify or the TLS
                     // alert that names the client's error.
                     let _ = conn.socket.write(conn.io.pending());
@@ -767,6 +844,24 @@ impl Streams {
             (Some(epoll), Some(conn)) => flush(conn, epoll, slot).map_err(|()| Close::Error),
             _ => Ok(()),
         }
+    }
+}
+
+/// Counts and logs a panic caught in one connection's work (its caller closes it). The log
+/// line carries the backtrace the first time a location panics on this shard; later panics at
+/// the same place are only counted, so a client that can trigger one cannot flood the log.
+fn connection_panicked(core: &mut Core, client: SocketAddr, caught: &Caught) {
+    core.counters_mut().connection_panics += 1;
+    if let Some(backtrace) = &caught.backtrace {
+        tracing::error!(
+            shard = core.shard().0,
+            %client,
+            panic = %caught.message,
+            location = %caught.location,
+            %backtrace,
+            "a stream connection's TLS or framing work panicked: that connection is closed, \
+             the shard goes on (uturn_connection_panics_total; logged once per location)"
+        );
     }
 }
 

@@ -47,6 +47,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
+    // Built with panic = "unwind" so that a panic in one stream connection's work is caught
+    // and costs that connection; every other panic, on any thread, still ends the process.
+    uturn_dataplane::abort_on_uncontained_panics();
     // First, before the shards and tables are allocated: see `disable_transparent_huge_pages`.
     let thp = disable_transparent_huge_pages();
     let cli = cli::Cli::parse();
