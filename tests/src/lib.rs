@@ -373,7 +373,11 @@ pub fn uturn_binary() -> PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo);
+        // `cargo test` sets CARGO_MANIFEST_DIR for the test process; a nested build that
+        // inherits it looks to ring's build script like a changed environment, and rebuilds
+        // ring and everything above it (about 40 s), and the next plain build again.
         build
+            .env_remove("CARGO_MANIFEST_DIR")
             .args(["build", "--quiet", "-p", "uturn-control", "--bin", "uturn"])
             .arg("--target-dir")
             .arg(&target_dir);
