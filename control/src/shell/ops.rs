@@ -259,7 +259,9 @@ impl<R: RngCore> ControlThread<R> {
                 })
             })
             .collect();
-        ok(json!({ "allocations": list }))
+        // The server's clock beside the list, so that a page on another machine computes ages
+        // and expiries from these timestamps without its own clock's skew.
+        ok(json!({ "now": unix(now), "allocations": list }))
     }
 
     /// Reload from SIGHUP or the API: users (static and file), REST secrets, peer policy,
