@@ -630,7 +630,9 @@ const CSP_NONE: &str =
     "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 /// The page's Content-Security-Policy: its own inline `<script>` and `<style>` by hash (no
-/// `'unsafe-inline'`), fetches to this origin only, no frames, no plugins, no form posts.
+/// `'unsafe-inline'`), fetches to this origin only, images only from `data:` URLs in the page
+/// (its icon: a favicon request would be answered 401 when a token is set), no frames, no
+/// plugins, no form posts.
 fn console_csp() -> &'static str {
     static CSP: OnceLock<String> = OnceLock::new();
     CSP.get_or_init(|| {
@@ -638,13 +640,14 @@ fn console_csp() -> &'static str {
         let styles = inline_hashes(CONSOLE_PAGE, "style");
         format!(
             "default-src 'none'; script-src {scripts}; style-src {styles}; connect-src 'self'; \
-             img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+             img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
         )
     })
 }
 
 /// The CSP sources (`'sha256-…'`) of every inline `<TAG>…</TAG>` element of `page`, as a
-/// browser hashes them: the exact text between the opening and the closing tag.
+/// browser hashes them: the exact text between the opening and the closing tag. Text inside
+/// HTML comments is not an element and is skipped.
 fn inline_hashes(page: &str, tag: &str) -> String {
     use base64::Engine as _;
     use sha2::Digest as _;
@@ -652,6 +655,11 @@ fn inline_hashes(page: &str, tag: &str) -> String {
     let mut sources = Vec::new();
     let mut rest = page;
     while let Some(start) = rest.find(&open) {
+        if let Some(comment) = rest.find("<!--").filter(|c| *c < start) {
+            let after = &rest[comment + 4..];
+            rest = after.find("-->").map_or("", |end| &after[end + 3..]);
+            continue;
+        }
         let body = &rest[start + open.len()..];
         let Some(end) = body.find(&close) else { break };
         let digest = sha2::Sha256::digest(&body.as_bytes()[..end]);
@@ -1085,6 +1093,11 @@ mod tests {
             "'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"
         );
         assert_eq!(inline_hashes("<p>none</p>", "script"), "'none'");
+        // A tag named in a comment is no element: the real one after it is hashed.
+        assert_eq!(
+            inline_hashes("<!-- an inline <script> --><script></script>", "script"),
+            "'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"
+        );
         let csp = console_csp();
         assert!(HeaderValue::from_str(csp).is_ok(), "{csp}");
         for needed in [

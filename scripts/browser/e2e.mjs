@@ -1,11 +1,14 @@
 // Drives headless Chromium (Debian's /usr/bin/chromium, through playwright-core) through
 // relay-only WebRTC calls on index.html, one per scenario, against a uturn that
 // scripts/browser-e2e.sh started, and asserts on what the browser and uturn's allocations API
-// report. Usage: node e2e.mjs CONFIG.json (fields: see scripts/browser-e2e.sh). Exit status 0
+// report. During each call a second tab opens uturn's own relay-usage page (GET / on its HTTP
+// listener), gives it the admin token when it asks, checks that it lists both allocations and
+// that their counters grow between two of its refreshes, and saves a screenshot of it.
+// Usage: node e2e.mjs CONFIG.json (fields: see scripts/browser-e2e.sh). Exit status 0
 // only if every scenario passed; the browser console goes to config.consoleLog.
 import { chromium } from 'playwright-core';
 import { createHmac } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -40,9 +43,12 @@ const scenarios = [
   { name: 'rest', relayProtocol: 'udp', transport: 'udp', apiUser: 'chrome-rest',
     server: { urls: `turn:127.0.0.1:${config.udpPort}?transport=udp`, ...restCredential('chrome-rest') } },
 ].filter((s) => !config.only || config.only.includes(s.name));
+// After the calls: the relay-usage page's hint for an allocation that never got a permission.
+const hintCheck = !config.only || config.only.includes('hint');
 
 async function allocations(username) {
-  const res = await fetch(`http://${config.http}/api/v1/allocations?user=${encodeURIComponent(username)}`);
+  const res = await fetch(`http://${config.http}/api/v1/allocations?user=${encodeURIComponent(username)}`,
+    { headers: config.token ? { Authorization: `Bearer ${config.token}` } : {} });
   if (!res.ok) throw new Error(`allocations API answered ${res.status}`);
   return (await res.json()).allocations;
 }
@@ -64,6 +70,148 @@ async function poll(fn, what, timeoutMs) {
 
 function check(failures, ok, message) {
   if (!ok) failures.push(message);
+}
+
+// The relay-usage page's view of the two allocations whose relayed addresses are `relayed`:
+// per address the row's counters (packets and bytes each way), or null when it has no row.
+function consoleRows(tab, relayed) {
+  return tab.evaluate((addresses) => addresses.map((address) => {
+    const row = [...document.querySelectorAll('#rows tr[data-relayed]')]
+      .find((tr) => tr.dataset.relayed.split(' ').includes(address));
+    if (!row) return null;
+    const cell = (cls) => {
+      const td = row.querySelector(`td.${cls}`);
+      return { packets: Number(td.dataset.packets), bytes: Number(td.dataset.bytes) };
+    };
+    return { id: Number(row.dataset.id), to_peer: cell('to-peer'), to_client: cell('to-client') };
+  }), relayed);
+}
+
+// Opens uturn's relay-usage page in a new tab: it must ask for the token when one is configured
+// (the API answers 401 without it) and then draw its first refresh. `errors` collects what the
+// page logs as errors (a Content-Security-Policy violation, a script error), except the 401s
+// Chromium logs before the token is given.
+async function openConsole(context, label, failures) {
+  const tab = await context.newPage();
+  const errors = [];
+  let tokenGiven = !config.token;
+  tab.on('console', (m) => {
+    consoleLines.push(`[${label} console] ${m.type()}: ${m.text()}`);
+    const expected = !tokenGiven && m.text().includes('status of 401');
+    if (m.type() === 'error' && !expected) errors.push(m.text());
+  });
+  tab.on('pageerror', (e) => errors.push(`pageerror: ${e}`));
+  await tab.setViewportSize({ width: 1500, height: 560 });
+  await tab.goto(`http://${config.http}/`);
+  const asked = await tab.waitForSelector('#token-form:not([hidden])', { timeout: 10000 })
+    .then(() => true, () => false);
+  check(failures, asked === Boolean(config.token),
+    `relay-usage page: asked for the token ${asked}, a token is configured ${Boolean(config.token)}`);
+  if (asked) {
+    await tab.fill('#token', config.token);
+    tokenGiven = true;
+    await tab.click('#token-form button');
+  }
+  await tab.waitForFunction(() => Number(document.body.dataset.refreshes) >= 1, null, { timeout: 10000 });
+  return { tab, errors };
+}
+
+const refreshes = (tab) => tab.evaluate(() => Number(document.body.dataset.refreshes));
+
+// During the call: the relay-usage page lists both allocations and shows their counters grow
+// each way between two of its own refreshes. Saves a screenshot; returns what it saw.
+async function checkConsole(context, scenario, relayed, failures) {
+  let tab = null;
+  try {
+    const opened = await openConsole(context, scenario.name, failures);
+    tab = opened.tab;
+    const first = await poll(async () => {
+      const rows = await consoleRows(tab, relayed);
+      return rows.every(Boolean) && rows;
+    }, `the relay-usage page to list the allocations of ${relayed}`, 10000);
+    const startedAt = await refreshes(tab);
+    // At least one refresh later (the page refreshes every 2 s), each way must have moved.
+    const grown = await poll(async () => {
+      if (await refreshes(tab) < startedAt + 1) return null;
+      const rows = await consoleRows(tab, relayed);
+      const moved = rows.every((r, i) => r && r.id === first[i].id &&
+        r.to_peer.packets > first[i].to_peer.packets && r.to_client.packets > first[i].to_client.packets &&
+        r.to_peer.bytes > first[i].to_peer.bytes && r.to_client.bytes > first[i].to_client.bytes);
+      return moved && rows;
+    }, 'the relay-usage page\'s counters to grow each way between two refreshes', 15000);
+    // One more refresh so that the rates (from the last two polls) are on the screenshot.
+    const now = await refreshes(tab);
+    await tab.waitForFunction((n) => Number(document.body.dataset.refreshes) > n, now, { timeout: 10000 });
+    const state = await tab.evaluate(() => ({
+      status: document.getElementById('s-state').textContent,
+      hints: [...document.querySelectorAll('tr.hint-row')].map((r) => r.textContent),
+    }));
+    check(failures, state.status === 'ready', `relay-usage page: state ${state.status}`);
+    const screenshot = path.join(config.screenshotDir, `console-${scenario.name}.png`);
+    await tab.screenshot({ path: screenshot, fullPage: true });
+    check(failures, opened.errors.length === 0,
+      `relay-usage page errors (CSP or script): ${opened.errors.join(' | ')}`);
+    return { screenshot, first, grown, hints: state.hints };
+  } catch (e) {
+    failures.push(`relay-usage page: ${e.message}`);
+    return null;
+  } finally {
+    if (tab) await tab.close();
+  }
+}
+
+// An allocation that never gets a permission: a relay-only RTCPeerConnection that gathers its
+// relay candidate and is never given a remote description. Returns its tab and relayed address.
+async function startIdleAllocation(context, baseUrl) {
+  const tab = await context.newPage();
+  await tab.goto(`${baseUrl}/index.html`);
+  const candidate = await tab.evaluate(async (server) => {
+    const pc = new RTCPeerConnection({ iceServers: [server], iceTransportPolicy: 'relay' });
+    window.idlePc = pc;
+    pc.createDataChannel('idle');
+    const gathered = new Promise((resolve) => {
+      pc.onicecandidate = (e) => { if (!e.candidate) resolve(); };
+    });
+    await pc.setLocalDescription(await pc.createOffer());
+    await gathered;
+    return pc.localDescription.sdp.split('\r\n').find((l) => l.includes(' typ relay'));
+  }, { urls: `turn:127.0.0.1:${config.udpPort}?transport=udp`, username: 'chrome-idle', credential: config.password });
+  // a=candidate:FOUNDATION COMPONENT PROTOCOL PRIORITY ADDRESS PORT typ relay ...
+  const fields = candidate ? candidate.split(' ') : [];
+  return { tab, created: Date.now(), relayed: fields.length > 5 ? `${fields[4]}:${fields[5]}` : null };
+}
+
+// The hint for an allocation without a permission: the page explains it in words once the
+// allocation is older than the page's threshold (10 s).
+async function checkNoPermissionHint(context, idle) {
+  const started = Date.now();
+  const failures = [];
+  let tab = null;
+  try {
+    check(failures, idle.relayed, 'the idle RTCPeerConnection gathered no relay candidate');
+    if (!idle.relayed) return { name: 'hint', ok: false, seconds: 0, failures };
+    const opened = await openConsole(context, 'hint', failures);
+    tab = opened.tab;
+    const hint = await poll(async () => {
+      const [row] = await consoleRows(tab, [idle.relayed]);
+      if (!row) return null;
+      return tab.evaluate((id) => {
+        const hr = document.querySelector(`tr.hint-row[data-hint-for="${id}"]`);
+        return hr && hr.textContent.includes('No permission') && hr.textContent;
+      }, row.id);
+    }, `the "no permission" hint for the allocation of ${idle.relayed}`, 30000);
+    const screenshot = path.join(config.screenshotDir, 'console-hint.png');
+    await tab.screenshot({ path: screenshot, fullPage: true });
+    check(failures, opened.errors.length === 0,
+      `relay-usage page errors (CSP or script): ${opened.errors.join(' | ')}`);
+    return { name: 'hint', ok: failures.length === 0, seconds: (Date.now() - started) / 1000, failures,
+      hint, screenshot, relayed: idle.relayed };
+  } catch (e) {
+    failures.push(String(e.stack || e));
+    return { name: 'hint', ok: false, seconds: (Date.now() - started) / 1000, failures };
+  } finally {
+    if (tab) await tab.close();
+  }
 }
 
 async function runScenario(context, baseUrl, scenario) {
@@ -127,11 +275,13 @@ async function runScenario(context, baseUrl, scenario) {
         return null;
       });
     }
+    const consoleView = firstPair.every(Boolean)
+      ? await checkConsole(context, scenario, relayed, failures) : null;
     const seconds = (Date.now() - started) / 1000;
     await tab.evaluate(() => hangup());
     return {
       name: scenario.name, ok: failures.length === 0, seconds, failures,
-      messages: MESSAGES, media, pairs,
+      messages: MESSAGES, media, pairs, console: consoleView,
       allocations: firstPair.map((a, i) => a && {
         id: a.id, transport: a.transport, relayed: relayed[i],
         to_peer_packets: [a.to_peer.packets, grown?.[i]?.to_peer.packets],
@@ -172,7 +322,11 @@ const context = await chromium.launchPersistentContext(config.userDataDir, {
   ],
 });
 const results = [];
+mkdirSync(config.screenshotDir, { recursive: true });
 try {
+  // Made first, so that it is old enough for its hint when the calls are done, and on the
+  // screenshots of the calls that run after its first 10 s.
+  const idle = hintCheck ? await startIdleAllocation(context, baseUrl) : null;
   for (const scenario of scenarios) {
     const r = await runScenario(context, baseUrl, scenario);
     results.push(r);
@@ -180,9 +334,20 @@ try {
     console.log(`${status} ${r.name.padEnd(5)} ${r.seconds.toFixed(1)} s` + (r.ok
       ? `: ${r.messages} messages each way in order; media packets a=${JSON.stringify(r.media.a)} b=${JSON.stringify(r.media.b)};` +
         ` pairs relay/relay over ${r.pairs.a.local.relayProtocol}; allocations ${r.allocations.map((a) =>
-          `${a.id} to_peer ${a.to_peer_packets.join('->')} to_client ${a.to_client_packets.join('->')}`).join(', ')}`
+          `${a.id} to_peer ${a.to_peer_packets.join('->')} to_client ${a.to_client_packets.join('->')}`).join(', ')}` +
+        `; relay-usage page ${r.console.first.map((f, i) =>
+          `${f.id} to_peer ${f.to_peer.packets}->${r.console.grown[i].to_peer.packets} to_client ${f.to_client.packets}->${r.console.grown[i].to_client.packets}`).join(', ')}` +
+        `${r.console.hints.length ? `, hints: ${r.console.hints.join(' / ')}` : ', no hint'}; screenshot ${r.console.screenshot}`
       : ''));
     for (const f of r.failures) console.log(`  ${f}`);
+  }
+  if (idle) {
+    const r = await checkNoPermissionHint(context, idle);
+    results.push(r);
+    console.log(`${r.ok ? 'PASS' : 'FAIL'} hint  ${r.seconds.toFixed(1)} s` + (r.ok
+      ? `: allocation of ${r.relayed} without a permission explained: "${r.hint}"; screenshot ${r.screenshot}` : ''));
+    for (const f of r.failures) console.log(`  ${f}`);
+    await idle.tab.close();
   }
 } finally {
   await context.close();
@@ -192,4 +357,4 @@ try {
 }
 const failed = results.filter((r) => !r.ok).length;
 console.log(`${results.length - failed} passed, ${failed} failed`);
-process.exit(failed === 0 && results.length === scenarios.length ? 0 : 1);
+process.exit(failed === 0 && results.length === scenarios.length + (hintCheck ? 1 : 0) ? 0 : 1);
