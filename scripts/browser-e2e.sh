@@ -14,9 +14,13 @@
 # asks for the admin token, lists both allocations and shows their counters grow each way
 # between two of its refreshes, with no script or Content-Security-Policy error; a screenshot of
 # it is saved as $OUT/console-SCENARIO.png (OUT defaults to target/) and its path printed.
-#   hint   an allocation made first and never given a permission (a relay-only
-#          RTCPeerConnection with no remote side) is explained on the page by its "no
-#          permission" hint once 10 s old (screenshot $OUT/console-hint.png).
+#   hints  two allocations made before the calls show the page's hints for real: one never
+#          given a permission (a relay-only RTCPeerConnection with no remote side) gets "no
+#          permission after N s"; one whose only remote candidate is that first allocation's
+#          relayed address sends checks that never come back (uturn drops them at the allocation
+#          without a permission) and gets "the peer's packets do not reach the relay: is the
+#          relay port range open in the firewall?"; the idle-channel hint is checked on the
+#          page's own logic (screenshot $OUT/console-hints.png).
 #
 # Usage: scripts/browser-e2e.sh [--keep-logs] [SCENARIO...]
 # Env:   UTURN_BIN (default: release build of this checkout, built if unset).
@@ -29,8 +33,8 @@ only=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --keep-logs) keep_logs=1; shift ;;
-    udp|tcp|tls|rest|hint) only+=("$1"); shift ;;
-    *) echo "usage: $0 [--keep-logs] [udp|tcp|tls|rest|hint ...]" >&2; exit 2 ;;
+    udp|tcp|tls|rest|hints) only+=("$1"); shift ;;
+    *) echo "usage: $0 [--keep-logs] [udp|tcp|tls|rest|hints ...]" >&2; exit 2 ;;
   esac
 done
 
@@ -96,7 +100,7 @@ TOML
   --tls-cert "$work/cert.pem" --tls-key "$work/key.pem" --relay-ip 127.0.0.1 --ports "${PORTS:-10000-11999}" \
   --realm browser-e2e.test --auth-secret "$secret" \
   --user "chrome-udp:$password" --user "chrome-tcp:$password" --user "chrome-tls:$password" \
-  --user "chrome-idle:$password" \
+  --user "chrome-idle:$password" --user "chrome-oneway:$password" \
   --http 127.0.0.1:0 >"$work/uturn.out" 2>"$work/uturn.log" &
 uturn_pid=$!
 

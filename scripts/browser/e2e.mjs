@@ -43,8 +43,8 @@ const scenarios = [
   { name: 'rest', relayProtocol: 'udp', transport: 'udp', apiUser: 'chrome-rest',
     server: { urls: `turn:127.0.0.1:${config.udpPort}?transport=udp`, ...restCredential('chrome-rest') } },
 ].filter((s) => !config.only || config.only.includes(s.name));
-// After the calls: the relay-usage page's hint for an allocation that never got a permission.
-const hintCheck = !config.only || config.only.includes('hint');
+// After the calls: the relay-usage page's hints for allocations that show known failures.
+const hintCheck = !config.only || config.only.includes('hints');
 
 async function allocations(username) {
   const res = await fetch(`http://${config.http}/api/v1/allocations?user=${encodeURIComponent(username)}`,
@@ -160,55 +160,106 @@ async function checkConsole(context, scenario, relayed, failures) {
   }
 }
 
-// An allocation that never gets a permission: a relay-only RTCPeerConnection that gathers its
-// relay candidate and is never given a remote description. Returns its tab and relayed address.
-async function startIdleAllocation(context, baseUrl) {
+// Two allocations that show the page's hints for real, made in one tab before the calls:
+// - "idle": a relay-only RTCPeerConnection that gathers its relay candidate and is never given
+//   a remote side, so its allocation never gets a permission;
+// - "one way": a relay-only RTCPeerConnection whose only remote candidate is the idle
+//   allocation's relayed address. Its connectivity checks leave through uturn towards that
+//   address, but nothing ever comes back (the idle allocation has no permission, so uturn drops
+//   them there): packets to the peer and none to the client, as when a firewall blocks the relay
+//   port range.
+// Returns the tab and the two relayed addresses.
+async function startHintAllocations(context, baseUrl) {
   const tab = await context.newPage();
   await tab.goto(`${baseUrl}/index.html`);
-  const candidate = await tab.evaluate(async (server) => {
-    const pc = new RTCPeerConnection({ iceServers: [server], iceTransportPolicy: 'relay' });
-    window.idlePc = pc;
-    pc.createDataChannel('idle');
-    const gathered = new Promise((resolve) => {
-      pc.onicecandidate = (e) => { if (!e.candidate) resolve(); };
+  const server = (username) => ({ urls: `turn:127.0.0.1:${config.udpPort}?transport=udp`, username, credential: config.password });
+  const relayed = await tab.evaluate(async ({ idleServer, oneWayServer }) => {
+    const relayAddress = (sdp) => {
+      // a=candidate:FOUNDATION COMPONENT PROTOCOL PRIORITY ADDRESS PORT typ relay ...
+      const line = sdp.split('\r\n').find((l) => l.includes(' typ relay'));
+      const f = line ? line.split(' ') : [];
+      return f.length > 5 ? { ip: f[4], port: f[5], address: `${f[4]}:${f[5]}` } : null;
+    };
+    const gathered = (pc) => new Promise((resolve) => {
+      if (pc.iceGatheringState === 'complete') resolve();
+      pc.addEventListener('icegatheringstatechange', () => pc.iceGatheringState === 'complete' && resolve());
     });
-    await pc.setLocalDescription(await pc.createOffer());
-    await gathered;
-    return pc.localDescription.sdp.split('\r\n').find((l) => l.includes(' typ relay'));
-  }, { urls: `turn:127.0.0.1:${config.udpPort}?transport=udp`, username: 'chrome-idle', credential: config.password });
-  // a=candidate:FOUNDATION COMPONENT PROTOCOL PRIORITY ADDRESS PORT typ relay ...
-  const fields = candidate ? candidate.split(' ') : [];
-  return { tab, created: Date.now(), relayed: fields.length > 5 ? `${fields[4]}:${fields[5]}` : null };
+    const idle = new RTCPeerConnection({ iceServers: [idleServer], iceTransportPolicy: 'relay' });
+    idle.createDataChannel('idle');
+    await idle.setLocalDescription(await idle.createOffer());
+    await gathered(idle);
+    const idleRelay = relayAddress(idle.localDescription.sdp);
+    const oneWay = new RTCPeerConnection({ iceServers: [oneWayServer], iceTransportPolicy: 'relay' });
+    const answerer = new RTCPeerConnection();
+    window.hintPcs = [idle, oneWay, answerer];
+    if (!idleRelay) return { idle: null, oneWay: null };
+    oneWay.createDataChannel('one-way');
+    await oneWay.setLocalDescription(await oneWay.createOffer());
+    await answerer.setRemoteDescription(oneWay.localDescription);
+    await answerer.setLocalDescription(await answerer.createAnswer());
+    // The answer's ICE credentials and DTLS fingerprint, without its own candidates: the only
+    // remote candidate is the idle allocation's relayed address.
+    const sdp = answerer.localDescription.sdp.split('\r\n')
+      .filter((l) => !l.startsWith('a=candidate') && !l.startsWith('a=end-of-candidates')).join('\r\n');
+    await oneWay.setRemoteDescription({ type: 'answer', sdp });
+    await oneWay.addIceCandidate({ sdpMLineIndex: 0,
+      candidate: `candidate:1 1 udp 2122260223 ${idleRelay.ip} ${idleRelay.port} typ host` });
+    await gathered(oneWay);
+    const oneWayRelay = relayAddress(oneWay.localDescription.sdp);
+    return { idle: idleRelay.address, oneWay: oneWayRelay && oneWayRelay.address };
+  }, { idleServer: server('chrome-idle'), oneWayServer: server('chrome-oneway') });
+  return { tab, ...relayed };
 }
 
-// The hint for an allocation without a permission: the page explains it in words once the
-// allocation is older than the page's threshold (10 s).
-async function checkNoPermissionHint(context, idle) {
+// After the calls: the page explains both allocations of startHintAllocations in words (the
+// idle one once older than 10 s, the one-way one once 5 s have passed without a packet back),
+// and its hint logic, run in the page, names an idle channel. Saves a screenshot.
+async function checkHints(context, made) {
   const started = Date.now();
   const failures = [];
   let tab = null;
   try {
-    check(failures, idle.relayed, 'the idle RTCPeerConnection gathered no relay candidate');
-    if (!idle.relayed) return { name: 'hint', ok: false, seconds: 0, failures };
-    const opened = await openConsole(context, 'hint', failures);
+    check(failures, made.idle && made.oneWay,
+      `the hint RTCPeerConnections gathered no relay candidate: ${JSON.stringify(made)}`);
+    if (!made.idle || !made.oneWay) return { name: 'hints', ok: false, seconds: 0, failures };
+    const opened = await openConsole(context, 'hints', failures);
     tab = opened.tab;
-    const hint = await poll(async () => {
-      const [row] = await consoleRows(tab, [idle.relayed]);
+    const hintFor = (address, words) => poll(async () => {
+      const [row] = await consoleRows(tab, [address]);
       if (!row) return null;
-      return tab.evaluate((id) => {
+      return tab.evaluate(({ id, words }) => {
         const hr = document.querySelector(`tr.hint-row[data-hint-for="${id}"]`);
-        return hr && hr.textContent.includes('No permission') && hr.textContent;
-      }, row.id);
-    }, `the "no permission" hint for the allocation of ${idle.relayed}`, 30000);
-    const screenshot = path.join(config.screenshotDir, 'console-hint.png');
+        return hr && hr.textContent.includes(words) && hr.textContent;
+      }, { id: row.id, words });
+    }, `the hint "${words}" for the allocation of ${address}`, 30000);
+    const idleHint = await hintFor(made.idle, 'No permission');
+    const oneWayHint = await hintFor(made.oneWay, 'the peer\'s packets do not reach the relay');
+    const [oneWayRow] = await consoleRows(tab, [made.oneWay]);
+    check(failures, oneWayRow.to_peer.packets > 0 && oneWayRow.to_client.packets === 0,
+      `one-way allocation: counters ${JSON.stringify(oneWayRow)}`);
+    // No browser keeps a bound channel silent (ICE consent checks every few seconds), so the
+    // idle-channel hint is checked on the page's own logic with counters that stood still.
+    const idleChannel = await tab.evaluate(() => {
+      const at = 100000;
+      const a = { permissions: [{ peer: '192.0.2.7', expires: 0 }],
+        channels: [{ channel: 0x4001, peer: '192.0.2.7:5000', expires: 0 }],
+        to_peer: { packets: 40, bytes: 4000 }, to_client: { packets: 40, bytes: 4000 } };
+      const still = { firstAt: at - 30000, peerMovedAt: at - 30000, clientMovedAt: at - 30000, anyMovedAt: at - 30000 };
+      const moving = { firstAt: at - 30000, peerMovedAt: at, clientMovedAt: at, anyMovedAt: at };
+      return { still: hints(a, 60, still, at), moving: hints(a, 60, moving, at) };
+    });
+    check(failures, idleChannel.still.length === 1 && idleChannel.still[0].includes('0x4001 bound but no packets'),
+      `idle channel: ${JSON.stringify(idleChannel.still)}`);
+    check(failures, idleChannel.moving.length === 0, `a channel with traffic has hints: ${idleChannel.moving}`);
+    const screenshot = path.join(config.screenshotDir, 'console-hints.png');
     await tab.screenshot({ path: screenshot, fullPage: true });
     check(failures, opened.errors.length === 0,
       `relay-usage page errors (CSP or script): ${opened.errors.join(' | ')}`);
-    return { name: 'hint', ok: failures.length === 0, seconds: (Date.now() - started) / 1000, failures,
-      hint, screenshot, relayed: idle.relayed };
+    return { name: 'hints', ok: failures.length === 0, seconds: (Date.now() - started) / 1000, failures,
+      idleHint, oneWayHint, oneWayRow, screenshot, made };
   } catch (e) {
     failures.push(String(e.stack || e));
-    return { name: 'hint', ok: false, seconds: (Date.now() - started) / 1000, failures };
+    return { name: 'hints', ok: false, seconds: (Date.now() - started) / 1000, failures };
   } finally {
     if (tab) await tab.close();
   }
@@ -324,9 +375,9 @@ const context = await chromium.launchPersistentContext(config.userDataDir, {
 const results = [];
 mkdirSync(config.screenshotDir, { recursive: true });
 try {
-  // Made first, so that it is old enough for its hint when the calls are done, and on the
-  // screenshots of the calls that run after its first 10 s.
-  const idle = hintCheck ? await startIdleAllocation(context, baseUrl) : null;
+  // Made first, so that they are old enough for their hints when the calls are done, and on
+  // the screenshots of the calls that run after their first 10 s.
+  const made = hintCheck ? await startHintAllocations(context, baseUrl) : null;
   for (const scenario of scenarios) {
     const r = await runScenario(context, baseUrl, scenario);
     results.push(r);
@@ -341,13 +392,15 @@ try {
       : ''));
     for (const f of r.failures) console.log(`  ${f}`);
   }
-  if (idle) {
-    const r = await checkNoPermissionHint(context, idle);
+  if (made) {
+    const r = await checkHints(context, made);
     results.push(r);
-    console.log(`${r.ok ? 'PASS' : 'FAIL'} hint  ${r.seconds.toFixed(1)} s` + (r.ok
-      ? `: allocation of ${r.relayed} without a permission explained: "${r.hint}"; screenshot ${r.screenshot}` : ''));
+    console.log(`${r.ok ? 'PASS' : 'FAIL'} hints ${r.seconds.toFixed(1)} s` + (r.ok
+      ? `: idle allocation ${r.made.idle}: "${r.idleHint}"; one-way allocation ${r.made.oneWay} ` +
+        `(to_peer ${r.oneWayRow.to_peer.packets} packets, to_client ${r.oneWayRow.to_client.packets}): ` +
+        `"${r.oneWayHint}"; idle-channel hint from the page's logic; screenshot ${r.screenshot}` : ''));
     for (const f of r.failures) console.log(`  ${f}`);
-    await idle.tab.close();
+    await made.tab.close();
   }
 } finally {
   await context.close();
