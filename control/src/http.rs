@@ -22,8 +22,8 @@
 //! With a token configured every route but `/`, `/healthz` and `/readyz` needs
 //! `Authorization: Bearer TOKEN` (401 otherwise). Without one (the listener is then on
 //! loopback) a request that changes something (any method but GET and HEAD) needs the header
-//! `X-Uturn-Admin: 1` (403 otherwise), and every route but the two health checks needs a
-//! loopback `Host` (421 otherwise): a web page cannot add a custom header to a cross-site
+//! `X-Uturn-Admin: 1` (403 otherwise), and every route but `/` and the two health checks
+//! needs a loopback `Host` (421 otherwise): a web page cannot add a custom header to a cross-site
 //! request without a CORS preflight, which this listener never grants, and a page that
 //! rebinds its own name to 127.0.0.1 still sends that name as `Host`.
 //!

@@ -122,6 +122,10 @@ fn with_a_token_the_page_is_public_and_its_data_needs_the_token() {
         assert!(!status[field].is_null(), "status lacks {field}: {status}");
     }
     assert_eq!(status["state"], "ready");
+    assert_eq!(
+        status["metrics"], true,
+        "the page reads counters only when they are on"
+    );
 
     // An allocation with a permission, a channel and traffic both ways.
     let peer = EchoPeer::start(false);

@@ -207,6 +207,9 @@ impl<R: RngCore> ControlThread<R> {
             "state": if self.engine.is_draining() { "draining" } else { "ready" },
             "listeners": listeners,
             "shards": self.counters.len(),
+            // Off, the allocations' packet counters stay 0: the relay-usage page says so
+            // instead of reading it as traffic that stopped.
+            "metrics": self.config.ops.metrics,
             "allocations": self.engine.allocation_count(),
             "permissions": permissions,
             "channels": channels,
