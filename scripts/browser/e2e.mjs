@@ -72,6 +72,16 @@ function check(failures, ok, message) {
   if (!ok) failures.push(message);
 }
 
+// uturn_dropped_packets_total{reason="no_permission"} from /metrics.
+async function droppedNoPermission() {
+  const res = await fetch(`http://${config.http}/metrics`,
+    { headers: config.token ? { Authorization: `Bearer ${config.token}` } : {} });
+  if (!res.ok) throw new Error(`/metrics answered ${res.status}`);
+  const line = (await res.text()).split('\n')
+    .find((l) => l.startsWith('uturn_dropped_packets_total{') && l.includes('reason="no_permission"'));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
 // The relay-usage page's view of the two allocations whose relayed addresses are `relayed`:
 // per address the row's counters (packets and bytes each way), or null when it has no row.
 function consoleRows(tab, relayed) {
@@ -237,6 +247,10 @@ async function checkHints(context, made) {
     const [oneWayRow] = await consoleRows(tab, [made.oneWay]);
     check(failures, oneWayRow.to_peer.packets > 0 && oneWayRow.to_client.packets === 0,
       `one-way allocation: counters ${JSON.stringify(oneWayRow)}`);
+    // Where they went: dropped at the idle allocation, which has no permission for them.
+    const noPermissionDrops = await droppedNoPermission();
+    check(failures, noPermissionDrops > 0,
+      `uturn_dropped_packets_total{reason="no_permission"} is ${noPermissionDrops}`);
     // No browser keeps a bound channel silent (ICE consent checks every few seconds), so the
     // idle-channel hint is checked on the page's own logic with counters that stood still.
     const idleChannel = await tab.evaluate(() => {
@@ -256,7 +270,7 @@ async function checkHints(context, made) {
     check(failures, opened.errors.length === 0,
       `relay-usage page errors (CSP or script): ${opened.errors.join(' | ')}`);
     return { name: 'hints', ok: failures.length === 0, seconds: (Date.now() - started) / 1000, failures,
-      idleHint, oneWayHint, oneWayRow, screenshot, made };
+      idleHint, oneWayHint, oneWayRow, noPermissionDrops, screenshot, made };
   } catch (e) {
     failures.push(String(e.stack || e));
     return { name: 'hints', ok: false, seconds: (Date.now() - started) / 1000, failures };
@@ -397,7 +411,8 @@ try {
     results.push(r);
     console.log(`${r.ok ? 'PASS' : 'FAIL'} hints ${r.seconds.toFixed(1)} s` + (r.ok
       ? `: idle allocation ${r.made.idle}: "${r.idleHint}"; one-way allocation ${r.made.oneWay} ` +
-        `(to_peer ${r.oneWayRow.to_peer.packets} packets, to_client ${r.oneWayRow.to_client.packets}): ` +
+        `(to_peer ${r.oneWayRow.to_peer.packets} packets, to_client ${r.oneWayRow.to_client.packets}; ` +
+        `${r.noPermissionDrops} packets dropped for no permission): ` +
         `"${r.oneWayHint}"; idle-channel hint from the page's logic; screenshot ${r.screenshot}` : ''));
     for (const f of r.failures) console.log(`  ${f}`);
     await made.tab.close();
