@@ -9,7 +9,18 @@
 # Each asserts: N data-channel messages each way arrived in order; audio and video RTP packets
 # received on both sides (getStats); the selected candidate pair is relay/relay on both sides
 # over the scenario's transport; uturn's /api/v1/allocations lists both allocations (by the
-# selected relayed addresses) and their packet counters grow each way between two reads.
+# selected relayed addresses) and their packet counters grow each way between two reads; and,
+# during the call, uturn's relay-usage page (GET / on the HTTP listener) opened in a second tab
+# asks for the admin token, lists both allocations and shows their counters grow each way
+# between two of its refreshes, with no script or Content-Security-Policy error; a screenshot of
+# it is saved as $OUT/console-SCENARIO.png (OUT defaults to target/) and its path printed.
+#   hints  two allocations made before the calls show the page's hints for real: one never
+#          given a permission (a relay-only RTCPeerConnection with no remote side) gets "no
+#          permission after N s"; one whose only remote candidate is that first allocation's
+#          relayed address sends checks that never come back (uturn drops them at the allocation
+#          without a permission) and gets "the peer's packets do not reach the relay: is the
+#          relay port range open in the firewall?"; the idle-channel hint is checked on the
+#          page's own logic (screenshot $OUT/console-hints.png).
 #
 # Usage: scripts/browser-e2e.sh [--keep-logs] [SCENARIO...]
 # Env:   UTURN_BIN (default: release build of this checkout, built if unset).
@@ -22,8 +33,8 @@ only=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --keep-logs) keep_logs=1; shift ;;
-    udp|tcp|tls|rest) only+=("$1"); shift ;;
-    *) echo "usage: $0 [--keep-logs] [udp|tcp|tls|rest ...]" >&2; exit 2 ;;
+    udp|tcp|tls|rest|hints) only+=("$1"); shift ;;
+    *) echo "usage: $0 [--keep-logs] [udp|tcp|tls|rest|hints ...]" >&2; exit 2 ;;
   esac
 done
 
@@ -68,11 +79,16 @@ certutil -d "sql:$HOME/.pki/nssdb" -A -n "uturn browser-e2e test CA" -t "C,," -i
 
 secret="browser-e2e-shared-secret"
 password="browser-e2e-password"
+# The admin API behind a token, as on a server whose listener is not on loopback: the
+# relay-usage page must ask for it and send it.
+http_token=$(openssl rand -hex 16)
+shots="${OUT:-${CARGO_TARGET_DIR:-$root/target}}"
 # Counters published every 200 ms so that two reads of the allocations API during a call of a
 # few seconds see them move.
 cat >"$work/uturn.toml" <<TOML
 [ops]
 counters_interval_ms = 200
+http_token = "$http_token"
 TOML
 
 # Relay ports below Linux's ephemeral range (32768-60999): a relay bind that collides with some
@@ -84,6 +100,7 @@ TOML
   --tls-cert "$work/cert.pem" --tls-key "$work/key.pem" --relay-ip 127.0.0.1 --ports "${PORTS:-10000-11999}" \
   --realm browser-e2e.test --auth-secret "$secret" \
   --user "chrome-udp:$password" --user "chrome-tcp:$password" --user "chrome-tls:$password" \
+  --user "chrome-idle:$password" --user "chrome-oneway:$password" \
   --http 127.0.0.1:0 >"$work/uturn.out" 2>"$work/uturn.log" &
 uturn_pid=$!
 
@@ -97,7 +114,8 @@ mkdir -p "$work/profile"
 cat >"$work/config.json" <<JSON
 {
   "udpPort": $(port udp), "tcpPort": $(port tcp), "tlsPort": $(port tls), "http": "$(addr http)",
-  "password": "$password", "secret": "$secret", "only": $only_json,
+  "password": "$password", "secret": "$secret", "only": $only_json, "token": "$http_token",
+  "screenshotDir": "$shots",
   "userDataDir": "$work/profile", "consoleLog": "$work/console.log", "resultsJson": "$work/results.json"
 }
 JSON

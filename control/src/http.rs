@@ -9,6 +9,7 @@
 //!
 //! | route | answer |
 //! | --- | --- |
+//! | `GET /` | the relay-usage page (HTML, see below) |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | 200 while the process serves HTTP |
 //! | `GET /readyz` | 200 `ready`; 503 `starting` or `draining` |
@@ -18,13 +19,22 @@
 //! | `POST /api/v1/reload` | reloads users, REST secrets, peer policy, log level |
 //! | `POST /api/v1/drain` | stops accepting allocations (`?off` resumes) |
 //!
-//! With a token configured every route but `/healthz` and `/readyz` needs
+//! With a token configured every route but `/`, `/healthz` and `/readyz` needs
 //! `Authorization: Bearer TOKEN` (401 otherwise). Without one (the listener is then on
 //! loopback) a request that changes something (any method but GET and HEAD) needs the header
-//! `X-Uturn-Admin: 1` (403 otherwise), and every route but the two health checks needs a
-//! loopback `Host` (421 otherwise): a web page cannot add a custom header to a cross-site
+//! `X-Uturn-Admin: 1` (403 otherwise), and every route but `/` and the two health checks
+//! needs a loopback `Host` (421 otherwise): a web page cannot add a custom header to a cross-site
 //! request without a CORS preflight, which this listener never grants, and a page that
 //! rebinds its own name to 127.0.0.1 still sends that name as `Host`.
+//!
+//! **The relay-usage page.** `GET /` serves one embedded HTML file (`console/index.html`, its
+//! CSS and JavaScript inline) to anyone, token or not, loopback `Host` or not: it holds no data
+//! and no secret. What it shows it fetches from `/api/v1/status` and `/api/v1/allocations`
+//! with the same rules as any client (it asks for the token when they answer 401 and keeps it
+//! in the tab's `sessionStorage`). It is served with a Content-Security-Policy that runs only
+//! its own inline script and style (named by their SHA-256) and lets it fetch only from this
+//! origin, so an allocation's user name (chosen by a TURN client) cannot become markup that
+//! runs; every other answer carries `default-src 'none'`.
 //!
 //! **Bounded.** One thread runs a current-thread tokio runtime with hyper's HTTP/1.1 server, so
 //! connections cost a socket and a small task, never a thread. At most
@@ -46,7 +56,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -264,6 +274,7 @@ impl HttpServer {
                 .map_err(|e| HttpError::Recorder(e.to_string()))?
                 .install_recorder()
                 .map_err(|e| HttpError::Recorder(e.to_string()))?;
+            crate::telemetry::describe_metrics();
             Some(handle)
         } else {
             None
@@ -609,6 +620,61 @@ impl AsyncWrite for HeadTap {
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
+const HTML: &str = "text/html; charset=utf-8";
+
+/// The relay-usage page served at `/`.
+const CONSOLE_PAGE: &str = include_str!("console/index.html");
+
+/// The Content-Security-Policy of every answer that is not the page: nothing may load or run.
+const CSP_NONE: &str =
+    "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
+/// The page's Content-Security-Policy: its own inline `<script>` and `<style>` by hash (no
+/// `'unsafe-inline'`), fetches to this origin only, images only from `data:` URLs in the page
+/// (its icon: a favicon request would be answered 401 when a token is set), no frames, no
+/// plugins, no form posts.
+fn console_csp() -> &'static str {
+    static CSP: OnceLock<String> = OnceLock::new();
+    CSP.get_or_init(|| {
+        let scripts = inline_hashes(CONSOLE_PAGE, "script");
+        let styles = inline_hashes(CONSOLE_PAGE, "style");
+        format!(
+            "default-src 'none'; script-src {scripts}; style-src {styles}; connect-src 'self'; \
+             img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+    })
+}
+
+/// The CSP sources (`'sha256-…'`) of every inline `<TAG>…</TAG>` element of `page`, as a
+/// browser hashes them: the exact text between the opening and the closing tag. Text inside
+/// HTML comments is not an element and is skipped.
+fn inline_hashes(page: &str, tag: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut sources = Vec::new();
+    let mut rest = page;
+    while let Some(start) = rest.find(&open) {
+        if let Some(comment) = rest.find("<!--").filter(|c| *c < start) {
+            let after = &rest[comment + 4..];
+            rest = after.find("-->").map_or("", |end| &after[end + 3..]);
+            continue;
+        }
+        let body = &rest[start + open.len()..];
+        let Some(end) = body.find(&close) else { break };
+        let digest = sha2::Sha256::digest(&body.as_bytes()[..end]);
+        sources.push(format!(
+            "'sha256-{}'",
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        ));
+        rest = &body[end + close.len()..];
+    }
+    if sources.is_empty() {
+        // Nothing inline: nothing may run.
+        return "'none'".to_owned();
+    }
+    sources.join(" ")
+}
 
 /// A status, a content type and a body.
 type Answer = (u16, &'static str, String);
@@ -635,6 +701,23 @@ impl Handler {
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        let csp = if content_type == HTML {
+            console_csp()
+        } else {
+            CSP_NONE
+        };
+        if let Ok(csp) = HeaderValue::from_str(csp) {
+            headers.insert(header::CONTENT_SECURITY_POLICY, csp);
+        }
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        headers.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if status == 401 {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
@@ -654,6 +737,8 @@ impl Handler {
         let query = parts.uri.query().unwrap_or("");
         match (&parts.method, path) {
             (&Method::GET, "/healthz") => return (200, TEXT, "ok\n".into()),
+            // Public: the page holds no data; what it shows comes from the API below.
+            (&Method::GET, "/") => return (200, HTML, CONSOLE_PAGE.to_owned()),
             (&Method::GET, "/readyz") => {
                 let state = self.readiness.label();
                 let status = if state == "ready" { 200 } else { 503 };
@@ -718,7 +803,8 @@ impl Handler {
             (&Method::POST, "/api/v1/drain") => {
                 AdminRequest::Drain(!query.split('&').any(|p| p == "off"))
             }
-            (_, "/metrics" | "/healthz" | "/readyz" | "/api/v1/status" | "/api/v1/reload")
+            (_, "/" | "/metrics" | "/healthz" | "/readyz" | "/api/v1/status")
+            | (_, "/api/v1/reload")
             | (_, "/api/v1/drain" | "/api/v1/allocations") => {
                 return (405, JSON, error_json("method not allowed"));
             }
@@ -996,6 +1082,50 @@ mod tests {
             assert!(!host(bad), "{bad}");
         }
         assert!(host_is_loopback(&HeaderMap::new()), "HTTP/1.0 without Host");
+    }
+
+    #[test]
+    fn the_page_runs_only_its_own_inline_script_and_style_under_its_csp() {
+        // CSP3 §8.3: a hash source matches an inline element whose exact text content hashes to
+        // it. sha256("") is the well-known 47DEQ… value.
+        assert_eq!(
+            inline_hashes("<script></script>", "script"),
+            "'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"
+        );
+        assert_eq!(inline_hashes("<p>none</p>", "script"), "'none'");
+        // A tag named in a comment is no element: the real one after it is hashed.
+        assert_eq!(
+            inline_hashes("<!-- an inline <script> --><script></script>", "script"),
+            "'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"
+        );
+        let csp = console_csp();
+        assert!(HeaderValue::from_str(csp).is_ok(), "{csp}");
+        for needed in [
+            "default-src 'none'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(csp.contains(needed), "{csp} lacks {needed}");
+        }
+        assert!(!csp.contains("unsafe"), "{csp}");
+        // One inline script and one inline style, each named by its own hash.
+        for tag in ["script", "style"] {
+            let hashes = inline_hashes(CONSOLE_PAGE, tag);
+            assert_eq!(hashes.matches("'sha256-").count(), 1, "{tag}: {hashes}");
+            assert!(csp.contains(&format!("{tag}-src {hashes};")), "{csp}");
+        }
+        // A hash does not allow inline event handlers or style attributes: the page has none.
+        for forbidden in [
+            " onclick=",
+            " onload=",
+            " oninput=",
+            " onsubmit=",
+            " style=\"",
+        ] {
+            assert!(!CONSOLE_PAGE.contains(forbidden), "page has {forbidden}");
+        }
+        // The page fetches its data only through textContent, never as markup.
+        assert!(!CONSOLE_PAGE.contains("innerHTML"));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use hashbrown::HashMap;
-use metrics::{counter, gauge, histogram};
+use metrics::{Unit, counter, gauge, histogram};
 use uturn_dataplane::{AllocationCounters, Counters, ShardCounters};
 
 use crate::engine::Event;
@@ -42,7 +42,202 @@ pub const METRIC_NAMES: &[&str] = &[
     "uturn_dataplane_submits_total",
     "uturn_connection_panics_total",
     "uturn_reloads_total",
+    "uturn_http_open_connections",
+    "uturn_http_connections_dropped_total",
+    "uturn_http_requests_refused_total",
+    "uturn_xdp_packets_total",
+    "uturn_xdp_map_failures_total",
 ];
+
+/// The kind of a metric family, as `# TYPE` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only grows.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Samples in buckets.
+    Histogram,
+}
+
+/// The `# HELP` text of every family in [`METRIC_NAMES`]: name, kind, unit and what it counts,
+/// in the words an operator reading a dashboard needs.
+pub const METRIC_HELP: &[(&str, MetricKind, Option<Unit>, &str)] = &[
+    (
+        "uturn_build_info",
+        MetricKind::Gauge,
+        None,
+        "Always 1; the version label is the running uturn's version",
+    ),
+    (
+        "uturn_start_time_seconds",
+        MetricKind::Gauge,
+        Some(Unit::Seconds),
+        "When the process started, Unix time",
+    ),
+    (
+        "uturn_draining",
+        MetricKind::Gauge,
+        None,
+        "1 while draining (new allocations refused: POST /api/v1/drain or SIGUSR1), 0 otherwise",
+    ),
+    (
+        "uturn_allocations",
+        MetricKind::Gauge,
+        None,
+        "Live allocations per shard",
+    ),
+    (
+        "uturn_permissions",
+        MetricKind::Gauge,
+        None,
+        "Installed permissions (peer IPs a client may exchange data with) per shard",
+    ),
+    (
+        "uturn_channels",
+        MetricKind::Gauge,
+        None,
+        "Bound channels per shard",
+    ),
+    (
+        "uturn_connections",
+        MetricKind::Gauge,
+        None,
+        "Open TCP and TLS client connections per shard and transport",
+    ),
+    (
+        "uturn_requests_total",
+        MetricKind::Counter,
+        None,
+        "STUN/TURN requests answered, by method and response code (200 for a success)",
+    ),
+    (
+        "uturn_auth_failures_total",
+        MetricKind::Counter,
+        None,
+        "Requests refused by authentication, by reason (the log line says what to fix)",
+    ),
+    (
+        "uturn_relayed_packets_total",
+        MetricKind::Counter,
+        None,
+        "Packets relayed, by direction (to_peer, to_client), client transport and path (socket: the shards; xdp: the XDP program)",
+    ),
+    (
+        "uturn_relayed_bytes_total",
+        MetricKind::Counter,
+        Some(Unit::Bytes),
+        "Application bytes relayed, by direction (to_peer, to_client), client transport and path (socket, xdp)",
+    ),
+    (
+        "uturn_dropped_packets_total",
+        MetricKind::Counter,
+        None,
+        "Packets the relay dropped instead of relaying, by reason",
+    ),
+    (
+        "uturn_allocation_lifetime_seconds",
+        MetricKind::Histogram,
+        Some(Unit::Seconds),
+        "How long allocations lived, from creation to deletion or expiry",
+    ),
+    (
+        "uturn_shard_received_datagrams_total",
+        MetricKind::Counter,
+        None,
+        "Datagrams a shard received, by source (client or peer): the load of each shard",
+    ),
+    (
+        "uturn_shard_relayed_packets_total",
+        MetricKind::Counter,
+        None,
+        "Packets a shard relayed, by direction",
+    ),
+    (
+        "uturn_dataplane_loop_turns_total",
+        MetricKind::Counter,
+        None,
+        "Turns of a shard's event loop",
+    ),
+    (
+        "uturn_dataplane_completions_total",
+        MetricKind::Counter,
+        None,
+        "I/O completions a shard handled",
+    ),
+    (
+        "uturn_dataplane_completions_per_turn_max",
+        MetricKind::Gauge,
+        None,
+        "Most I/O completions one loop turn handled in the last report interval",
+    ),
+    (
+        "uturn_dataplane_submits_total",
+        MetricKind::Counter,
+        None,
+        "Submissions a shard made to the kernel (io_uring_enter or a batch system call)",
+    ),
+    (
+        "uturn_connection_panics_total",
+        MetricKind::Counter,
+        None,
+        "TCP/TLS connections closed because a panic in their TLS or framing work was caught \
+         (a bug: the log has the backtrace), per shard",
+    ),
+    (
+        "uturn_reloads_total",
+        MetricKind::Counter,
+        None,
+        "Configuration reloads (SIGHUP or POST /api/v1/reload), by result (ok, refused)",
+    ),
+    (
+        "uturn_http_open_connections",
+        MetricKind::Gauge,
+        None,
+        "Connections open on the HTTP listener (metrics, health, admin API, relay-usage page)",
+    ),
+    (
+        "uturn_http_connections_dropped_total",
+        MetricKind::Counter,
+        None,
+        "HTTP connections the listener closed before answering, by reason (cap, timeouts)",
+    ),
+    (
+        "uturn_http_requests_refused_total",
+        MetricKind::Counter,
+        None,
+        "HTTP requests refused before they ran, by reason (token, host, framing, size)",
+    ),
+    (
+        "uturn_xdp_packets_total",
+        MetricKind::Counter,
+        None,
+        "Datagrams the XDP program saw, by what it did (forwarded each way, or why it passed \
+         one to the kernel)",
+    ),
+    (
+        "uturn_xdp_map_failures_total",
+        MetricKind::Counter,
+        None,
+        "Channels the control thread could not write into the XDP maps (they stay on the \
+         socket path)",
+    ),
+];
+
+/// Gives every family its `# HELP` text (and unit) in the installed recorder. Called once the
+/// recorder is installed: descriptions given before are lost.
+pub fn describe_metrics() {
+    for &(name, kind, unit, help) in METRIC_HELP {
+        match (kind, unit) {
+            (MetricKind::Counter, Some(unit)) => metrics::describe_counter!(name, unit, help),
+            (MetricKind::Counter, None) => metrics::describe_counter!(name, help),
+            (MetricKind::Gauge, Some(unit)) => metrics::describe_gauge!(name, unit, help),
+            (MetricKind::Gauge, None) => metrics::describe_gauge!(name, help),
+            (MetricKind::Histogram, Some(unit)) => metrics::describe_histogram!(name, unit, help),
+            (MetricKind::Histogram, None) => metrics::describe_histogram!(name, help),
+        }
+    }
+}
 
 /// Histogram buckets for allocation lifetimes, seconds: a failed call lasts seconds, a
 /// meeting an hour or more (refreshed allocations live past the 3600 s maximum lifetime).
@@ -152,11 +347,6 @@ impl Telemetry {
                     .set(0.0);
             }
         }
-        metrics::describe_histogram!(
-            "uturn_allocation_lifetime_seconds",
-            metrics::Unit::Seconds,
-            "How long allocations lived, from creation to deletion or expiry"
-        );
         Self {
             shards: vec![ShardCounters::default(); shard_count],
             allocations: HashMap::new(),
@@ -500,6 +690,18 @@ mod tests {
             text.contains("uturn_connection_panics_total{shard=\"0\"} 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn every_exported_family_has_help_text() {
+        let described: Vec<&str> = METRIC_HELP.iter().map(|(name, ..)| *name).collect();
+        assert_eq!(
+            described, METRIC_NAMES,
+            "METRIC_HELP and METRIC_NAMES differ"
+        );
+        for (name, _, _, help) in METRIC_HELP {
+            assert!(!help.is_empty(), "{name}");
+        }
     }
 
     /// Cumulative reports become exact totals: a removed allocation's final report counts once,

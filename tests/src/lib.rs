@@ -288,6 +288,43 @@ pub fn http_request(
     path: &str,
     token: Option<&str>,
 ) -> (u16, String) {
+    let answer = http_exchange(addr, method, path, token);
+    (answer.status, answer.body)
+}
+
+/// An HTTP answer: status, header lines (names lower-cased, in order) and body.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    /// The status code.
+    pub status: u16,
+    /// `(name, value)` per header line, the name lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// The body as text.
+    pub body: String,
+}
+
+impl HttpAnswer {
+    /// The value of the first header line called `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// [`http_request`] with the answer's header lines.
+///
+/// # Panics
+///
+/// As [`http_request`].
+pub fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> HttpAnswer {
     use std::io::Write as _;
     let mut stream = TcpStream::connect_timeout(&addr, ANSWER_TIMEOUT).expect("connect to HTTP");
     stream
@@ -305,12 +342,21 @@ pub fn http_request(
         .expect("read HTTP response");
     let text = String::from_utf8_lossy(&response).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head and body");
-    let status = head
-        .split_whitespace()
-        .nth(1)
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .expect("HTTP status code");
-    (status, body.to_owned())
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    HttpAnswer {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
 }
 
 /// Prometheus text format into `(name{labels}, value)` pairs (comments skipped).

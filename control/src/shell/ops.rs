@@ -207,6 +207,9 @@ impl<R: RngCore> ControlThread<R> {
             "state": if self.engine.is_draining() { "draining" } else { "ready" },
             "listeners": listeners,
             "shards": self.counters.len(),
+            // Off, the allocations' packet counters stay 0: the relay-usage page says so
+            // instead of reading it as traffic that stopped.
+            "metrics": self.config.ops.metrics,
             "allocations": self.engine.allocation_count(),
             "permissions": permissions,
             "channels": channels,
@@ -259,7 +262,9 @@ impl<R: RngCore> ControlThread<R> {
                 })
             })
             .collect();
-        ok(json!({ "allocations": list }))
+        // The server's clock beside the list, so that a page on another machine computes ages
+        // and expiries from these timestamps without its own clock's skew.
+        ok(json!({ "now": unix(now), "allocations": list }))
     }
 
     /// Reload from SIGHUP or the API: users (static and file), REST secrets, peer policy,
