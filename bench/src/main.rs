@@ -650,7 +650,7 @@ fn traffic_with(
             std::thread::spawn(move || {
                 let start = Instant::now();
                 while !done.load(Ordering::Relaxed)
-                    && start.elapsed() < duration + Duration::from_secs(30)
+                    && start.elapsed() < duration.saturating_add(Duration::from_secs(30))
                 {
                     pb.set_position(start.elapsed().as_millis() as u64);
                     std::thread::sleep(Duration::from_millis(100));
