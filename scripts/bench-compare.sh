@@ -10,7 +10,7 @@
 #   RUNS=3                      runs of everything; the table shows the median run
 #   WORKLOADS="small audio video churn alloc"   any subset, in any order
 #   STEP_SECS=1                 seconds per sweep step (and of the alloc run's window)
-#   ALLOC_WORKERS=2 ALLOC_CONCURRENCY=512 ALLOC_SOURCES=2000
+#   ALLOC_WORKERS=2 ALLOC_CONCURRENCY=128 ALLOC_SOURCES=2000
 #                               the alloc workload's generator: worker threads, handshakes in
 #                               flight in all, client source addresses (127.1.0.1 onwards, so
 #                               that uturn's per-source limit of unauthenticated answers, 50/s,
@@ -67,7 +67,7 @@ IO=${IO:-auto}
 OUT=${OUT:-target/bench-compare}
 PAIRS=${PAIRS:-10}
 ALLOC_WORKERS=${ALLOC_WORKERS:-2}
-ALLOC_CONCURRENCY=${ALLOC_CONCURRENCY:-512}
+ALLOC_CONCURRENCY=${ALLOC_CONCURRENCY:-128}
 ALLOC_SOURCES=${ALLOC_SOURCES:-2000}
 ENGINE_BENCH=${ENGINE_BENCH:-0}
 PAIR_SECS=${PAIR_SECS:-2}
