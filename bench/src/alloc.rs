@@ -103,8 +103,11 @@ fn allocate_and_delete_on(
 /// allocation's 5-tuple for a moment (coturn answers 437 on it), which would count the
 /// harness's port reuse as a failure. With the sources spread over many addresses (each with
 /// its own ~28,000 ephemeral ports) a reuse within seconds is unlikely, at a bounded cost in
-/// descriptors (this many per worker).
+/// descriptors (this many per worker, and [`PORTS_HELD_TOTAL`] in all).
 const PORTS_HELD: usize = 2048;
+/// Sockets held open by all the workers together: with [`CONCURRENCY_MAX`] in flight, the
+/// run stays within 16,384 descriptors, under the 20,000 a process may open here.
+const PORTS_HELD_TOTAL: usize = 8192;
 
 /// First retransmission timeout of a handshake's request (RFC 8489 §6.2.1's 500 ms shortened
 /// for loopback, as the blocking client does), doubled per retransmission.
@@ -518,9 +521,11 @@ struct Slot {
 
 /// One worker: `in_flight` handshakes at a time until the window ends or `issued` reaches
 /// the configured maximum, then the ones in flight finish (bounded by [`DRAIN_MAX`]).
+#[allow(clippy::too_many_arguments)]
 fn worker(
     c: &AllocConfig,
     in_flight: usize,
+    held_max: usize,
     window_end: Instant,
     issued: &AtomicU64,
     stop: &AtomicBool,
@@ -563,7 +568,7 @@ fn worker(
     };
     let ipv6 = c.server.is_ipv6();
     let mut slots: Vec<Option<Slot>> = (0..in_flight).map(|_| None).collect();
-    let mut held: VecDeque<UdpSocket> = VecDeque::with_capacity(PORTS_HELD);
+    let mut held: VecDeque<UdpSocket> = VecDeque::with_capacity(held_max);
     let mut keys = KeyCache::default();
     let mut events = vec![EpollEvent::empty(); 256];
     let mut buf = vec![0u8; 2048];
@@ -612,6 +617,9 @@ fn worker(
                     Err(f) => {
                         note(&mut out, Stage::Challenge, f);
                         tick();
+                        // Out of descriptors or ports: try again next turn, after the
+                        // handshakes in flight had a chance to end, not in a tight loop.
+                        break;
                     }
                 }
             }
@@ -689,10 +697,12 @@ fn worker(
             if let Some((stage, f)) = failure {
                 note(&mut out, stage, f);
             }
-            if held.len() == PORTS_HELD {
+            if held.len() >= held_max {
                 held.pop_front();
             }
-            held.push_back(slot.socket);
+            if held_max > 0 {
+                held.push_back(slot.socket);
+            }
             tick();
         }
     }
@@ -725,13 +735,14 @@ pub fn run(c: &AllocConfig, stop: &AtomicBool, tick: &(dyn Fn() + Sync)) -> Allo
     // The CPU marks at the window's end (or when every worker is done, if sooner: the
     // --count-max case), so that the drain of the handshakes in flight does not count.
     let finished = AtomicU32::new(0);
+    let held_max = PORTS_HELD.min(PORTS_HELD_TOTAL / workers as usize);
     let (results, window_mark, wall) = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
                 let share = concurrency / workers + u32::from(w < concurrency % workers);
                 let (issued, finished) = (&issued, &finished);
                 scope.spawn(move || {
-                    let out = worker(c, share as usize, window_end, issued, stop, tick);
+                    let out = worker(c, share as usize, held_max, window_end, issued, stop, tick);
                     finished.fetch_add(1, Ordering::Relaxed);
                     out
                 })
