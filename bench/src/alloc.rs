@@ -568,6 +568,8 @@ fn worker(
     };
     let ipv6 = c.server.is_ipv6();
     let mut slots: Vec<Option<Slot>> = (0..in_flight).map(|_| None).collect();
+    // The free slots, so that starting handshakes does not scan every slot.
+    let mut free: Vec<usize> = (0..in_flight).rev().collect();
     let mut held: VecDeque<UdpSocket> = VecDeque::with_capacity(held_max);
     let mut keys = KeyCache::default();
     let mut events = vec![EpollEvent::empty(); 256];
@@ -585,46 +587,47 @@ fn worker(
             break;
         }
         // Fill free slots with new handshakes.
-        if !draining {
-            for (i, slot) in slots.iter_mut().enumerate() {
-                if slot.is_some() {
-                    continue;
-                }
-                let n = issued.fetch_add(1, Ordering::Relaxed);
-                if n >= c.count_max {
-                    draining = true;
-                    break;
-                }
-                let started = Instant::now();
-                let made = Handshake::new(n, ipv6, started).and_then(|hs| {
-                    let socket = handshake_socket(source_ip(c.server, n, c.sources), c.server)
-                        .map_err(|e| Failure::Local(format!("socket: {e}")))?;
-                    epoll
-                        .add(
-                            socket.as_fd(),
-                            EpollEvent::new(EpollFlags::EPOLLIN, i as u64),
-                        )
-                        .map_err(|e| Failure::Local(format!("epoll add: {e}")))?;
-                    // A datagram the socket does not take is retransmitted on its timer.
-                    let _ = socket.send(hs.request());
-                    Ok(Slot { socket, hs })
-                });
-                match made {
-                    Ok(s) => {
+        let mut made_failed = false;
+        while !draining {
+            let Some(&i) = free.last() else { break };
+            let n = issued.fetch_add(1, Ordering::Relaxed);
+            if n >= c.count_max {
+                draining = true;
+                break;
+            }
+            let started = Instant::now();
+            let made = Handshake::new(n, ipv6, started).and_then(|hs| {
+                let socket = handshake_socket(source_ip(c.server, n, c.sources), c.server)
+                    .map_err(|e| Failure::Local(format!("socket: {e}")))?;
+                epoll
+                    .add(
+                        socket.as_fd(),
+                        EpollEvent::new(EpollFlags::EPOLLIN, i as u64),
+                    )
+                    .map_err(|e| Failure::Local(format!("epoll add: {e}")))?;
+                // A datagram the socket does not take is retransmitted on its timer.
+                let _ = socket.send(hs.request());
+                Ok(Slot { socket, hs })
+            });
+            match made {
+                Ok(s) => {
+                    free.pop();
+                    if let Some(slot) = slots.get_mut(i) {
                         *slot = Some(s);
                         active += 1;
                     }
-                    Err(f) => {
-                        note(&mut out, Stage::Challenge, f);
-                        tick();
-                        // Out of descriptors or ports: try again next turn, after the
-                        // handshakes in flight had a chance to end, not in a tight loop.
-                        break;
-                    }
+                }
+                Err(f) => {
+                    note(&mut out, Stage::Challenge, f);
+                    tick();
+                    // Out of descriptors or ports: try again after a pause, once the
+                    // handshakes in flight had a chance to end, not in a tight loop.
+                    made_failed = true;
+                    break;
                 }
             }
         }
-        let timeout = if active == 0 {
+        let timeout = if active == 0 && !made_failed {
             EpollTimeout::ZERO
         } else {
             EpollTimeout::from(5u8)
@@ -692,6 +695,7 @@ fn worker(
                 continue;
             };
             active -= 1;
+            free.push(i);
             out.last_end = now;
             let _ = epoll.delete(slot.socket.as_fd());
             if let Some((stage, f)) = failure {
