@@ -9,7 +9,16 @@
 # Parameters (environment variables):
 #   RUNS=3                      runs of everything; the table shows the median run
 #   WORKLOADS="small audio video churn alloc"   any subset, in any order
-#   STEP_SECS=1                 seconds per sweep step (and of the alloc run)
+#   STEP_SECS=1                 seconds per sweep step (and of the alloc run's window)
+#   ALLOC_WORKERS=2 ALLOC_CONCURRENCY=128 ALLOC_SOURCES=2000
+#                               the alloc workload's generator: worker threads, handshakes in
+#                               flight in all, client source addresses (127.1.0.1 onwards, so
+#                               that uturn's per-source limit of unauthenticated answers, 50/s,
+#                               burst 100, sees a crowd of clients rather than one)
+#   ENGINE_BENCH=0              1: also run the engine-alone criterion bench (allocate_handshake,
+#                               pinned to SERVER_CPU; a release build of the bench first) and put
+#                               its figure beside the alloc table; 0: quote the last result
+#                               found under $CARGO_TARGET_DIR/criterion, or print the command
 #   LATENCY_SECS=10             seconds of each latency step at half uturn's knee (uturn's,
 #                               coturn's at its own, the forwarder's at uturn's): long enough
 #                               that one stall of the machine cannot decide a p99
@@ -22,6 +31,7 @@
 #   IO=auto                     uturn's data-plane backend: auto, uring or mmsg
 #   OUT=target/bench-compare    where JSON, Markdown and plots go
 #   SKIP_BUILD=1                use the binaries already built
+#   UTURN_BIN=/path/to/uturn    the uturn binary to measure (default: the one built here)
 #   PAIRS=10 PAIR_SECS=2        after the sweeps, for small, audio and video: `uturn-bench pairs`
 #                               at half uturn's median knee, uturn against the forwarder (the
 #                               latency uturn adds) and against coturn (CPU per packet at equal
@@ -56,6 +66,10 @@ GEN_CPU=${GEN_CPU:-1}
 IO=${IO:-auto}
 OUT=${OUT:-target/bench-compare}
 PAIRS=${PAIRS:-10}
+ALLOC_WORKERS=${ALLOC_WORKERS:-2}
+ALLOC_CONCURRENCY=${ALLOC_CONCURRENCY:-128}
+ALLOC_SOURCES=${ALLOC_SOURCES:-2000}
+ENGINE_BENCH=${ENGINE_BENCH:-0}
 PAIR_SECS=${PAIR_SECS:-2}
 METRICS_AB=${METRICS_AB:-}
 UTURN_B=${UTURN_B:-}
@@ -81,7 +95,7 @@ if [[ -z "${SKIP_BUILD:-}" ]]; then
     cargo build --release -q -p uturn-control --bin uturn
     cargo build --release -q -p uturn-bench --bin uturn-bench
 fi
-UTURN="$TARGET_DIR/release/uturn"
+UTURN=${UTURN_BIN:-$TARGET_DIR/release/uturn}
 BENCH="$TARGET_DIR/release/uturn-bench"
 [[ -x "$UTURN" && -x "$BENCH" ]] || { log "binaries not found under $TARGET_DIR/release"; exit 2; }
 
@@ -207,7 +221,8 @@ for run in $(seq "$RUNS"); do
             for s in $SERVERS; do
                 log "run $run/$RUNS: alloc on $s"
                 generate "$s" alloc --server "${ADDR[$s]}" --server-pid "${SPID[$s]}" --label "$s" \
-                    --duration "$STEP_SECS" --concurrency 4 -q --json "$OUT/json/$s-alloc-$run.json"
+                    --duration "$STEP_SECS" --workers "$ALLOC_WORKERS" --concurrency "$ALLOC_CONCURRENCY" \
+                    --sources "$ALLOC_SOURCES" -q --json "$OUT/json/$s-alloc-$run.json"
             done
             continue
         fi
@@ -314,6 +329,67 @@ fi
         sed 's/^/- /' "$PAIRS_MD"
     fi
 } | tee -a "$OUT/results.md"
+
+# The allocation rate of each server, in one table: medians over the runs of allocations per
+# second, server CPU per allocation, handshake p50 and p99, and the generator's own CPU (when
+# it used all its cores, the rate is the generator's limit, at least); then the engine alone
+# (the protocol work of one handshake, no sockets), the floor of the server's CPU per
+# allocation.
+case " $WORKLOADS " in *" alloc "*) ALLOC_SUMMARY=1 ;; *) ALLOC_SUMMARY= ;; esac
+if [[ -n "$ALLOC_SUMMARY" ]] && command -v jq >/dev/null 2>&1; then
+    median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "" }'; }
+    alloc_median() { # LABEL JQ-EXPRESSION
+        jq -r ".alloc | $2 // empty" "$OUT"/json/"$1"-alloc-*.json 2>/dev/null | median
+    }
+    # The engine-alone bench: control/benches/engine.rs, or engine/benches/engine.rs once the
+    # engine has its own crate.
+    engine_pkg=
+    for dir in engine control; do
+        if [[ -f "$dir/benches/engine.rs" ]]; then
+            engine_pkg=$(sed -n 's/^name = "\(.*\)"/\1/p' "$dir/Cargo.toml" | head -n1)
+            break
+        fi
+    done
+    engine_cmd="taskset -c $SERVER_CPU cargo bench -p ${engine_pkg:-uturn-control} --bench engine -- allocate_handshake --noplot"
+    estimates="$TARGET_DIR/criterion/engine/allocate_handshake/new/estimates.json"
+    if [[ "$ENGINE_BENCH" == 1 && -n "$engine_pkg" ]]; then
+        log "engine alone: $engine_cmd"
+        taskset -c "$SERVER_CPU" cargo bench -q -p "$engine_pkg" --bench engine -- allocate_handshake --noplot \
+            >"$OUT/logs/engine-bench.log" 2>&1 || log "the engine bench failed: $OUT/logs/engine-bench.log"
+    fi
+    engine_line="engine alone: not measured in this run; measure it with \`$engine_cmd\` (or ENGINE_BENCH=1)"
+    if [[ -f "$estimates" ]]; then
+        ns=$(jq -r '.median.point_estimate' "$estimates")
+        when=$(date -u -r "$estimates" '+%Y-%m-%d %H:%M UTC')
+        engine_line=$(awk -v ns="$ns" -v when="$when" -v cmd="$engine_cmd" 'BEGIN {
+            printf "engine alone (criterion allocate_handshake, median, measured %s by `%s`): %.2f µs per allocation, %.0f per second of one core", when, cmd, ns / 1000, 1e9 / ns }')
+    fi
+    {
+        echo
+        echo "| alloc (medians of $RUNS runs) | alloc/s | server CPU µs/alloc | handshake p50 µs | p99 µs | generator CPU | failed |"
+        echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        for s in $SERVERS; do
+            ls "$OUT"/json/"$s"-alloc-*.json >/dev/null 2>&1 || continue
+            rate=$(alloc_median "$s" '.per_sec')
+            cpu=$(alloc_median "$s" '.server_cpu_us_per_allocation')
+            p50=$(alloc_median "$s" '.latency.p50_us')
+            p99=$(alloc_median "$s" '.latency.p99_us')
+            gen=$(alloc_median "$s" '.own_cpu_cores')
+            sat=$(jq -r '.alloc.generator_saturated' "$OUT"/json/"$s"-alloc-*.json | grep -c true || true)
+            failed=$(alloc_median "$s" '.failed')
+            awk -v s="$s" -v r="$rate" -v c="$cpu" -v a="$p50" -v b="$p99" -v g="$gen" -v sat="$sat" -v f="$failed" 'BEGIN {
+                printf "| %s | %.0f | %.1f | %.0f | %.0f | %.0f %% of a core%s | %s |\n", s, r, c, a, b, g * 100,
+                    (sat > 0 ? sprintf(" (saturated in %d runs)", sat) : ""), f }'
+        done
+        if [[ -n "$(alloc_median uturn '.per_sec')" && -n "$(alloc_median coturn '.per_sec' 2>/dev/null)" ]]; then
+            awk -v u="$(alloc_median uturn '.per_sec')" -v c="$(alloc_median coturn '.per_sec')" 'BEGIN {
+                if (c > 0) printf "\nuturn ÷ coturn, allocations per second: %.2f×\n", u / c }'
+        fi
+        echo
+        echo "$engine_line"
+        echo "alloc generator: $ALLOC_WORKERS workers, $ALLOC_CONCURRENCY handshakes in flight, $ALLOC_SOURCES source addresses, ${STEP_SECS} s windows, on core $GEN_CPU"
+    } | tee -a "$OUT/results.md"
+fi
 
 # A against B (metrics on against off, or this build against UTURN_B), per workload: the median
 # over the runs of server CPU per relayed packet at the knee step (per allocation for alloc) and

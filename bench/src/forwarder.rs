@@ -63,7 +63,7 @@ pub fn run(
     let mut order: Vec<(usize, usize)> = Vec::with_capacity(BATCH);
     let mut events = vec![EpollEvent::empty(); 256];
     ready(listener.local_addr()?);
-    let deadline = Instant::now() + max_duration;
+    let deadline = crate::instant_after(Instant::now(), max_duration);
     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         let n = epoll
             .wait(&mut events, EpollTimeout::from(100u16))

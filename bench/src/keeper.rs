@@ -200,7 +200,7 @@ impl Keeper {
             binding,
             flows,
             spacing,
-            next_due: now + spacing,
+            next_due: crate::instant_after(now, spacing),
             next_flow: 0,
             taken_this_turn: 0,
             pending: Vec::new(),
@@ -229,7 +229,7 @@ impl Keeper {
         let flow = self.next_flow;
         self.next_flow = (self.next_flow + 1) % self.flows;
         self.taken_this_turn += 1;
-        self.next_due += self.spacing;
+        self.next_due = crate::instant_after(self.next_due, self.spacing);
         Some(flow)
     }
 
@@ -245,7 +245,7 @@ impl Keeper {
                 flow,
                 method,
                 tid: self.fresh_tid(),
-                deadline: now + RTO,
+                deadline: crate::instant_after(now, RTO),
                 transmissions: 1,
                 renewals: 0,
             };
@@ -390,7 +390,7 @@ impl Keeper {
         self.counts.renewed_nonces += 1;
         let pending = Pending {
             tid: self.fresh_tid(),
-            deadline: now + RTO,
+            deadline: crate::instant_after(now, RTO),
             transmissions: 1,
             renewals: renewal.pending.renewals + 1,
             ..renewal.pending
@@ -412,11 +412,11 @@ impl Keeper {
             self.fail(0);
             return;
         }
-        let backoff = RTO * (1u32 << pending.transmissions);
+        let backoff = RTO.saturating_mul(1u32 << pending.transmissions.min(16));
         self.counts.requests += 1;
         self.send(
             Pending {
-                deadline: now + backoff,
+                deadline: crate::instant_after(now, backoff),
                 transmissions: pending.transmissions + 1,
                 ..pending
             },

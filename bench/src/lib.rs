@@ -55,6 +55,20 @@ pub mod turn;
 pub mod workload;
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// `now + d`, saturating at a far but representable instant instead of panicking ("overflow
+/// when adding duration to instant") when `d` is huge: a deadline from an unbounded
+/// duration, or a timer doubled once too often, then means "not in this run".
+pub fn instant_after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
+/// What [`instant_after`] saturates at: a century, longer than any run and small enough to
+/// add to any `Instant` the monotonic clock gives.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Refuses a load target outside loopback unless `allow_remote` is set: this harness can send
 /// hundreds of thousands of packets per second, which is only acceptable towards a server the
@@ -66,5 +80,21 @@ pub fn check_load_target(target: SocketAddr, allow_remote: bool) -> Result<(), S
         Err(format!(
             "{target} is not a loopback address; pass --allow-remote to load a server you own"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_from_a_huge_duration_saturates_instead_of_panicking() {
+        let now = Instant::now();
+        assert_eq!(
+            instant_after(now, Duration::from_millis(5)),
+            now + Duration::from_millis(5)
+        );
+        let far = instant_after(now, Duration::MAX);
+        assert!(far >= now + Duration::from_secs(3600 * 24 * 365));
     }
 }

@@ -546,7 +546,7 @@ impl LoadRun {
         }
         // Bounded in time too: a server that stopped answering must not hold the run for
         // (allocations × timeout); what is left expires on the server by itself.
-        let deadline = Instant::now() + TEARDOWN_MAX;
+        let deadline = crate::instant_after(Instant::now(), TEARDOWN_MAX);
         for w in self.workers {
             for f in w.flows {
                 let socket = match f.link {
@@ -775,7 +775,7 @@ impl Worker {
         // latency sample; ask for 1 µs. Best effort: a failure only costs precision.
         let _ = nix::sys::prctl::set_timerslack(1_000);
         let start = Instant::now();
-        let hard_end = start + duration + config.drain;
+        let hard_end = crate::instant_after(start, duration.saturating_add(config.drain));
         loop {
             let now = Instant::now();
             if now >= hard_end || stop.load(Ordering::Relaxed) {
@@ -815,7 +815,7 @@ impl Worker {
             if ready == events.len() {
                 continue; // more sockets may be ready than one wait reports
             }
-            let next_tick = now + tick;
+            let next_tick = crate::instant_after(now, tick);
             let after = Instant::now();
             if next_tick > after {
                 std::thread::sleep(next_tick - after);

@@ -258,12 +258,18 @@ struct PairsArgs {
 struct AllocArgs {
     #[command(flatten)]
     common: Common,
-    /// Seconds.
+    /// Seconds during which new handshakes start (those in flight then finish, bounded).
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
-    /// Concurrent handshakes (threads).
-    #[arg(long, default_value_t = 8)]
+    /// Handshakes in flight at once, in all, spread over --workers threads (each its own
+    /// socket; at most 8,192).
+    #[arg(long, default_value_t = 256)]
     concurrency: u32,
+    /// Source addresses over IPv4: 127.1.0.1 onwards, used in turn (1 to 62,500), so that a
+    /// server's limit of unauthenticated answers per source (uturn: 50/s, burst 100) sees a
+    /// crowd, not one client. Over IPv6 the source is ::1 alone.
+    #[arg(long, default_value_t = 2000)]
+    sources: u32,
     /// Handshakes at most.
     #[arg(long, default_value_t = 1_000_000)]
     count_max: u64,
@@ -650,7 +656,7 @@ fn traffic_with(
             std::thread::spawn(move || {
                 let start = Instant::now();
                 while !done.load(Ordering::Relaxed)
-                    && start.elapsed() < duration + Duration::from_secs(30)
+                    && start.elapsed() < duration.saturating_add(Duration::from_secs(30))
                 {
                     pb.set_position(start.elapsed().as_millis() as u64);
                     std::thread::sleep(Duration::from_millis(100));
@@ -780,30 +786,50 @@ fn alloc_mode(a: &AllocArgs) -> Result<RunReport> {
     let duration = secs(a.duration)?;
     let pb = bar(c.quiet, 0, format!("{}: allocations", c.label));
     let stop = AtomicBool::new(false);
-    let raw = alloc::run(
+    let config = alloc::AllocConfig {
         server,
-        &c.user,
-        &c.pass,
-        a.concurrency,
+        user: c.user.clone(),
+        pass: c.pass.clone(),
+        workers: c.workers,
+        concurrency: a.concurrency,
+        sources: a.sources,
         duration,
-        a.count_max,
-        c.server_pid,
-        &stop,
-        &|| pb.inc(1),
-    );
+        count_max: a.count_max,
+        server_pid: c.server_pid,
+    };
+    let raw = alloc::run(&config, &stop, &|| pb.inc(1));
     pb.finish_and_clear();
     let ar = AllocReport::from_raw(&raw);
     eprintln!(
-        "{}: {:.0} allocations/s ({} ok, {} failed), handshake p50 {:.0} µs p99 {:.0} µs, server CPU {} µs/allocation",
+        "{}: {:.0} allocations/s ({} ok in {:.1} s, {} failed, {} not deleted; {} workers, {} in flight, {} sources), handshake p50 {:.0} µs p99 {:.0} µs, server CPU {} µs/allocation, own CPU {} µs/allocation ({}){}",
         c.label,
         ar.per_sec,
-        ar.succeeded,
+        ar.succeeded_in_window.unwrap_or(0),
+        ar.duration_secs,
         ar.failed,
+        raw.delete_failed,
+        raw.workers,
+        raw.concurrency,
+        raw.sources,
         ar.latency.p50_us,
         ar.latency.p99_us,
         ar.server_cpu_us_per_allocation
             .map_or_else(|| "?".to_owned(), |v| format!("{v:.1}")),
+        ar.own_cpu_us_per_allocation
+            .map_or_else(|| "?".to_owned(), |v| format!("{v:.1}")),
+        ar.own_cpu_cores.map_or_else(
+            || "?".to_owned(),
+            |v| format!("{:.0} % of a core", v * 100.0)
+        ),
+        if ar.generator_saturated {
+            " [GENERATOR SATURATED: the rate is the generator's limit, at least]"
+        } else {
+            ""
+        },
     );
+    for (what, n) in &ar.failures {
+        eprintln!("{}: failures: {what}: {n}", c.label);
+    }
     let mut report = RunReport {
         label: c.label.clone(),
         mode: "alloc".to_owned(),
@@ -814,7 +840,7 @@ fn alloc_mode(a: &AllocArgs) -> Result<RunReport> {
         peer_mode: None,
         allocations: 0,
         payload_len: 0,
-        workers: a.concurrency,
+        workers: raw.workers,
         gso: None,
         steps: Vec::new(),
         knee_pps: None,
@@ -827,6 +853,12 @@ fn alloc_mode(a: &AllocArgs) -> Result<RunReport> {
     };
     if let Some(e) = &raw.first_error {
         report.warnings.push(format!("first failure: {e}"));
+    }
+    if report.alloc.as_ref().is_some_and(|a| a.generator_saturated) {
+        report.warnings.push(
+            "the generator used all its cores: the rate is its limit, at least, not the server's"
+                .to_owned(),
+        );
     }
     emit(c, &report)?;
     Ok(report)

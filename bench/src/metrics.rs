@@ -189,7 +189,7 @@ pub fn wait_for(
     timeout: Duration,
 ) -> Result<Duration, MetricsError> {
     let start = Instant::now();
-    let deadline = start + timeout;
+    let deadline = crate::instant_after(start, timeout);
     let mut last = f64::NAN;
     loop {
         let read_timeout = deadline

@@ -576,13 +576,13 @@ fn relay_round_trip(
     let to_s = |e: TurnError| (e.to_string(), "socket error".to_owned());
     peer.set_read_timeout(Some(Duration::from_millis(200)))
         .map_err(|e| (e.to_string(), "socket error".to_owned()))?;
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::instant_after(Instant::now(), timeout);
     let mut buf = [0u8; 2048];
     // Up to three sends: UDP may lose one.
     let mut from_relay = None;
     for _ in 0..3 {
         client.send_channel_data(channel, payload).map_err(to_s)?;
-        let attempt_end = (Instant::now() + timeout / 3).min(deadline);
+        let attempt_end = crate::instant_after(Instant::now(), timeout / 3).min(deadline);
         while Instant::now() < attempt_end {
             if let Ok((n, from)) = peer.recv_from(&mut buf) {
                 if &buf[..n] == payload {
@@ -609,7 +609,8 @@ fn relay_round_trip(
     for _ in 0..3 {
         peer.send_to(payload, from)
             .map_err(|e| (e.to_string(), "socket error".to_owned()))?;
-        let attempt_end = (Instant::now() + timeout / 3).min(deadline + timeout);
+        let attempt_end = crate::instant_after(Instant::now(), timeout / 3)
+            .min(crate::instant_after(deadline, timeout));
         while let Some(p) = client.recv_relayed(attempt_end).map_err(to_s)? {
             if p == payload {
                 return Ok(());

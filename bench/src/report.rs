@@ -186,43 +186,98 @@ impl StepReport {
 /// `alloc` mode results.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AllocReport {
-    /// Handshakes completed.
+    /// Handshakes completed (an allocation made), within the window or in the drain after it.
     pub succeeded: u64,
-    /// Handshakes failed.
+    /// Handshakes failed before their allocation was made.
     pub failed: u64,
-    /// Wall seconds.
+    /// Seconds of the window (new handshakes start during it).
     pub duration_secs: f64,
-    /// Completed handshakes per second.
+    /// Handshakes completed within the window, per second of it.
     pub per_sec: f64,
-    /// Handshake latency (two round trips).
+    /// Handshake latency (two round trips: the 401 and the authenticated Allocate).
     pub latency: LatencySummary,
-    /// Server CPU seconds.
+    /// Server CPU seconds within the window.
     pub server_cpu_secs: Option<f64>,
-    /// Server CPU per allocation (made and deleted), µs.
+    /// Server CPU per allocation (made and deleted) within the window, µs.
     pub server_cpu_us_per_allocation: Option<f64>,
-    /// Harness CPU seconds.
+    /// Harness CPU seconds within the window.
     pub own_cpu_secs: Option<f64>,
     /// The first failure, if any.
     pub first_error: Option<String>,
+    /// Handshakes completed within the window (absent in older reports).
+    #[serde(default)]
+    pub succeeded_in_window: Option<u64>,
+    /// Allocations made whose deletion failed (left to expire on the server).
+    #[serde(default)]
+    pub delete_failed: Option<u64>,
+    /// Failures by stage and code: `challenge timeout`, `allocate 486`, `delete 437`, ...
+    #[serde(default)]
+    pub failures: BTreeMap<String, u64>,
+    /// Harness CPU per allocation within the window, µs.
+    #[serde(default)]
+    pub own_cpu_us_per_allocation: Option<f64>,
+    /// Harness CPU in cores within the window.
+    #[serde(default)]
+    pub own_cpu_cores: Option<f64>,
+    /// Cores the harness could run on (its CPU affinity, at most one per worker).
+    #[serde(default)]
+    pub own_cores_available: Option<u32>,
+    /// The harness used ≥ 90 % of the cores it could use: the rate is at least the
+    /// generator's limit, not necessarily the server's.
+    #[serde(default)]
+    pub generator_saturated: bool,
+    /// Worker threads, handshakes in flight in all, source addresses.
+    #[serde(default)]
+    pub workers: Option<u32>,
+    /// Handshakes in flight in all.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// Source addresses.
+    #[serde(default)]
+    pub sources: Option<u32>,
+    /// Seconds from the window's end until the last handshake in flight ended.
+    #[serde(default)]
+    pub drain_secs: Option<f64>,
 }
+
+/// Share of its available cores above which the generator counts as the limit.
+const GENERATOR_SATURATED: f64 = 0.9;
 
 impl AllocReport {
     /// From the raw counters.
     pub fn from_raw(raw: &AllocRaw) -> Self {
         let secs = raw.wall.as_secs_f64().max(1e-9);
+        let in_window = raw.succeeded_in_window;
+        let per_alloc = |cpu: Option<f64>| {
+            cpu.filter(|_| in_window > 0)
+                .map(|c| c * 1e6 / in_window as f64)
+        };
+        let cores = std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+            .min(raw.workers.max(1));
+        let own_cpu_cores = raw.own_cpu_secs.map(|c| c / secs);
         Self {
             succeeded: raw.succeeded,
             failed: raw.failed,
             duration_secs: secs,
-            per_sec: raw.succeeded as f64 / secs,
+            per_sec: in_window as f64 / secs,
             latency: LatencySummary::from_histogram(&raw.latency_ns),
             server_cpu_secs: raw.server_cpu_secs,
-            server_cpu_us_per_allocation: raw
-                .server_cpu_secs
-                .filter(|_| raw.succeeded > 0)
-                .map(|c| c * 1e6 / raw.succeeded as f64),
+            server_cpu_us_per_allocation: per_alloc(raw.server_cpu_secs),
             own_cpu_secs: raw.own_cpu_secs,
             first_error: raw.first_error.clone(),
+            succeeded_in_window: Some(in_window),
+            delete_failed: Some(raw.delete_failed),
+            failures: raw.failures.clone(),
+            own_cpu_us_per_allocation: per_alloc(raw.own_cpu_secs),
+            own_cpu_cores,
+            own_cores_available: Some(cores),
+            generator_saturated: own_cpu_cores
+                .is_some_and(|c| c >= GENERATOR_SATURATED * f64::from(cores)),
+            workers: Some(raw.workers),
+            concurrency: Some(raw.concurrency),
+            sources: Some(raw.sources),
+            drain_secs: Some(raw.drain.as_secs_f64()),
         }
     }
 }
@@ -354,7 +409,7 @@ pub fn markdown(reports: &[RunReport]) -> String {
         if let Some(a) = &r.alloc {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {:.0} alloc/s | – | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} µs/alloc | – |",
+                "| {} | {} | {} | {} | {:.0} alloc/s | – | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} µs/alloc | {} |",
                 r.label,
                 r.workload,
                 r.mode,
@@ -374,6 +429,18 @@ pub fn markdown(reports: &[RunReport]) -> String {
                 a.latency.p999_us,
                 a.latency.max_us,
                 opt(a.server_cpu_us_per_allocation, 1),
+                a.own_cpu_cores.map_or_else(
+                    || "–".to_owned(),
+                    |c| format!(
+                        "{:.0} %{}",
+                        c * 100.0,
+                        if a.generator_saturated {
+                            " (saturated)"
+                        } else {
+                            ""
+                        }
+                    )
+                ),
             );
             continue;
         }

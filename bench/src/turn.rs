@@ -497,9 +497,9 @@ impl TurnClient {
         bytes: &[u8],
     ) -> Result<Response, TurnError> {
         let start = Instant::now();
-        let deadline = start + self.timeout;
+        let deadline = crate::instant_after(start, self.timeout);
         let udp = matches!(self.link, Link::Udp(_));
-        let mut rto = Duration::from_millis(100);
+        let mut rto = RTO_FIRST;
         let _ = method;
         loop {
             if Instant::now() >= deadline {
@@ -510,7 +510,7 @@ impl TurnClient {
             }
             self.send_bytes(bytes)?;
             let resend_at = if udp {
-                (Instant::now() + rto).min(deadline)
+                crate::instant_after(Instant::now(), rto).min(deadline)
             } else {
                 deadline
             };
@@ -530,10 +530,23 @@ impl TurnClient {
                     }
                 }
             }
-            rto = rto.saturating_mul(2);
+            // A read can end before `resend_at` (an ICMP refusal surfaces at once): wait the
+            // timer out, so a refused request is not resent in a tight loop, and the timer
+            // doubles once per timeout, not once per refusal.
+            let now = Instant::now();
+            if now < resend_at {
+                std::thread::sleep(resend_at - now);
+            }
+            rto = rto.saturating_mul(2).min(RTO_MAX);
         }
     }
 }
+
+/// First retransmission timeout of [`TurnClient`] over UDP (RFC 8489 §6.2.1's 500 ms
+/// shortened for loopback), doubled per retransmission up to [`RTO_MAX`].
+const RTO_FIRST: Duration = Duration::from_millis(100);
+/// Longest retransmission timeout: the doubling stops here.
+const RTO_MAX: Duration = Duration::from_millis(1600);
 
 /// One whole frame from a stream: a buffered one, else one read (`None` on a read timeout or
 /// when the read did not complete a frame; the caller loops until its deadline).
@@ -649,4 +662,35 @@ fn is_timeout(e: &std::io::Error) -> bool {
         e.kind(),
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, UdpSocket};
+
+    /// A port on loopback nobody listens on: bound, read, closed.
+    fn dead_port() -> SocketAddr {
+        let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        s.local_addr().unwrap()
+    }
+
+    #[test]
+    fn a_request_to_a_closed_port_times_out_instead_of_overflowing_its_retransmission_timer() {
+        // Every send to a closed loopback port is answered by ICMP port unreachable, so each
+        // read returns at once and the retransmission timer doubled on every turn: after ~67
+        // turns (a few ms) `now + rto` overflowed the Instant and panicked. RFC 8489 §6.2.1
+        // caps the transmissions; the client must end with a timeout (or the refusal).
+        let server = dead_port();
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let mut client = TurnClient::udp(socket, server, "u", "p").unwrap();
+        client.timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let err = client.allocate().unwrap_err();
+        assert!(
+            matches!(err, TurnError::Timeout { .. }),
+            "expected a timeout, got {err}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
 }

@@ -293,23 +293,92 @@ fn a_sweep_steps_the_load_and_reports_a_knee_or_none() {
     }
 }
 
+/// `alloc`: pipelined handshakes from several workers and source addresses; every one made
+/// is deleted again (the server's own count of ended allocations says so), and nothing fails
+/// on loopback.
 #[test]
-fn alloc_mode_counts_authenticated_allocations() {
+fn alloc_mode_makes_and_deletes_pipelined_allocations_from_many_sources() {
     let server = Uturn::start();
     let out = server.bench(
         "alloc",
         &[
             "--duration",
-            "1",
-            "--concurrency",
             "2",
+            "--workers",
+            "2",
+            "--concurrency",
+            "16",
+            "--sources",
+            "8",
             "--count-max",
-            "200",
+            "300",
         ],
     );
     let r = json_report(&out);
     let a = r.alloc.expect("alloc results");
-    assert!(a.succeeded > 0 && a.succeeded + a.failed <= 200, "{a:?}");
+    assert_eq!(a.workers, Some(2), "{a:?}");
+    assert_eq!(a.concurrency, Some(16), "{a:?}");
+    assert_eq!(a.sources, Some(8), "{a:?}");
+    assert!(a.succeeded > 0 && a.succeeded + a.failed <= 300, "{a:?}");
+    assert_eq!(a.failed, 0, "{a:?}");
+    assert_eq!(a.delete_failed, Some(0), "{a:?}");
+    assert!(a.failures.is_empty(), "{:?}", a.failures);
+    let in_window = a.succeeded_in_window.expect("in-window count");
+    assert!(in_window <= a.succeeded, "{a:?}");
+    assert!(
+        (a.per_sec - in_window as f64 / a.duration_secs).abs() < 1e-6,
+        "the rate is the window's handshakes over its length: {a:?}"
+    );
+    assert!(a.latency.p50_us <= a.latency.p99_us && a.latency.p99_us <= a.latency.max_us);
+    assert!(
+        a.server_cpu_us_per_allocation.is_some_and(|c| c > 0.0),
+        "{a:?}"
+    );
+    assert!(
+        a.own_cpu_us_per_allocation.is_some_and(|c| c > 0.0),
+        "{a:?}"
+    );
+    // RFC 8656 §7.3: Refresh LIFETIME 0 deletes; the server ended as many as were made, and
+    // holds none.
+    let live = server.process.wait_metric(
+        "uturn_allocations",
+        &[],
+        0.0,
+        std::time::Duration::from_secs(5),
+    );
+    assert_eq!(live, 0.0, "allocations left on the server");
+    let ended = server
+        .process
+        .metric_sum("uturn_allocation_lifetime_seconds_count", &[]);
+    assert_eq!(ended, a.succeeded as f64, "{a:?}");
+}
+
+/// Past the server's budget of unauthenticated answers for one source (uturn: burst 100, then
+/// 50 a second, dropped silently beyond), the handshakes' retransmissions carry them through:
+/// all succeed, and at least one had to wait for a retransmission (100 ms) to be answered.
+#[test]
+fn alloc_mode_from_one_source_rides_out_the_unauthenticated_rate_limit() {
+    let server = Uturn::start();
+    let out = server.bench(
+        "alloc",
+        &[
+            "--duration",
+            "10",
+            "--concurrency",
+            "4",
+            "--sources",
+            "1",
+            "--count-max",
+            "130",
+        ],
+    );
+    let a = json_report(&out).alloc.expect("alloc results");
+    assert_eq!(a.succeeded, 130, "{a:?}");
+    assert!(a.failures.is_empty(), "{:?}", a.failures);
+    assert!(
+        a.latency.max_us >= 100_000.0,
+        "30 handshakes beyond the burst were all answered at once: {a:?}"
+    );
 }
 
 #[test]
