@@ -36,6 +36,20 @@ pub(crate) struct Cli {
     #[arg(long, value_name = "[SCHEME://]ADDR:PORT")]
     pub(crate) listen: Vec<ListenAddr>,
 
+    /// Pass TLS connections of auto:// listeners that are not TURN's (a browser loading the web
+    /// app) through to this address (`server.forward_other_to`): one public 443 for both.
+    #[arg(long = "forward-other-to", value_name = "ADDR:PORT")]
+    pub(crate) forward_other_to: Option<SocketAddr>,
+
+    /// Start every passed-through connection with a PROXY v2 header (`server.forward_proxy_protocol`).
+    #[arg(long = "forward-proxy-protocol")]
+    pub(crate) forward_proxy_protocol: bool,
+
+    /// Peers that must send a PROXY v1/v2 header first, CIDR, repeatable (replaces
+    /// `server.proxy_protocol_from`): a load balancer in front of uturn.
+    #[arg(long = "proxy-protocol-from", value_name = "CIDR")]
+    pub(crate) proxy_protocol_from: Vec<ipnet::IpNet>,
+
     /// PEM certificate chain for tls:// and auto:// listeners (reloaded on SIGHUP).
     #[arg(long = "tls-cert", value_name = "FILE")]
     pub(crate) tls_cert: Option<PathBuf>,
@@ -139,6 +153,18 @@ impl Cli {
     pub(crate) fn apply(&self, mut config: Config) -> Config {
         if !self.listen.is_empty() {
             config.server.listen.clone_from(&self.listen);
+        }
+        if let Some(to) = self.forward_other_to {
+            config.server.forward_other_to = Some(to);
+        }
+        if self.forward_proxy_protocol {
+            config.server.forward_proxy_protocol = true;
+        }
+        if !self.proxy_protocol_from.is_empty() {
+            config
+                .server
+                .proxy_protocol_from
+                .clone_from(&self.proxy_protocol_from);
         }
         if let Some(cert) = &self.tls_cert {
             config.server.tls_cert = Some(cert.clone());
