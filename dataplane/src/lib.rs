@@ -431,8 +431,10 @@ pub enum ToControl {
         server: SocketAddr,
         client: SocketAddr,
     },
-    /// Periodic counters, cumulative since the shard (or the allocation) started.
-    Counters(Counters),
+    /// Periodic counters, cumulative since the shard (or the allocation) started. Boxed: the
+    /// report is many times the size of a request, and every message in the queue would
+    /// otherwise take its size (one allocation per report, once per counters interval).
+    Counters(Box<Counters>),
 }
 
 /// Why a datagram was dropped. `Copy` with a static name, so a metric label costs nothing.

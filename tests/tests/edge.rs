@@ -72,7 +72,7 @@ fn a_proxy_v2_header_from_a_trusted_source_becomes_the_client_address() {
             "{backend}"
         );
         // The balancer itself must send a header: a connection without one is closed.
-        let mut bare = TurnClient::new_tcp(listener, "alice", "wonderland");
+        let bare = TurnClient::new_tcp(listener, "alice", "wonderland");
         bare.send_in_pieces(b"\x00\x01\x00\x00\x21\x12\xa4\x42abcdefghijkl", 64);
         assert!(
             bare.wait_closed(ANSWER_TIMEOUT),

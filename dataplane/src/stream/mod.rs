@@ -737,12 +737,9 @@ impl Streams {
         ) else {
             return;
         };
-        let client = match conn.socket.try_clone() {
-            Ok(client) => client,
-            Err(_) => {
-                forwarder.stats.errors.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+        let Ok(client) = conn.socket.try_clone() else {
+            forwarder.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return;
         };
         let mut first = Vec::new();
         if forward_proxy && let Ok(local) = conn.socket.local_addr() {
