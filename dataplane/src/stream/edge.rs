@@ -29,7 +29,7 @@
 //! (TURN). A PROXY header is at most 107 bytes (v1) or 16 + 216 bytes of addresses and TLVs we
 //! accept (v2, bounded by `PROXY_V2_LEN_MAX`). Both wait at most the listener's hello timeout.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 /// How the stream listeners treat what comes before TURN.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -186,7 +186,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-// ---- PROXY protocol (haproxy's proxy-protocol.txt, versions 1 and 2) ----
+// ---- PROXY protocol (haproxy's proxy-protocol.txt, versions 1 and 2; parsed by `ppp`) ----
 
 const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// Longest v1 header, CRLF included (the specification's bound).
@@ -215,105 +215,68 @@ pub(crate) fn may_start_proxy(first: u8) -> bool {
     first == b'P' || first == b'\r'
 }
 
-/// Reads a PROXY header at the start of `bytes`.
+/// Reads a PROXY header at the start of `bytes` with the `ppp` crate, within our bounds (107
+/// bytes for v1, [`PROXY_V2_LEN_MAX`] for v2: a header that is not whole by then is refused,
+/// so a trusted peer cannot make a connection wait on an endless header).
 pub(crate) fn parse_proxy(bytes: &[u8]) -> Proxy {
+    use ppp::PartialResult as _;
     match bytes.first() {
         None => Proxy::NeedMore,
-        Some(b'P') => parse_v1(bytes),
-        Some(b'\r') => parse_v2(bytes),
-        Some(_) => Proxy::Invalid,
-    }
-}
-
-fn parse_v1(bytes: &[u8]) -> Proxy {
-    let window = &bytes[..bytes.len().min(V1_LEN_MAX)];
-    let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
-        if !b"PROXY ".starts_with(&window[..window.len().min(6)]) || window.len() >= V1_LEN_MAX {
-            return Proxy::Invalid;
+        Some(b'P') => {
+            let window = bytes.get(..V1_LEN_MAX).unwrap_or(bytes);
+            let result = ppp::v1::Header::try_from(window);
+            match result {
+                Ok(header) => Proxy::Header {
+                    len: header.header.len(),
+                    source: match header.addresses {
+                        ppp::v1::Addresses::Tcp4(a) => {
+                            Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port))
+                        }
+                        ppp::v1::Addresses::Tcp6(a) => {
+                            Some(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port))
+                        }
+                        ppp::v1::Addresses::Unknown => None,
+                    },
+                },
+                Err(error) if error.is_incomplete() && window.len() < V1_LEN_MAX => Proxy::NeedMore,
+                Err(_) => Proxy::Invalid,
+            }
         }
-        return Proxy::NeedMore;
-    };
-    let Ok(line) = std::str::from_utf8(&window[..end]) else {
-        return Proxy::Invalid;
-    };
-    let mut words = line.split(' ');
-    if words.next() != Some("PROXY") {
-        return Proxy::Invalid;
-    }
-    let len = end + 2;
-    let family = words.next();
-    if family == Some("UNKNOWN") {
-        return Proxy::Header { len, source: None };
-    }
-    let (Some(src), Some(_dst), Some(src_port), Some(_dst_port), None) = (
-        words.next(),
-        words.next(),
-        words.next(),
-        words.next(),
-        words.next(),
-    ) else {
-        return Proxy::Invalid;
-    };
-    let ip: Option<IpAddr> = match family {
-        Some("TCP4") => src.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
-        Some("TCP6") => src.parse::<Ipv6Addr>().ok().map(IpAddr::V6),
-        _ => None,
-    };
-    match (ip, src_port.parse::<u16>()) {
-        (Some(ip), Ok(port)) => Proxy::Header {
-            len,
-            source: Some(SocketAddr::new(ip, port)),
-        },
-        _ => Proxy::Invalid,
-    }
-}
-
-fn parse_v2(bytes: &[u8]) -> Proxy {
-    let have = bytes.len().min(V2_SIGNATURE.len());
-    if bytes[..have] != V2_SIGNATURE[..have] {
-        return Proxy::Invalid;
-    }
-    let Some(fixed) = bytes.get(..16) else {
-        return Proxy::NeedMore;
-    };
-    let (version_command, family) = (fixed[12], fixed[13]);
-    let body_len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
-    let len = 16 + body_len;
-    if version_command >> 4 != 2 || len > PROXY_V2_LEN_MAX {
-        return Proxy::Invalid;
-    }
-    let Some(body) = bytes.get(16..len) else {
-        return Proxy::NeedMore;
-    };
-    match version_command & 0x0f {
-        0 => return Proxy::Header { len, source: None }, // LOCAL: the balancer's own check
-        1 => {}                                          // PROXY
-        _ => return Proxy::Invalid,
-    }
-    // High nibble: address family; low nibble: 1 = STREAM (TCP).
-    let source = match family {
-        0x11 => body.get(..12).map(|a| {
-            let ip = Ipv4Addr::new(a[0], a[1], a[2], a[3]);
-            SocketAddr::new(IpAddr::V4(ip), u16::from_be_bytes([a[8], a[9]]))
-        }),
-        0x21 => body.get(..36).map(|a| {
-            let mut octets = [0u8; 16];
-            octets.copy_from_slice(&a[..16]);
-            SocketAddr::new(
-                IpAddr::V6(Ipv6Addr::from(octets)),
-                u16::from_be_bytes([a[32], a[33]]),
-            )
-        }),
-        // UNSPEC: the balancer does not know the client; the peer stands.
-        0x00 => return Proxy::Header { len, source: None },
-        _ => return Proxy::Invalid,
-    };
-    match source {
-        Some(source) => Proxy::Header {
-            len,
-            source: Some(source),
-        },
-        None => Proxy::Invalid,
+        Some(b'\r') => {
+            let have = bytes.len().min(V2_SIGNATURE.len());
+            if bytes.get(..have) != V2_SIGNATURE.get(..have) {
+                return Proxy::Invalid;
+            }
+            if let Some(fixed) = bytes.get(..16)
+                && 16 + usize::from(u16::from_be_bytes([fixed[14], fixed[15]])) > PROXY_V2_LEN_MAX
+            {
+                return Proxy::Invalid;
+            }
+            match ppp::v2::Header::try_from(bytes) {
+                Ok(header) => {
+                    let source = match (header.command, header.addresses) {
+                        (ppp::v2::Command::Local, _) | (_, ppp::v2::Addresses::Unspecified) => None,
+                        (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => {
+                            Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port))
+                        }
+                        (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv6(a)) => {
+                            Some(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port))
+                        }
+                        // A UNIX socket address names no client uturn could answer.
+                        (ppp::v2::Command::Proxy, ppp::v2::Addresses::Unix(_)) => {
+                            return Proxy::Invalid;
+                        }
+                    };
+                    Proxy::Header {
+                        len: header.len(),
+                        source,
+                    }
+                }
+                Err(error) if error.is_incomplete() => Proxy::NeedMore,
+                Err(_) => Proxy::Invalid,
+            }
+        }
+        Some(_) => Proxy::Invalid,
     }
 }
 
