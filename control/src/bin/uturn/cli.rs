@@ -270,6 +270,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_edge_flags_set_the_shared_port_and_the_trusted_balancers() {
+        let cli = Cli::parse_from([
+            "uturn",
+            "--forward-other-to",
+            "127.0.0.1:8443",
+            "--forward-proxy-protocol",
+            "--proxy-protocol-from",
+            "10.0.0.0/8",
+            "--proxy-protocol-from",
+            "192.0.2.10/32",
+        ]);
+        let config = cli.apply(Config::default());
+        assert_eq!(
+            config.server.forward_other_to,
+            Some("127.0.0.1:8443".parse().expect("literal"))
+        );
+        assert!(config.server.forward_proxy_protocol);
+        assert_eq!(config.server.proxy_protocol_from.len(), 2);
+        assert!(Cli::try_parse_from(["uturn", "--proxy-protocol-from", "10.0.0.0"]).is_err());
+    }
+
+    #[test]
     fn flags_override_the_file_and_add_to_its_lists() {
         let cli = Cli::parse_from([
             "uturn",
