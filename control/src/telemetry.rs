@@ -169,6 +169,25 @@ impl Telemetry {
                     .set(0.0);
             }
         }
+        metrics::describe_counter!(
+            "uturn_proxy_headers_total",
+            "PROXY protocol headers on TCP/TLS connections: accepted from a trusted balancer \
+             (server.proxy_protocol_from), or refused and the connection closed"
+        );
+        metrics::describe_counter!(
+            "uturn_forwarded_connections_total",
+            "TLS connections of a shared auto:// port passed through to server.forward_other_to"
+        );
+        metrics::describe_counter!(
+            "uturn_forwarded_bytes_total",
+            metrics::Unit::Bytes,
+            "Bytes passed through between clients and server.forward_other_to, per direction"
+        );
+        metrics::describe_counter!(
+            "uturn_forward_failures_total",
+            "Passed-through connections that failed (the web service refused or broke, or the \
+             forwarder was full) or were closed idle"
+        );
         metrics::describe_histogram!(
             "uturn_allocation_lifetime_seconds",
             metrics::Unit::Seconds,
