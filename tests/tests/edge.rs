@@ -263,3 +263,50 @@ fn a_tls_client_hello_with_alpn_h2_is_passed_through_to_the_web_service() {
         );
     }
 }
+
+/// The shared port waits for a whole first TLS record before it decides, but not for ever: a
+/// connection that sends half a ClientHello and stops is closed after the hello timeout (5 s,
+/// checked on the counters tick), so peeking cannot be used to hold connections open.
+#[test]
+fn a_client_hello_that_never_completes_is_closed_after_the_hello_timeout() {
+    let cert = TestCertificate::generate();
+    let server = start(
+        "mmsg",
+        &[
+            "--listen",
+            "auto://127.0.0.1:0",
+            "--tls-cert",
+            cert.cert_path.to_str().expect("UTF-8 path"),
+            "--tls-key",
+            cert.key_path.to_str().expect("UTF-8 path"),
+            "--forward-other-to",
+            "127.0.0.1:9",
+        ],
+    );
+    let port = server.stream_listener("auto", false);
+    let mut stalled = TcpStream::connect_timeout(&port, ANSWER_TIMEOUT).expect("connect");
+    let hello = client_hello(&[b"h2"]);
+    stalled
+        .write_all(&hello[..hello.len() / 2])
+        .expect("half a hello");
+    // Bounded: the timeout is 5 s and the sweep runs every second; 20 s is far beyond both.
+    stalled
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    let sent_at = std::time::Instant::now();
+    let read = stalled.read(&mut byte);
+    eprintln!("closed {:?} after half a hello", sent_at.elapsed());
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "closed by uturn, not by the read timeout: {read:?}"
+    );
+    assert_eq!(
+        server.metric_sum("uturn_forwarded_connections_total", &[]),
+        0.0,
+        "nothing was passed through"
+    );
+}
