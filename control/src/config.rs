@@ -79,6 +79,20 @@ pub struct ServerConfig {
     /// SOFTWARE attribute (RFC 8489 §14.14) added to every response; default none, which also
     /// avoids advertising the server version.
     pub software: Option<String>,
+    /// One public port for TURN and the web service: `auto://` listeners pass every TLS
+    /// connection whose ClientHello is not TURN's (ALPN `stun.turn`, no ALPN at all, or an SNI
+    /// in `turn_server_names` are TURN's) through, unchanged, to this address. Default none.
+    pub forward_other_to: Option<SocketAddr>,
+    /// Start each passed-through connection with a PROXY protocol v2 header carrying the
+    /// client's address (the web service must expect it). Default false.
+    pub forward_proxy_protocol: bool,
+    /// TLS server names (SNI) that are TURN's on a forwarding `auto://` listener whatever ALPN
+    /// the client offers. Default none.
+    pub turn_server_names: Vec<String>,
+    /// Peers (CIDRs) in front of uturn that must start every TCP/TLS connection with a PROXY
+    /// protocol v1/v2 header; the client address it carries is used everywhere. A PROXY header
+    /// from any other peer closes the connection. Default none.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 /// The data-plane I/O backend.
@@ -345,6 +359,27 @@ impl Config {
                     .into(),
             ));
         }
+        if self.server.forward_other_to.is_some()
+            && !self.server.listen.iter().any(|l| {
+                matches!(
+                    l,
+                    crate::listen::ListenAddr::Stream(uturn_dataplane::StreamKind::Auto, _)
+                )
+            })
+        {
+            return Err(invalid(
+                "server.forward_other_to",
+                "only auto:// listeners pass connections through; add one (e.g. \
+                 auto://0.0.0.0:443) or remove forward_other_to"
+                    .into(),
+            ));
+        }
+        if self.server.forward_proxy_protocol && self.server.forward_other_to.is_none() {
+            return Err(invalid(
+                "server.forward_proxy_protocol",
+                "needs forward_other_to (the web service that reads the header)".into(),
+            ));
+        }
         if self.server.stream_connections_max == 0 || self.server.stream_idle_timeout_secs == 0 {
             return Err(invalid(
                 "server.stream_connections_max",
@@ -576,6 +611,10 @@ impl Default for ServerConfig {
             io: IoBackend::Auto,
             socket_buffer_bytes: 4 * 1024 * 1024,
             software: None,
+            forward_other_to: None,
+            forward_proxy_protocol: false,
+            turn_server_names: Vec::new(),
+            proxy_protocol_from: Vec::new(),
         }
     }
 }

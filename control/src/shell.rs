@@ -258,7 +258,7 @@ impl<R: RngCore> ControlThread<R> {
                     counters.shard_counters.stream_open_tls,
                 );
                 if let Some(slot) = self.counters.get_mut(index) {
-                    *slot = Some(counters);
+                    *slot = Some(*counters);
                 }
             }
             other => debug!(?other, "unhandled message from a shard"),

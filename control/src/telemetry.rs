@@ -41,6 +41,10 @@ pub const METRIC_NAMES: &[&str] = &[
     "uturn_dataplane_completions_per_turn_max",
     "uturn_dataplane_submits_total",
     "uturn_connection_panics_total",
+    "uturn_proxy_headers_total",
+    "uturn_forwarded_connections_total",
+    "uturn_forwarded_bytes_total",
+    "uturn_forward_failures_total",
     "uturn_reloads_total",
     "uturn_http_open_connections",
     "uturn_http_connections_dropped_total",
@@ -183,6 +187,32 @@ pub const METRIC_HELP: &[(&str, MetricKind, Option<Unit>, &str)] = &[
         None,
         "TCP/TLS connections closed because a panic in their TLS or framing work was caught \
          (a bug: the log has the backtrace), per shard",
+    ),
+    (
+        "uturn_proxy_headers_total",
+        MetricKind::Counter,
+        None,
+        "PROXY protocol headers on TCP/TLS connections: accepted from a trusted balancer \
+         (server.proxy_protocol_from), or refused and the connection closed",
+    ),
+    (
+        "uturn_forwarded_connections_total",
+        MetricKind::Counter,
+        None,
+        "TLS connections of a shared auto:// port passed through to server.forward_other_to",
+    ),
+    (
+        "uturn_forwarded_bytes_total",
+        MetricKind::Counter,
+        Some(Unit::Bytes),
+        "Bytes passed through between clients and server.forward_other_to, per direction",
+    ),
+    (
+        "uturn_forward_failures_total",
+        MetricKind::Counter,
+        None,
+        "Passed-through connections that failed (the web service refused or broke, or the \
+         forwarder was full) or were closed idle",
     ),
     (
         "uturn_reloads_total",
@@ -338,8 +368,21 @@ impl Telemetry {
                 "uturn_dataplane_completions_total",
                 "uturn_dataplane_submits_total",
                 "uturn_connection_panics_total",
+                "uturn_forwarded_connections_total",
             ] {
                 counter!(name, "shard" => s.clone()).absolute(0);
+            }
+            for outcome in ["accepted", "refused"] {
+                counter!("uturn_proxy_headers_total", "shard" => s.clone(), "outcome" => outcome)
+                    .absolute(0);
+            }
+            for direction in ["to_backend", "to_client"] {
+                counter!("uturn_forwarded_bytes_total", "shard" => s.clone(), "direction" => direction)
+                    .absolute(0);
+            }
+            for reason in ["error", "timeout"] {
+                counter!("uturn_forward_failures_total", "shard" => s.clone(), "reason" => reason)
+                    .absolute(0);
             }
             gauge!("uturn_dataplane_completions_per_turn_max", "shard" => s.clone()).set(0.0);
             for transport in ["tcp", "tls"] {
@@ -436,6 +479,23 @@ impl Telemetry {
         // shard; each is logged there with its backtrace).
         counter!("uturn_connection_panics_total", "shard" => shard.clone())
             .increment(delta(now.connection_panics, previous.connection_panics));
+        // The stream edge: PROXY headers, and the shared port's passthrough to the web service.
+        counter!("uturn_proxy_headers_total", "shard" => shard.clone(), "outcome" => "accepted")
+            .increment(delta(now.proxy_headers, previous.proxy_headers));
+        counter!("uturn_proxy_headers_total", "shard" => shard.clone(), "outcome" => "refused")
+            .increment(delta(now.proxy_refused, previous.proxy_refused));
+        counter!("uturn_forwarded_connections_total", "shard" => shard.clone()).increment(delta(
+            now.forwarded_connections,
+            previous.forwarded_connections,
+        ));
+        counter!("uturn_forwarded_bytes_total", "shard" => shard.clone(), "direction" => "to_backend")
+            .increment(delta(now.forwarded_bytes_to_backend, previous.forwarded_bytes_to_backend));
+        counter!("uturn_forwarded_bytes_total", "shard" => shard.clone(), "direction" => "to_client")
+            .increment(delta(now.forwarded_bytes_to_client, previous.forwarded_bytes_to_client));
+        counter!("uturn_forward_failures_total", "shard" => shard.clone(), "reason" => "error")
+            .increment(delta(now.forward_errors, previous.forward_errors));
+        counter!("uturn_forward_failures_total", "shard" => shard.clone(), "reason" => "timeout")
+            .increment(delta(now.forward_timeouts, previous.forward_timeouts));
         #[allow(clippy::cast_precision_loss)] // a per-turn count, far below 2^52
         gauge!("uturn_dataplane_completions_per_turn_max", "shard" => shard)
             .set(now.completions_per_turn_max as f64);

@@ -252,3 +252,39 @@ fn listener_schemes_parse_from_the_file() {
     );
     assert!(field_of("[server]\nlisten = [\"dtls://0.0.0.0:3478\"]").contains("udp://"));
 }
+
+/// The shared-443 set-up of README "One public 443" parses as written; passthrough without an
+/// `auto://` listener, or a PROXY header towards no backend, is refused naming its field.
+#[test]
+fn the_shared_443_config_parses_and_its_misuses_are_refused() {
+    let text = r#"
+        [server]
+        listen = ["0.0.0.0:3478", "auto://0.0.0.0:443"]
+        tls_cert = "/etc/uturn/turn.example.com.pem"
+        tls_key = "/etc/uturn/turn.example.com.key"
+        forward_other_to = "127.0.0.1:8443"
+        forward_proxy_protocol = true
+        turn_server_names = ["turn.example.com"]
+        proxy_protocol_from = ["10.0.0.0/8", "2001:db8::/32"]
+    "#;
+    let config = Config::from_toml_str(text).unwrap();
+    assert_eq!(
+        config.server.forward_other_to,
+        Some("127.0.0.1:8443".parse().unwrap())
+    );
+    assert_eq!(config.server.proxy_protocol_from.len(), 2);
+    for (text, field) in [
+        (
+            "[server]\nforward_other_to = \"127.0.0.1:8443\"",
+            "server.forward_other_to",
+        ),
+        (
+            "[server]\nforward_proxy_protocol = true",
+            "server.forward_proxy_protocol",
+        ),
+    ] {
+        let error = Config::from_toml_str(text).unwrap_err().to_string();
+        assert!(error.contains(field), "{text}: {error}");
+    }
+    assert!(Config::from_toml_str("[server]\nproxy_protocol_from = [\"10.0.0.0/33\"]").is_err());
+}

@@ -15,7 +15,8 @@ use std::sync::{Arc, OnceLock};
 use uturn_proto::frame_len;
 
 use crate::ClientTransport;
-use crate::stream::{Close, Connection, Start};
+use crate::stream::conn::ProxyEvent;
+use crate::stream::{Close, Connection, Start, StreamEdge};
 
 /// Largest frame, as the default [`StreamLimits`](crate::StreamLimits).
 const FRAME_LEN_MAX: usize = 4096;
@@ -33,19 +34,38 @@ pub struct Outcome {
     pub tls: bool,
     /// The first bytes the server wrote back (a handshake record, an alert), up to 16.
     pub answer: Vec<u8>,
+    /// A shared-port connection whose ClientHello went to the web service.
+    pub forwarded: bool,
 }
 
-/// Feeds `data` to a `tls://` and an `auto://` connection; returns what each did. Panics only
+/// Feeds `data` to a `tls://`, an `auto://` and a shared-port `auto://` connection from a
+/// trusted balancer (PROXY header expected, ClientHello routing on); returns what each did. Panics only
 /// when an invariant breaks (a delivered frame that is not whole, a queue over its bound),
 /// which is what the fuzzer looks for; malformed input must end in `closed`, never a panic.
-pub fn tls(data: &[u8]) -> (Outcome, Outcome) {
+pub fn tls(data: &[u8]) -> (Outcome, Outcome, Outcome) {
     let (seed, stream) = match data {
         [a, b, rest @ ..] => (u16::from_le_bytes([*a, *b]), rest),
         _ => (0, data),
     };
     let config = server_config();
-    let tls = drive(Start::Tls(Arc::clone(&config)), seed, stream, &config);
-    let auto = drive(Start::Sniff, seed, stream, &config);
+    let tls = drive(
+        Start::Tls(Arc::clone(&config)),
+        seed,
+        stream,
+        &config,
+        false,
+    );
+    let auto = drive(Start::Sniff, seed, stream, &config, false);
+    // The same bytes on a shared-port `auto` connection from a trusted balancer: a PROXY header
+    // first, then the ClientHello routing (edge.rs); it must end cleanly or go on, never panic.
+    let edge = drive(Start::Sniff, seed, stream, &config, true);
+    if edge.forwarded {
+        assert_eq!(
+            edge.frames, 0,
+            "a passed-through connection delivers nothing to TURN"
+        );
+        assert!(edge.answer.is_empty(), "and uturn writes nothing to it");
+    }
     assert!(tls.tls, "a tls:// connection is TLS from the start");
     if let Some(&first) = stream.first() {
         assert_eq!(
@@ -54,12 +74,25 @@ pub fn tls(data: &[u8]) -> (Outcome, Outcome) {
             "auto:// is TLS exactly when it starts with 0x16"
         );
     }
-    (tls, auto)
+    (tls, auto, edge)
 }
 
-fn drive(start: Start, seed: u16, stream: &[u8], config: &Arc<rustls::ServerConfig>) -> Outcome {
+fn drive(
+    start: Start,
+    seed: u16,
+    stream: &[u8],
+    config: &Arc<rustls::ServerConfig>,
+    edge: bool,
+) -> Outcome {
     let mut conn = Connection::new(start, FRAME_LEN_MAX, SEND_QUEUE_BYTES)
         .expect("the fuzzing server configuration is valid");
+    if edge {
+        let rules = StreamEdge {
+            turn_server_names: vec!["turn.example.com".to_owned()],
+            ..StreamEdge::default()
+        };
+        conn = conn.with_edge(true, Some(Arc::new(rules)));
+    }
     let mut scratch = vec![0; crate::stream::conn::TLS_PLAINTEXT_LEN_MAX];
     let mut out = Outcome::default();
     // xorshift over the seed: chunk sizes 1..=2^k with k from the seed, so both byte-by-byte
@@ -86,26 +119,36 @@ fn drive(start: Start, seed: u16, stream: &[u8], config: &Arc<rustls::ServerConf
         buf[..n].copy_from_slice(&rest[..n]);
         rest = &rest[n..];
         let mut frames = 0;
-        let result = conn.received(
-            n,
-            || Some(Arc::clone(config)),
-            &mut scratch,
-            &mut |transport, frame| {
-                assert_eq!(
-                    frame_len(frame),
-                    Ok(Some(frame.len())),
-                    "a delivered frame is exactly one whole frame"
-                );
-                assert!(frame.len() <= FRAME_LEN_MAX, "no frame over the limit");
-                let expected = if matches!(transport, ClientTransport::Tls) {
-                    ClientTransport::Tls
-                } else {
-                    ClientTransport::Tcp
-                };
-                assert_eq!(transport, expected);
-                frames += 1;
-            },
-        );
+        let mut result = Ok(());
+        let mut fresh = n;
+        // Twice at most: after an accepted PROXY header the shard calls again for the rest.
+        for _ in 0..2 {
+            result = conn.received(
+                fresh,
+                || Some(Arc::clone(config)),
+                &mut scratch,
+                &mut |transport, frame| {
+                    assert_eq!(
+                        frame_len(frame),
+                        Ok(Some(frame.len())),
+                        "a delivered frame is exactly one whole frame"
+                    );
+                    assert!(frame.len() <= FRAME_LEN_MAX, "no frame over the limit");
+                    let expected = if matches!(transport, ClientTransport::Tls) {
+                        ClientTransport::Tls
+                    } else {
+                        ClientTransport::Tcp
+                    };
+                    assert_eq!(transport, expected);
+                    frames += 1;
+                },
+            );
+            fresh = 0;
+            if !(result.is_ok() && matches!(conn.take_proxy_event(), Some(ProxyEvent::Accepted(_))))
+            {
+                break;
+            }
+        }
         out.frames += frames;
         out.tls = conn.is_tls();
         if bits & 0x100 != 0 {
@@ -120,6 +163,7 @@ fn drive(start: Start, seed: u16, stream: &[u8], config: &Arc<rustls::ServerConf
             drain(&mut conn, &mut out);
         }
         if let Err(close) = result {
+            out.forwarded = close == Close::Forward;
             out.closed = Some(close == Close::Error);
             drain(&mut conn, &mut out);
             break;
@@ -206,7 +250,17 @@ mod tests {
             corpus_dir().display()
         );
         for (name, bytes) in seeds {
-            let (tls, auto) = tls(&bytes);
+            let (tls, auto, edge) = tls(&bytes);
+            if name.starts_with("proxy-v2-then-binding") {
+                // The header is taken, the Binding request after it is one whole frame.
+                assert_eq!((edge.frames, edge.closed), (1, None), "{name}: {edge:?}");
+            }
+            if name.starts_with("proxy-v1-then-h2-hello") {
+                assert!(
+                    edge.forwarded,
+                    "{name}: a browser's hello is passed through"
+                );
+            }
             if name.starts_with("client-hello") {
                 // A real ClientHello is answered with a handshake record (ServerHello).
                 for out in [&tls, &auto] {

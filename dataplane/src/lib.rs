@@ -137,7 +137,7 @@ pub use uturn_proto::ChannelNumber;
 
 pub use crate::contain::abort_on_uncontained_panics;
 pub use crate::error::DataPlaneError;
-pub use crate::stream::{StreamKind, StreamLimits, StreamListen, TlsConfig};
+pub use crate::stream::{StreamEdge, StreamKind, StreamLimits, StreamListen, TlsConfig};
 
 /// Bytes in front of every received payload: `io_uring_recvmsg_out` (16) + `sockaddr_in6` (28).
 pub const PAYLOAD_OFFSET: usize = 16 + 28;
@@ -204,6 +204,8 @@ pub struct DataPlaneConfig {
     pub tls: Option<TlsConfig>,
     /// Per-shard connection limits and buffer sizes of stream connections.
     pub stream_limits: StreamLimits,
+    /// PROXY protocol trust and the shared-port passthrough of the stream listeners.
+    pub stream_edge: StreamEdge,
     /// Number of shards; `None` = the cores this process may use (`sched_getaffinity`).
     pub threads: Option<usize>,
     /// Pin shard k to the k-th allowed core.
@@ -321,6 +323,7 @@ impl Default for DataPlaneConfig {
             stream_listen: Vec::new(),
             tls: None,
             stream_limits: StreamLimits::default(),
+            stream_edge: StreamEdge::default(),
             threads: None,
             pin_threads: true,
             backend: BackendChoice::Auto,
@@ -428,8 +431,10 @@ pub enum ToControl {
         server: SocketAddr,
         client: SocketAddr,
     },
-    /// Periodic counters, cumulative since the shard (or the allocation) started.
-    Counters(Counters),
+    /// Periodic counters, cumulative since the shard (or the allocation) started. Boxed: the
+    /// report is many times the size of a request, and every message in the queue would
+    /// otherwise take its size (one allocation per report, once per counters interval).
+    Counters(Box<Counters>),
 }
 
 /// Why a datagram was dropped. `Copy` with a static name, so a metric label costs nothing.
@@ -591,6 +596,22 @@ pub struct ShardCounters {
     /// Connections closed because their TLS or framing work panicked (the panic was caught;
     /// see the `contain` module).
     pub connection_panics: u64,
+    /// PROXY protocol headers accepted from trusted peers.
+    pub proxy_headers: u64,
+    /// Connections closed over the PROXY protocol: a header from an untrusted peer, or a
+    /// trusted peer's connection without a valid header.
+    pub proxy_refused: u64,
+    /// TLS connections of a shared `auto` port passed through to the web service.
+    pub forwarded_connections: u64,
+    /// Bytes passed through client → web service (the PROXY header included).
+    pub forwarded_bytes_to_backend: u64,
+    /// Bytes passed through web service → client.
+    pub forwarded_bytes_to_client: u64,
+    /// Passthroughs that failed: the web service refused or broke, a socket error, or the
+    /// forwarder was full.
+    pub forward_errors: u64,
+    /// Passthroughs closed after the idle timeout with no byte moving.
+    pub forward_timeouts: u64,
 }
 
 /// One counters report.

@@ -245,6 +245,8 @@ pub(crate) fn start(
                 .collect(),
             config.tls.clone(),
             config.stream_limits,
+            &config.stream_edge,
+            id,
             sources.clone(),
             // io_uring accepts, receives and sends through its ring; only mmsg polls epoll.
             backend == Backend::Mmsg,

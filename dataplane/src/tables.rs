@@ -991,7 +991,10 @@ impl Core {
         };
         // A full queue loses this report (the next one carries the totals again; the final
         // counters of allocations removed since the last report are lost with it).
-        if let Err(TrySendError::Full(_)) = self.to_control.try_send(ToControl::Counters(report)) {
+        if let Err(TrySendError::Full(_)) = self
+            .to_control
+            .try_send(ToControl::Counters(Box::new(report)))
+        {
             self.counters.reports_dropped += 1;
         }
     }

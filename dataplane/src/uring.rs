@@ -405,8 +405,11 @@ fn stream_close(core: &mut crate::tables::Core, streams: &mut Streams, ring: &mu
     let Some(conn) = streams.conn_mut(slot) else {
         return;
     };
-    // Ends a pending receive (it completes with 0) even if the cancel cannot be queued.
-    let _ = conn.socket.shutdown(std::net::Shutdown::Both);
+    // Ends a pending receive (it completes with 0) even if the cancel cannot be queued. Not for
+    // a connection handed to the forwarder: shutdown(2) would end its duplicate there too.
+    if !conn.handed_off {
+        let _ = conn.socket.shutdown(std::net::Shutdown::Both);
+    }
     let ops = [conn.recv_op, conn.send_op];
     if ops.iter().all(Option::is_none) {
         streams.release(slot);

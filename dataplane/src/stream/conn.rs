@@ -24,6 +24,7 @@ use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 use uturn_proto::{StreamFramer, frame_len};
 
 use crate::bufring::IoBuf;
+use crate::stream::edge::{self, Hello, Proxy, Route};
 use crate::{ClientTransport, DropReason};
 
 /// Largest TLS record on the wire: 5-byte header, 2^14 plaintext, 2048 of expansion (TLS 1.2's
@@ -49,6 +50,19 @@ pub(crate) enum Close {
     Eof,
     /// Garbage, a framing or TLS error, or a full buffer during the handshake.
     Error,
+    /// An `auto` connection's ClientHello is not TURN's: the edge hands the socket and the
+    /// bytes read so far ([`unread`](Connection::unread)) to the forwarder.
+    Forward,
+}
+
+/// What the PROXY protocol step of a connection found (for the shard to count and act on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ProxyEvent {
+    /// A trusted peer's header, naming this client (`None`: LOCAL / UNKNOWN, the peer stands).
+    Accepted(Option<std::net::SocketAddr>),
+    /// A header from a peer not trusted to send one, or a trusted peer's connection without
+    /// (or with a broken) header: closed.
+    Refused,
 }
 
 enum Mode {
@@ -169,6 +183,15 @@ pub(crate) struct Connection {
     frame_len_max: usize,
     /// Relayed frames refused because `tx` was full.
     pub(crate) queue_full_drops: u64,
+    /// The peer is a trusted load balancer: the connection must start with a PROXY header.
+    expect_proxy: bool,
+    /// The first bytes were checked for a PROXY header from an untrusted peer.
+    first_checked: bool,
+    /// An `auto` connection on a shared port: TLS that is not TURN's is forwarded; the TLS
+    /// server names that are TURN's.
+    forward: Option<Arc<edge::StreamEdge>>,
+    /// Set by the PROXY step; taken by the shard.
+    proxy_event: Option<ProxyEvent>,
 }
 
 /// How a connection starts.
@@ -203,7 +226,40 @@ impl Connection {
             tx: SendQueue::new(send_queue_bytes),
             frame_len_max,
             queue_full_drops: 0,
+            expect_proxy: false,
+            first_checked: false,
+            forward: None,
+            proxy_event: None,
         })
+    }
+
+    /// Makes this connection wait for a PROXY header first (`expect_proxy`, a trusted peer) and,
+    /// for an `auto` connection, pass TLS that is not TURN's on (`forward`).
+    pub(crate) fn with_edge(
+        mut self,
+        expect_proxy: bool,
+        forward: Option<Arc<edge::StreamEdge>>,
+    ) -> Self {
+        self.expect_proxy = expect_proxy;
+        self.forward = forward;
+        self
+    }
+
+    /// The PROXY step's outcome, once.
+    pub(crate) fn take_proxy_event(&mut self) -> Option<ProxyEvent> {
+        self.proxy_event.take()
+    }
+
+    /// Whether the connection is still deciding what it is (waiting for a PROXY header or for
+    /// the ClientHello of an `auto` connection): such a connection has the hello timeout.
+    pub(crate) fn is_undecided(&self) -> bool {
+        self.expect_proxy || matches!(self.mode, Mode::Sniff)
+    }
+
+    /// The bytes received and not consumed (for a forwarded connection: the ClientHello and
+    /// whatever followed it).
+    pub(crate) fn unread(&self) -> &[u8] {
+        self.rx.get(self.rx_start..self.rx_end).unwrap_or(&[])
     }
 
     pub(crate) fn is_tls(&self) -> bool {
@@ -251,6 +307,41 @@ impl Connection {
         {
             panic!("injected by a test: this connection's framing work panics");
         }
+        if self.expect_proxy {
+            let pending = self.rx.get(self.rx_start..self.rx_end).unwrap_or(&[]);
+            match edge::parse_proxy(pending) {
+                Proxy::NeedMore => return Ok(()),
+                Proxy::Header { len, source } => {
+                    self.rx_start += len;
+                    self.expect_proxy = false;
+                    self.first_checked = true;
+                    self.proxy_event = Some(ProxyEvent::Accepted(source));
+                    // The shard takes the client address before any frame is handled, then
+                    // calls again (with n = 0) for the bytes after the header.
+                    return Ok(());
+                }
+                Proxy::Invalid => {
+                    self.proxy_event = Some(ProxyEvent::Refused);
+                    return Err(Close::Error);
+                }
+            }
+        }
+        if !self.first_checked {
+            let Some(&first) = self
+                .rx
+                .get(self.rx_start..self.rx_end)
+                .and_then(|b| b.first())
+            else {
+                return Ok(());
+            };
+            self.first_checked = true;
+            if edge::may_start_proxy(first) {
+                // No TURN or TLS byte stream starts like this: a PROXY header from a peer that
+                // is not trusted to send one (it would let anyone claim any address).
+                self.proxy_event = Some(ProxyEvent::Refused);
+                return Err(Close::Error);
+            }
+        }
         if let Mode::Sniff = self.mode {
             let Some(&first) = self
                 .rx
@@ -259,6 +350,16 @@ impl Connection {
             else {
                 return Ok(());
             };
+            if first == 0x16
+                && let Some(forward) = &self.forward
+            {
+                let pending = self.rx.get(self.rx_start..self.rx_end).unwrap_or(&[]);
+                match edge::classify(pending, &forward.turn_server_names) {
+                    Hello::NeedMore => return Ok(()),
+                    Hello::Route(Route::Forward) => return Err(Close::Forward),
+                    Hello::Route(Route::Turn) => {}
+                }
+            }
             self.mode = if first == 0x16 {
                 let config = sniff_tls().ok_or(Close::Error)?;
                 Mode::Tls(Box::new(

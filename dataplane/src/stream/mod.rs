@@ -72,19 +72,25 @@
 //! allocation (RFC 8656 §3.1).
 
 pub(crate) mod conn;
+pub(crate) mod edge;
+pub(crate) mod forward;
 #[cfg(test)]
 mod tests;
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use self::conn::ProxyEvent;
 pub(crate) use self::conn::{Close, Connection, Start};
+pub use self::edge::StreamEdge;
+use self::forward::{Forwarder, Handoff};
 use crate::addr::canonical;
 use crate::contain::{self, Caught};
 use crate::sys::Epoll;
@@ -147,6 +153,9 @@ pub struct StreamLimits {
     /// more are accepted and closed at once (`stream_refused`, and dropped as
     /// `source_connections`). `0` means no limit.
     pub connections_per_source_max: usize,
+    /// A connection still waiting for its PROXY header or, on a forwarding `auto` port, for its
+    /// whole ClientHello is closed after this long (counted in `stream_timeouts`).
+    pub hello_timeout: Duration,
 }
 
 impl Default for StreamLimits {
@@ -159,6 +168,7 @@ impl Default for StreamLimits {
             // that covers every relayed payload and any sane STUN request.
             frame_len_max: 4096,
             connections_per_source_max: 256,
+            hello_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -344,6 +354,9 @@ pub(crate) struct Conn {
     /// Its TLS or framing work panicked: its state is garbage, so nothing more is read from
     /// it (not even the last best-effort write); it is closing.
     pub(crate) panicked: bool,
+    /// Handed to the forwarder (a duplicate of the socket lives on there): closing it here
+    /// must not shut the socket down.
+    pub(crate) handed_off: bool,
 }
 
 impl Conn {
@@ -378,6 +391,10 @@ pub(crate) struct Streams {
     /// Connections whose work panicked while a relayed frame was queued for them; the edge
     /// closes them ([`take_panicked`](Self::take_panicked)).
     panicked: Vec<u32>,
+    /// PROXY trust and the shared-port rules.
+    edge: Arc<StreamEdge>,
+    /// The passthrough thread of this shard's forwarding `auto` listeners, if any.
+    forwarder: Option<Forwarder>,
 }
 
 impl Streams {
@@ -387,9 +404,26 @@ impl Streams {
         listeners: Vec<(u16, StreamKind, TcpListener)>,
         tls: Option<TlsConfig>,
         limits: StreamLimits,
+        edge: &StreamEdge,
+        shard: u16,
         sources: SourceConnections,
         epoll: bool,
     ) -> io::Result<Self> {
+        let forwarder = match edge.forward_other_to {
+            Some(backend)
+                if listeners
+                    .iter()
+                    .any(|(_, kind, _)| *kind == StreamKind::Auto) =>
+            {
+                Some(Forwarder::start(
+                    shard,
+                    backend,
+                    limits.idle_timeout,
+                    limits.connections_max,
+                )?)
+            }
+            _ => None,
+        };
         let epoll = if epoll && !listeners.is_empty() {
             Some(Epoll::new(256)?)
         } else {
@@ -424,6 +458,8 @@ impl Streams {
             scratch: vec![0; conn::TLS_PLAINTEXT_LEN_MAX].into_boxed_slice(),
             sources,
             panicked: Vec::new(),
+            edge: Arc::new(edge.clone()),
+            forwarder,
         })
     }
 
@@ -508,6 +544,10 @@ impl Streams {
                 return None;
             }
         };
+        let expect_proxy = self.edge.trusts(client.ip());
+        let forward =
+            (kind == StreamKind::Auto && self.forwarder.is_some()).then(|| Arc::clone(&self.edge));
+        let io = io.with_edge(expect_proxy, forward);
         let counted_tls = io.is_tls();
         let conn = Conn {
             socket,
@@ -522,6 +562,7 @@ impl Streams {
             send_op: None,
             retired: false,
             panicked: false,
+            handed_off: false,
         };
         let slot = match self.free.pop() {
             Some(slot) => slot,
@@ -605,6 +646,27 @@ impl Streams {
                 Err(Close::Error)
             }
         };
+        let proxy_event = conn.io.take_proxy_event();
+        let result = match (result, proxy_event) {
+            (Ok(()), Some(ProxyEvent::Accepted(source))) => {
+                core.counters_mut().proxy_headers += 1;
+                self.proxied(core, slot, source)?;
+                // The bytes after the header, now under the carried address.
+                return self.received(core, slot, 0);
+            }
+            (result, Some(ProxyEvent::Refused)) => {
+                core.counters_mut().proxy_refused += 1;
+                result
+            }
+            (Err(Close::Forward), _) => {
+                self.hand_over(slot);
+                Err(Close::Forward)
+            }
+            (result, _) => result,
+        };
+        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return result;
+        };
         if conn.io.is_tls() && !conn.counted_tls {
             // An `auto` connection turned out to be TLS.
             conn.counted_tls = true;
@@ -613,6 +675,79 @@ impl Streams {
             self.publish_gauges(core);
         }
         result
+    }
+
+    /// A trusted peer's PROXY header named `source` as the client: from now on the connection
+    /// is that client's (its 5-tuple for control, the engine's rate limits and quotas, the
+    /// per-source connection cap). `None` (LOCAL, UNKNOWN) keeps the peer's own address.
+    fn proxied(
+        &mut self,
+        core: &mut Core,
+        slot: u32,
+        source: Option<SocketAddr>,
+    ) -> Result<(), Close> {
+        let Some(source) = source.map(canonical) else {
+            return Ok(());
+        };
+        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return Err(Close::Error);
+        };
+        let (listener, old) = (conn.listener, conn.client);
+        if old == source {
+            return Ok(());
+        }
+        // The balancer's address was counted at accept; the client's counts from now on.
+        if !self
+            .sources
+            .try_add(source.ip(), self.limits.connections_per_source_max)
+        {
+            core.counters_mut().stream_refused += 1;
+            core.count_drop(DropReason::SourceConnections);
+            return Err(Close::Error);
+        }
+        self.sources.remove(old.ip());
+        conn.client = source;
+        if self.by_tuple.get(&(listener, old)) == Some(&slot) {
+            self.by_tuple.remove(&(listener, old));
+        }
+        if let Some(previous) = self.by_tuple.insert((listener, source), slot)
+            && previous != slot
+        {
+            // Two live connections claim the same client 5-tuple (a balancer reusing a
+            // source port it named before): the newer one wins, as at accept.
+            self.retire(core, previous);
+            if self
+                .conn_mut(previous)
+                .is_some_and(|c| c.recv_op.is_none() && c.send_op.is_none())
+            {
+                self.release(previous);
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a connection whose ClientHello is not TURN's to the forwarder, with what it has
+    /// read (and a PROXY v2 header first if configured). The edge then closes our side as
+    /// usual; the forwarder holds a duplicate of the socket.
+    fn hand_over(&mut self, slot: u32) {
+        let forward_proxy = self.edge.forward_proxy_protocol;
+        let (Some(forwarder), Some(conn)) = (
+            &self.forwarder,
+            self.conns.get_mut(slot as usize).and_then(Option::as_mut),
+        ) else {
+            return;
+        };
+        let Ok(client) = conn.socket.try_clone() else {
+            forwarder.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let mut first = Vec::new();
+        if forward_proxy && let Ok(local) = conn.socket.local_addr() {
+            first = edge::proxy_v2_header(conn.client, canonical(local));
+        }
+        first.extend_from_slice(conn.io.unread());
+        conn.handed_off = true;
+        forwarder.hand_over(Handoff { client, first });
     }
 
     /// Queues `parts` and `padding` zero bytes as one frame for the client of listener
@@ -669,16 +804,30 @@ impl Streams {
     }
 
     /// Slots of connections that have had no allocation for `idle_timeout`; counted as timeouts.
+    /// Also closes connections still undecided after `hello_timeout`, and folds the
+    /// forwarder's totals into the shard's counters (this runs on the counters tick).
     pub(crate) fn expired(&self, core: &mut Core, now: Instant, out: &mut Vec<u32>) {
         out.clear();
         for (slot, conn) in self.conns.iter().enumerate() {
             if let Some(c) = conn
                 && !c.retired
-                && now.saturating_duration_since(c.accepted_at) >= self.limits.idle_timeout
-                && !core.has_allocation(c.listener, c.client)
             {
-                out.push(slot as u32);
+                let age = now.saturating_duration_since(c.accepted_at);
+                if (age >= self.limits.idle_timeout && !core.has_allocation(c.listener, c.client))
+                    || (age >= self.limits.hello_timeout && c.io.is_undecided())
+                {
+                    out.push(slot as u32);
+                }
             }
+        }
+        if let Some(forwarder) = &self.forwarder {
+            let stats = &forwarder.stats;
+            let counters = core.counters_mut();
+            counters.forwarded_connections = stats.connections.load(Ordering::Relaxed);
+            counters.forwarded_bytes_to_backend = stats.bytes_to_backend.load(Ordering::Relaxed);
+            counters.forwarded_bytes_to_client = stats.bytes_to_client.load(Ordering::Relaxed);
+            counters.forward_errors = stats.errors.load(Ordering::Relaxed);
+            counters.forward_timeouts = stats.timeouts.load(Ordering::Relaxed);
         }
         core.counters_mut().stream_timeouts += out.len() as u64;
     }

@@ -36,6 +36,20 @@ pub(crate) struct Cli {
     #[arg(long, value_name = "[SCHEME://]ADDR:PORT")]
     pub(crate) listen: Vec<ListenAddr>,
 
+    /// Pass TLS connections of auto:// listeners that are not TURN's (a browser loading the web
+    /// app) through to this address (`server.forward_other_to`): one public 443 for both.
+    #[arg(long = "forward-other-to", value_name = "ADDR:PORT")]
+    pub(crate) forward_other_to: Option<SocketAddr>,
+
+    /// Start every passed-through connection with a PROXY v2 header (`server.forward_proxy_protocol`).
+    #[arg(long = "forward-proxy-protocol")]
+    pub(crate) forward_proxy_protocol: bool,
+
+    /// Peers that must send a PROXY v1/v2 header first, CIDR, repeatable (replaces
+    /// `server.proxy_protocol_from`): a load balancer in front of uturn.
+    #[arg(long = "proxy-protocol-from", value_name = "CIDR")]
+    pub(crate) proxy_protocol_from: Vec<ipnet::IpNet>,
+
     /// PEM certificate chain for tls:// and auto:// listeners (reloaded on SIGHUP).
     #[arg(long = "tls-cert", value_name = "FILE")]
     pub(crate) tls_cert: Option<PathBuf>,
@@ -140,6 +154,18 @@ impl Cli {
         if !self.listen.is_empty() {
             config.server.listen.clone_from(&self.listen);
         }
+        if let Some(to) = self.forward_other_to {
+            config.server.forward_other_to = Some(to);
+        }
+        if self.forward_proxy_protocol {
+            config.server.forward_proxy_protocol = true;
+        }
+        if !self.proxy_protocol_from.is_empty() {
+            config
+                .server
+                .proxy_protocol_from
+                .clone_from(&self.proxy_protocol_from);
+        }
         if let Some(cert) = &self.tls_cert {
             config.server.tls_cert = Some(cert.clone());
         }
@@ -242,6 +268,28 @@ fn parse_user(s: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_edge_flags_set_the_shared_port_and_the_trusted_balancers() {
+        let cli = Cli::parse_from([
+            "uturn",
+            "--forward-other-to",
+            "127.0.0.1:8443",
+            "--forward-proxy-protocol",
+            "--proxy-protocol-from",
+            "10.0.0.0/8",
+            "--proxy-protocol-from",
+            "192.0.2.10/32",
+        ]);
+        let config = cli.apply(Config::default());
+        assert_eq!(
+            config.server.forward_other_to,
+            Some("127.0.0.1:8443".parse().expect("literal"))
+        );
+        assert!(config.server.forward_proxy_protocol);
+        assert_eq!(config.server.proxy_protocol_from.len(), 2);
+        assert!(Cli::try_parse_from(["uturn", "--proxy-protocol-from", "10.0.0.0"]).is_err());
+    }
 
     #[test]
     fn flags_override_the_file_and_add_to_its_lists() {

@@ -35,7 +35,9 @@ use uturn_control::shell::{
     ControlThread, LogLevelSetter, OpsHooks, Signal, data_path_guard, default_relay_ips,
 };
 use uturn_control::{Config, PeerPolicy, UserTable};
-use uturn_dataplane::{BackendChoice, DataPlane, DataPlaneConfig, StreamLimits, TlsConfig};
+use uturn_dataplane::{
+    BackendChoice, DataPlane, DataPlaneConfig, StreamEdge, StreamLimits, TlsConfig,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -314,6 +316,17 @@ fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig 
             )
             .unwrap_or(usize::MAX),
             ..StreamLimits::default()
+        },
+        stream_edge: StreamEdge {
+            forward_other_to: config.server.forward_other_to,
+            forward_proxy_protocol: config.server.forward_proxy_protocol,
+            turn_server_names: config
+                .server
+                .turn_server_names
+                .iter()
+                .map(|n| n.to_ascii_lowercase())
+                .collect(),
+            proxy_protocol_from: config.server.proxy_protocol_from.clone(),
         },
         threads: match config.server.threads {
             0 => None,
