@@ -106,7 +106,13 @@ impl<R: RngCore> ControlThread<R> {
         rng: R,
     ) -> Result<Self, crate::EngineError> {
         let shard_count = u16::try_from(dataplane.shard_count()).unwrap_or(u16::MAX);
-        let mut engine = Engine::new(&config, users, shard_count, Instant::now(), rng)?;
+        let mut engine = Engine::new(
+            &config.engine_config(),
+            users,
+            shard_count,
+            Instant::now(),
+            rng,
+        )?;
         let listeners: Vec<SocketAddr> = dataplane
             .listener_addrs()
             .iter()

@@ -155,7 +155,7 @@ struct Files {
 
 fn load_files(config: &Config) -> anyhow::Result<Files> {
     Ok(Files {
-        users: UserTable::from_config(&config.auth)?,
+        users: uturn_control::config::user_table(&config.auth)?,
         tls: streams::load_tls(config)?,
     })
 }
@@ -329,7 +329,7 @@ fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig 
         counters_interval: config.ops.counters_interval(),
         publish_counters: config.ops.metrics,
         allocation_bytes_per_sec: u64::from(config.limits.allocation_bytes_per_sec),
-        peer_guard: data_path_guard(&PeerPolicy::from_config(config)),
+        peer_guard: data_path_guard(&PeerPolicy::from_config(&config.engine_config())),
         ..DataPlaneConfig::default()
     }
 }

@@ -225,10 +225,10 @@ impl PeerPolicy {
     /// Builds the policy from the configuration (`[peers]`, the relay IPs and their external
     /// mappings). The listening addresses are added with [`PeerPolicy::with_listeners`], the
     /// live relayed addresses by the engine.
-    pub fn from_config(config: &crate::config::Config) -> Self {
+    pub fn from_config(config: &crate::config::EngineConfig) -> Self {
         let peers = &config.peers;
         let mut relay_ips = config.relay.relay_ips.clone();
-        // An invalid mapping is refused by `Config::validate` before anything runs.
+        // An invalid mapping is refused by `EngineConfig::validate` before anything runs.
         for (_, public) in config.external_mappings().unwrap_or_default() {
             if !relay_ips.contains(&public) {
                 relay_ips.push(public);
@@ -681,7 +681,7 @@ mod tests {
     /// A relay IP mapped to a public one (`relay.external_ips`): both are uturn's own.
     #[test]
     fn the_public_address_of_a_mapped_relay_ip_is_an_own_address_too() {
-        let mut config = crate::config::Config::default();
+        let mut config = crate::config::EngineConfig::default();
         config.relay.relay_ips = vec!["10.0.0.5".parse().unwrap()];
         config.relay.external_ips = vec!["203.0.113.5/10.0.0.5".to_owned()];
         let mut policy = PeerPolicy::from_config(&config);
