@@ -27,7 +27,6 @@ pub mod http;
 pub mod listen;
 pub mod ops;
 pub mod shell;
-mod stream_transport;
 pub mod telemetry;
 pub mod tls;
 pub mod xdp;

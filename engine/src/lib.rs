@@ -105,39 +105,8 @@ pub use engine::{
 };
 pub use policy::{Cidr, OwnAddresses, PeerDenied, PeerPolicy};
 
-use std::net::SocketAddr;
-
-/// The transport between client and server (RFC 8656 §2.1; the relay side is always UDP).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Transport {
-    /// UDP.
-    Udp,
-    /// TCP.
-    Tcp,
-    /// TLS over TCP.
-    Tls,
-}
-
-/// RFC 8656 §2.1: "5-tuple: The combination (client IP address and port, server IP address
-/// and port, and transport protocol (currently one of UDP, TCP, DTLS/UDP, or TLS/TCP)) used
-/// to communicate between the client and the server."
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FiveTuple {
-    /// Client to server transport.
-    pub transport: Transport,
-    /// The client's address as the server sees it.
-    pub client: SocketAddr,
-    /// The listener address that received the message.
-    pub server: SocketAddr,
-}
-
-/// A data-plane shard (thread) number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ShardId(pub u16);
-
-/// An allocation's identity, unique for the life of the engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AllocationId(pub u64);
+/// The boundary vocabulary, shared with the data plane (`uturn-boundary`).
+pub use uturn_boundary::{AllocationId, FiveTuple, ShardId, Transport};
 
 /// Names the relay sockets of one [`Output::BindRelay`] until `OpenAllocation` takes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
