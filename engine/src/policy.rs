@@ -89,12 +89,10 @@ impl fmt::Display for PeerDenied {
 }
 
 /// An IP network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`; a bare address is a /32 or
-/// /128). Host bits are ignored.
+/// /128). Host bits are ignored. An [`ipnet::IpNet`], with the bare-address form the config
+/// accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(ipnet::IpNet);
 
 /// A CIDR string that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -104,29 +102,14 @@ pub struct CidrError(pub String);
 impl Cidr {
     /// The network `addr/prefix`; `None` when the prefix is longer than the address.
     pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
-        let bits = if addr.is_ipv4() { 32 } else { 128 };
-        (prefix <= bits).then_some(Self { addr, prefix })
+        ipnet::IpNet::new(addr, prefix).ok().map(Self)
     }
 
     /// Whether `ip` lies in the network (an IPv4 network never contains an IPv6 address; the
     /// policy compares embedded IPv4 addresses itself).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
-                u128::from(net.to_bits()) << 96,
-                u128::from(ip.to_bits()) << 96,
-                self.prefix,
-            ),
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                prefix_eq(net.to_bits(), ip.to_bits(), self.prefix)
-            }
-            _ => false,
-        }
+        self.0.contains(&ip)
     }
-}
-
-fn prefix_eq(a: u128, b: u128, prefix: u8) -> bool {
-    prefix == 0 || (a ^ b) >> (128 - u32::from(prefix)) == 0
 }
 
 impl FromStr for Cidr {
@@ -151,7 +134,7 @@ impl FromStr for Cidr {
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
