@@ -1900,8 +1900,9 @@ impl<R: RngCore> Engine<R> {
 
     /// Checks the engine's invariants and panics with a description when one is broken: one
     /// allocation per 5-tuple, one owner per relay port, channels and peers mapped one to one
-    /// within an allocation, a live timer for everything that expires, quotas. O(n); for tests
-    /// and debugging.
+    /// within an allocation, a live timer for everything that expires, quotas. O(n); built only
+    /// for tests and fuzzing (the `fuzzing` feature), never in a release binary.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn check_invariants(&self, now: Instant) {
         let mut owners: HashMap<(Family, u16), &str> = HashMap::new();
         let mut per_user: HashMap<&str, u32> = HashMap::new();

@@ -87,6 +87,7 @@ pub mod allocation;
 pub mod auth;
 pub mod config;
 pub mod engine;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod map;
