@@ -86,6 +86,7 @@ impl<K: Eq + Hash, V> ShrinkingMap<K, V> {
         self.map.iter()
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
         self.map.values()
     }
