@@ -10,7 +10,7 @@
 
 mod cli;
 mod host;
-mod streams;
+mod tls_certificates;
 
 use std::io::IsTerminal as _;
 use std::net::IpAddr;
@@ -156,7 +156,7 @@ struct Files {
 fn load_files(config: &Config) -> anyhow::Result<Files> {
     Ok(Files {
         users: uturn_control::config::user_table(&config.auth)?,
-        tls: streams::load_tls(config)?,
+        tls: tls_certificates::load_tls(config)?,
     })
 }
 
@@ -251,7 +251,7 @@ fn run(
         })
         .context("spawn the signal thread")?;
 
-    let reload_tls = streams::reload_hook(tls);
+    let reload_tls = tls_certificates::reload_hook(tls);
     let status_listeners: Vec<(&'static str, std::net::SocketAddr)> = listeners
         .iter()
         .map(|a| ("udp", *a))
