@@ -5,7 +5,7 @@
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]      # default 600 (10 minutes each; SECURITY.md)
 #   FUZZ_TARGETS="engine" scripts/fuzz.sh 60  # a subset
 #
-# Targets: parse_message and stream_framer (proto/fuzz), engine (control/fuzz: arbitrary
+# Targets: parse_message and stream_framer (proto/fuzz), engine (engine/fuzz: arbitrary
 # request sequences from several clients against a fake clock), tls (dataplane/fuzz: byte
 # streams cut at arbitrary points into a tls:// and an auto:// connection, through the
 # connection code the shards run). cargo-fuzz needs nightly; when
@@ -14,7 +14,7 @@
 # crashes to fuzz/artifacts/<target>/. Every crash becomes a regression test: fix it, then
 # copy the input into fuzz/corpus/<target>/ (proto: name it *.invalid.bin if it must be
 # refused), where `cargo test` replays it (proto/tests/fuzz_corpus.rs,
-# control/tests/fuzz_corpus.rs, dataplane/src/fuzzing.rs).
+# engine/tests/fuzz_corpus.rs, dataplane/src/fuzzing.rs).
 set -euo pipefail
 
 seconds="${1:-600}"
@@ -38,7 +38,7 @@ failed=0
 for target in $targets; do
     case "$target" in
         parse_message | stream_framer) crate="$root/proto" ;;
-        engine) crate="$root/control" ;;
+        engine) crate="$root/engine" ;;
         tls) crate="$root/dataplane" ;;
         *) echo "unknown target $target" >&2; exit 2 ;;
     esac

@@ -1,145 +1,42 @@
-//! uturn's control plane library: the sans-IO TURN engine, its authentication, and the typed
-//! configuration.
-//!
-//! # What it is
-//!
-//! [`Engine`] answers every STUN/TURN request that the data plane does not handle itself
-//! (RFC 8489 Binding; RFC 8656 Allocate, Refresh, CreatePermission, ChannelBind), runs the
-//! long-term credential mechanism ([`auth`]: static users, a users file and TURN REST shared
-//! secrets, with MESSAGE-INTEGRITY, MESSAGE-INTEGRITY-SHA256, PASSWORD-ALGORITHMS and
-//! USERHASH), chooses relay ports ([`ports`]), applies the peer policy ([`policy`]) and
-//! expires allocations, permissions, channels and port reservations on time.
+//! uturn's control plane: the control thread ([`shell`]) that runs the sans-IO engine
+//! (`uturn-engine`) beside the data plane, the HTTP listener, telemetry, the typed TOML
+//! configuration ([`config`]) and the `uturn` binary.
 //!
 //! # Data flow
 //!
 //! ```text
-//! shard ──bytes──► Engine::handle_message(now, wall_clock, shard, 5-tuple, bytes)
-//!                      │  parse (uturn-proto) ► authenticate ► method checks in RFC order
-//!                      ▼
+//! shard ──bytes──► shell ──► Engine::handle_message(now, wall_clock, shard, 5-tuple, bytes)
+//!                                │
 //!            Engine::poll_output() ──► Output::BindRelay  ──► shell binds relay sockets
 //!                                                              └► Engine::handle_relay_bound
-//!                                  ──► Output::Table      ──► shard tables (OpenAllocation
-//!                                                              first, then the response)
+//!                                  ──► Output::Table      ──► shard tables
 //!                                  ──► Output::Transmit   ──► shard sends the response
-//!                                  ──► Output::Event      ──► logs, metrics
-//! Engine::poll_timeout() ──► Engine::handle_timeout(now) ──► RemovePermission, UnbindChannel,
-//!                                                            RemoveAllocation
+//!                                  ──► Output::Event      ──► logs, metrics, ops log
 //! ```
 //!
-//! # What it refuses to do
-//!
-//! The engine reads no clock (every input carries `now: Instant`, and TURN REST expiry uses a
-//! separate wall-clock input), performs no I/O (relay sockets are bound by the shell on
-//! request), spawns nothing and holds no locks: `&mut self` all the way down. Randomness
-//! comes from the injected `R: RngCore`, so tests are reproducible. A refused request is an
-//! output (a STUN error response with the RFC's code), never a Rust `Err`. Parsing, building,
-//! integrity and credential keys come from `uturn-proto`; this crate has no codec of its own.
-//!
-//! # Send and Data indications
-//!
-//! RFC 8656 §11 indications never reach the engine in normal operation: the data plane
-//! relays a Send indication's DATA to its XOR-PEER-ADDRESS when the allocation has a
-//! permission for that peer IP (and the peer policy admits it), dropping it silently
-//! otherwise (§11.2: "the server MUST silently discard the indication" on a missing
-//! permission, no DATA, no XOR-PEER-ADDRESS); it wraps a peer's UDP datagram into a Data
-//! indication (or ChannelData when a channel is bound to that peer) only when a permission
-//! exists for the peer's IP (§11.3). A Send indication that reaches the engine is dropped with
-//! [`Event::Dropped`] and [`DropReason::Indication`].
-
-//! # Decisions where the RFCs leave a choice
-//!
-//! - Responses carry FINGERPRINT exactly when the request did, and the integrity attribute the
-//!   request used (MESSAGE-INTEGRITY or MESSAGE-INTEGRITY-SHA256), keyed with the key that
-//!   verified it. Error responses to authenticated requests are protected too; 400 for missing
-//!   credentials attributes, 401, 431 and 438 are not (RFC 8489 §9.2.4).
-//! - PASSWORD-ALGORITHMS offers SHA-256 then MD5. The nonce cookie announces "Username
-//!   anonymity" (USERHASH) only when no TURN REST secret is configured, since a USERHASH cannot
-//!   be mapped back to a REST username.
-//! - A retransmitted Allocate (same 5-tuple and transaction ID) is answered from the cached
-//!   success response before authentication; one that arrives while the relay sockets are
-//!   still being bound is dropped (the first answer is coming).
-//! - CreatePermission and ChannelBind beyond `permissions_per_allocation` or
-//!   `channels_per_allocation` are answered 508 (Insufficient Capacity); allocations beyond
-//!   `allocations_per_user` 486, beyond `allocations_total` or the port range 508.
-//! - A Refresh with REQUESTED-ADDRESS-FAMILY matches a dual-stack allocation when either of its
-//!   families is named; otherwise 443 (RFC 8656 §8.2).
-//! - A request with a method the engine does not serve (including RFC 6062 Connect) is
-//!   answered 400.
-//! - TURN REST users count against `allocations_per_user` by their user part, not by the whole
-//!   `expiry:user` username.
-//! - While draining ([`Engine::set_draining`]) an authenticated Allocate that passed the 437
-//!   check is answered 300 (Try Alternate) with the ALTERNATE-SERVER of the client's family from
-//!   `ops.alternate_servers`, or 508 when there is none; Refresh, CreatePermission and
-//!   ChannelBind on existing allocations are unaffected. The 300 carries MESSAGE-INTEGRITY, as
-//!   RFC 8489 §10 asks of a redirect sent after authentication.
+//! The engine's modules are re-exported under their old paths (`uturn_control::engine`,
+//! `uturn_control::auth`...) so the control thread, the binary and the end-to-end tests name
+//! one set of types; the engine itself is documented in `uturn-engine`.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![warn(missing_docs)]
 
-pub mod allocation;
-pub mod auth;
 pub mod config;
-pub mod engine;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod http;
 pub mod listen;
 pub mod ops;
-pub mod policy;
-pub mod ports;
-mod ratelimit;
 pub mod shell;
-mod stream_transport;
 pub mod telemetry;
-mod timers;
 pub mod tls;
 pub mod xdp;
 
-use std::net::SocketAddr;
+pub use uturn_engine::{allocation, auth, engine, policy, ports};
 
-pub use allocation::RelayAddress;
-pub use auth::credentials::{UserTable, UsersFileError, parse_users_file, read_users_file};
-pub use auth::{AuthFailure, Authenticated, IntegrityKind};
-pub use config::{Config, ConfigError};
-pub use engine::{
-    AllocationInfo, AllocationSnapshot, BindFailed, DropReason, Engine, EngineError, Event, Output,
-    ReloadRefused, TableChange,
+pub use config::{Config, ConfigError, read_users_file, user_table};
+pub use uturn_engine::{
+    AllocationId, AllocationInfo, AllocationSnapshot, AuthFailure, Authenticated, BindFailed,
+    BindToken, Cidr, DropReason, Engine, EngineConfig, EngineError, Event, FiveTuple,
+    IntegrityKind, Output, OwnAddresses, PeerDenied, PeerPolicy, RelayAddress, ReloadRefused,
+    ShardId, TableChange, Transport, UserTable, UsersFileError, parse_users_file,
 };
-pub use policy::{Cidr, OwnAddresses, PeerDenied, PeerPolicy};
-
-/// The transport between client and server (RFC 8656 §2.1; the relay side is always UDP).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Transport {
-    /// UDP.
-    Udp,
-    /// TCP.
-    Tcp,
-    /// TLS over TCP.
-    Tls,
-}
-
-/// RFC 8656 §2.1: "5-tuple: The combination (client IP address and port, server IP address
-/// and port, and transport protocol (currently one of UDP, TCP, DTLS/UDP, or TLS/TCP)) used
-/// to communicate between the client and the server."
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FiveTuple {
-    /// Client to server transport.
-    pub transport: Transport,
-    /// The client's address as the server sees it.
-    pub client: SocketAddr,
-    /// The listener address that received the message.
-    pub server: SocketAddr,
-}
-
-/// A data-plane shard (thread) number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ShardId(pub u16);
-
-/// An allocation's identity, unique for the life of the engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AllocationId(pub u64);
-
-/// Names the relay sockets of one [`Output::BindRelay`] until `OpenAllocation` takes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BindToken(pub u64);

@@ -27,10 +27,7 @@ use crossbeam_channel::{Receiver, select};
 use hashbrown::HashMap;
 use rand::RngCore;
 use tracing::{debug, error, info, warn};
-use uturn_dataplane::{
-    AllocationId as ShardAllocationId, Counters, DataPlane, PeerGuard, RelaySocket, ShardCommand,
-    ShardId as DataPlaneShardId, ToControl,
-};
+use uturn_dataplane::{Counters, DataPlane, PeerGuard, RelaySocket, ShardCommand, ToControl};
 use uturn_proto::ChannelNumber;
 
 use crate::engine::{BindFailed, Engine, Event, Output, TableChange};
@@ -106,7 +103,13 @@ impl<R: RngCore> ControlThread<R> {
         rng: R,
     ) -> Result<Self, crate::EngineError> {
         let shard_count = u16::try_from(dataplane.shard_count()).unwrap_or(u16::MAX);
-        let mut engine = Engine::new(&config, users, shard_count, Instant::now(), rng)?;
+        let mut engine = Engine::new(
+            &config.engine_config(),
+            users,
+            shard_count,
+            Instant::now(),
+            rng,
+        )?;
         let listeners: Vec<SocketAddr> = dataplane
             .listener_addrs()
             .iter()
@@ -124,7 +127,7 @@ impl<R: RngCore> ControlThread<R> {
         // 0 resolved) are known now. Sent before any allocation can exist.
         let guard = data_path_guard(engine.peer_policy());
         for shard in 0..dataplane.shard_count() {
-            let shard = DataPlaneShardId(u16::try_from(shard).unwrap_or(u16::MAX));
+            let shard = ShardId(u16::try_from(shard).unwrap_or(u16::MAX));
             if let Err(e) = dataplane.send(shard, ShardCommand::SetPeerGuard(guard.clone())) {
                 warn!(shard = shard.0, error = %e, "command to shard lost");
             }
@@ -208,14 +211,14 @@ impl<R: RngCore> ControlThread<R> {
                 bytes,
             } => {
                 let five_tuple = FiveTuple {
-                    transport: crate::stream_transport::to_engine(transport),
+                    transport,
                     client,
                     server,
                 };
                 self.engine.handle_message(
                     Instant::now(),
                     SystemTime::now(),
-                    ShardId(shard.0),
+                    shard,
                     five_tuple,
                     &bytes,
                 );
@@ -227,7 +230,7 @@ impl<R: RngCore> ControlThread<R> {
                 ..
             } => {
                 let five_tuple = FiveTuple {
-                    transport: crate::stream_transport::to_engine(transport),
+                    transport,
                     client,
                     server,
                 };
@@ -274,7 +277,7 @@ impl<R: RngCore> ControlThread<R> {
                 Output::Transmit { shard, to, bytes } => self.send(
                     shard,
                     ShardCommand::Transmit {
-                        transport: crate::stream_transport::to_dataplane(to.transport),
+                        transport: to.transport,
                         server: to.server,
                         to: to.client,
                         bytes,
@@ -363,22 +366,20 @@ impl<R: RngCore> ControlThread<R> {
                 self.broadcast_relayed(&addrs, true);
                 self.relayed.insert(alloc, addrs);
                 ShardCommand::OpenAllocation {
-                    alloc: ShardAllocationId(alloc.0),
-                    transport: crate::stream_transport::to_dataplane(client.transport),
+                    alloc,
+                    transport: client.transport,
                     client_server: client.server,
                     client: client.client,
                     relays: sockets,
                     dont_fragment,
                 }
             }
-            TableChange::SetPermission { alloc, peer_ip } => ShardCommand::SetPermission {
-                alloc: ShardAllocationId(alloc.0),
-                peer_ip,
-            },
-            TableChange::RemovePermission { alloc, peer_ip } => ShardCommand::RemovePermission {
-                alloc: ShardAllocationId(alloc.0),
-                peer_ip,
-            },
+            TableChange::SetPermission { alloc, peer_ip } => {
+                ShardCommand::SetPermission { alloc, peer_ip }
+            }
+            TableChange::RemovePermission { alloc, peer_ip } => {
+                ShardCommand::RemovePermission { alloc, peer_ip }
+            }
             TableChange::BindChannel {
                 alloc,
                 channel,
@@ -392,7 +393,7 @@ impl<R: RngCore> ControlThread<R> {
                     return;
                 };
                 ShardCommand::BindChannel {
-                    alloc: ShardAllocationId(alloc.0),
+                    alloc,
                     channel,
                     peer,
                 }
@@ -401,10 +402,7 @@ impl<R: RngCore> ControlThread<R> {
                 let Some(channel) = ChannelNumber::new_rfc5766(channel) else {
                     return;
                 };
-                ShardCommand::UnbindChannel {
-                    alloc: ShardAllocationId(alloc.0),
-                    channel,
-                }
+                ShardCommand::UnbindChannel { alloc, channel }
             }
             TableChange::RemoveAllocation { alloc } => {
                 self.owners.remove(&alloc);
@@ -413,9 +411,7 @@ impl<R: RngCore> ControlThread<R> {
                     uturn_dataplane::sparse::shrink_map(&mut self.relayed);
                     self.broadcast_relayed(&addrs, false);
                 }
-                ShardCommand::RemoveAllocation {
-                    alloc: ShardAllocationId(alloc.0),
-                }
+                ShardCommand::RemoveAllocation { alloc }
             }
         };
         self.send(shard, command);
@@ -433,7 +429,7 @@ impl<R: RngCore> ControlThread<R> {
     }
 
     fn send(&self, shard: ShardId, command: ShardCommand) {
-        if let Err(e) = self.dataplane.send(DataPlaneShardId(shard.0), command) {
+        if let Err(e) = self.dataplane.send(shard, command) {
             warn!(shard = shard.0, error = %e, "command to shard lost");
         }
     }

@@ -502,8 +502,7 @@ impl Telemetry {
         *previous = now;
 
         let mut by_transport = [AllocationCounters::default(); 3];
-        for (alloc, counters) in &report.allocations {
-            let alloc = AllocationId(alloc.0);
+        for &(alloc, ref counters) in &report.allocations {
             // An allocation the control thread no longer tracks (it lived and ended between two
             // reports) still counts, from zero.
             let tracked = self.allocations.entry(alloc).or_insert(Tracked {
@@ -687,16 +686,14 @@ pub fn transport_label(transport: Transport) -> &'static str {
 mod tests {
     use std::time::Instant;
 
-    use uturn_dataplane::{
-        AllocationCounters, AllocationId as ShardAllocationId, Counters, ShardId,
-    };
+    use uturn_dataplane::{AllocationCounters, Counters};
 
     use super::*;
     use crate::{FiveTuple, Transport};
 
     fn report(shard: u16, allocations: &[(u64, u64)]) -> Counters {
         Counters {
-            shard: ShardId(shard),
+            shard: crate::ShardId(shard),
             shard_counters: ShardCounters::default(),
             allocations: allocations
                 .iter()
@@ -707,7 +704,7 @@ mod tests {
                         to_client_packets: *packets,
                         to_client_bytes: packets * 100,
                     };
-                    (ShardAllocationId(*id), counters)
+                    (AllocationId(*id), counters)
                 })
                 .collect(),
         }

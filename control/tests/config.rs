@@ -1,5 +1,7 @@
 //! The configuration file: the example at the repository root, defaults and validation.
 
+use std::time::Duration;
+
 use uturn_control::config::{Config, ConfigError, IoBackend};
 
 const EXAMPLE: &str = include_str!("../../uturn.example.toml");
@@ -200,10 +202,10 @@ fn a_users_file_is_read_into_the_user_table() {
     .unwrap();
     let mut config = Config::default();
     config.auth.users_file = Some(path.clone());
-    let table = uturn_control::UserTable::from_config(&config.auth).unwrap();
+    let table = uturn_control::config::user_table(&config.auth).unwrap();
     assert_eq!(table.len(), 2);
     std::fs::write(&path, "broken line\n").unwrap();
-    let error = uturn_control::UserTable::from_config(&config.auth).unwrap_err();
+    let error = uturn_control::config::user_table(&config.auth).unwrap_err();
     assert!(error.to_string().contains("line 1"), "{error}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -214,7 +216,7 @@ fn a_missing_users_file_is_named_as_the_users_file() {
     let mut config = Config::default();
     let path = std::env::temp_dir().join(format!("uturn-no-users-{}", std::process::id()));
     config.auth.users_file = Some(path.clone());
-    let error = uturn_control::UserTable::from_config(&config.auth).unwrap_err();
+    let error = uturn_control::config::user_table(&config.auth).unwrap_err();
     assert!(
         matches!(&error, ConfigError::UsersFile { path: p, .. } if *p == path),
         "{error:?}"
@@ -287,4 +289,56 @@ fn the_shared_443_config_parses_and_its_misuses_are_refused() {
         assert!(error.contains(field), "{text}: {error}");
     }
     assert!(Config::from_toml_str("[server]\nproxy_protocol_from = [\"10.0.0.0/33\"]").is_err());
+}
+
+/// The configuration the .deb installs is valid, and its ops settings are the safe ones.
+#[test]
+fn the_packaged_config_is_valid() {
+    let config = Config::from_toml_str(include_str!("../../scripts/deploy/uturn.toml")).unwrap();
+    assert!(config.ops.http_listen.ip().is_loopback());
+    assert_eq!(config.ops.log_format, uturn_control::ops::LogFormat::Json);
+    let unit = include_str!("../../scripts/deploy/uturn.service");
+    let nofile: u32 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("LimitNOFILE in the unit");
+    // One relay socket per family per allocation over the whole port range, plus headroom.
+    let ports = u32::from(config.relay.port_max - config.relay.port_min) + 1;
+    assert!(
+        nofile >= 2 * ports + 1024,
+        "LimitNOFILE={nofile} for {ports} ports"
+    );
+}
+
+/// The admin listener's limits come from `[ops]`; a value it cannot use is refused naming the
+/// field.
+#[test]
+fn the_admin_listener_limits_are_read_from_ops_and_checked() {
+    let config =
+        Config::from_toml_str("[ops]\nhttp_header_timeout_ms = 250\nhttp_max_connections = 8\n")
+            .unwrap();
+    config.validate().unwrap();
+    let limits = uturn_control::http::HttpLimits::from_ops(&config.ops);
+    assert_eq!(limits.header_timeout, Duration::from_millis(250));
+    assert_eq!(limits.max_connections, 8);
+    let defaults = uturn_control::http::HttpLimits::default();
+    assert_eq!(
+        (defaults.header_timeout, defaults.max_connections),
+        (Duration::from_secs(5), 1024)
+    );
+    for (text, field) in [
+        ("http_header_timeout_ms = 0", "ops.http_header_timeout_ms"),
+        (
+            "http_header_timeout_ms = 600000",
+            "ops.http_header_timeout_ms",
+        ),
+        ("http_max_connections = 0", "ops.http_max_connections"),
+    ] {
+        let refused = Config::from_toml_str(&format!("[ops]\n{text}\n"))
+            .and_then(|c| c.validate().map(|()| c))
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains(field), "{text}: {refused}");
+    }
 }

@@ -142,13 +142,9 @@ pub use crate::stream::{StreamEdge, StreamKind, StreamLimits, StreamListen, TlsC
 /// Bytes in front of every received payload: `io_uring_recvmsg_out` (16) + `sockaddr_in6` (28).
 pub const PAYLOAD_OFFSET: usize = 16 + 28;
 
-/// Index of a shard (one per core).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ShardId(pub u16);
-
-/// The control engine's allocation identifier, as the shard tables know it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AllocationId(pub u64);
+/// A shard's number and the engine's allocation identity, shared with the engine
+/// (`uturn-boundary`), so the control thread passes them through unchanged.
+pub use uturn_boundary::{AllocationId, ShardId};
 
 /// Which backend to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -181,16 +177,9 @@ impl Backend {
     }
 }
 
-/// The transport between a client and the server (RFC 8656 §3.1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ClientTransport {
-    /// UDP datagrams on a UDP listener.
-    Udp,
-    /// TURN over a TCP connection.
-    Tcp,
-    /// TURN over TLS over TCP.
-    Tls,
-}
+/// The transport between a client and the server (RFC 8656 §3.1): the engine's
+/// [`uturn_boundary::Transport`], under the name the data plane's modules use for it.
+pub use uturn_boundary::Transport as ClientTransport;
 
 /// Data-plane configuration. `Default` gives sane values except `listen`, which is empty.
 #[derive(Clone, Debug)]

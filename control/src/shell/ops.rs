@@ -15,7 +15,7 @@ use crate::http::{AdminCall, AdminReply, AdminRequest, Readiness};
 use crate::telemetry::{Telemetry, transport_label};
 use uturn_dataplane::ShardCommand;
 
-use crate::{AllocationId, AuthFailure, Config, DropReason, PeerPolicy, ShardId, UserTable};
+use crate::{AllocationId, AuthFailure, Config, DropReason, PeerPolicy, ShardId};
 
 /// Re-reads the configuration (file and flags) for a reload.
 pub type Reloader = Box<dyn FnMut() -> Result<Config, String> + Send>;
@@ -295,7 +295,7 @@ impl<R: RngCore> ControlThread<R> {
             None => self.config.clone(),
         };
         config.validate().map_err(|e| e.to_string())?;
-        let users = UserTable::from_config(&config.auth).map_err(|e| e.to_string())?;
+        let users = crate::config::user_table(&config.auth).map_err(|e| e.to_string())?;
         if users.realm() != config.auth.realm && !users.is_empty() {
             return Err("auth.realm cannot change while running".into());
         }
@@ -320,7 +320,7 @@ impl<R: RngCore> ControlThread<R> {
             .map_err(|e| e.to_string())?;
         self.engine.reload_users(users).map_err(|e| e.to_string())?;
         self.engine
-            .set_peer_policy(PeerPolicy::from_config(&config));
+            .set_peer_policy(PeerPolicy::from_config(&config.engine_config()));
         let guard = super::data_path_guard(self.engine.peer_policy());
         for shard in 0..self.dataplane.shard_count() {
             let shard = ShardId(u16::try_from(shard).unwrap_or(u16::MAX));

@@ -10,7 +10,7 @@
 
 mod cli;
 mod host;
-mod streams;
+mod tls_certificates;
 
 use std::io::IsTerminal as _;
 use std::net::IpAddr;
@@ -157,8 +157,8 @@ struct Files {
 
 fn load_files(config: &Config) -> anyhow::Result<Files> {
     Ok(Files {
-        users: UserTable::from_config(&config.auth)?,
-        tls: streams::load_tls(config)?,
+        users: uturn_control::config::user_table(&config.auth)?,
+        tls: tls_certificates::load_tls(config)?,
     })
 }
 
@@ -253,7 +253,7 @@ fn run(
         })
         .context("spawn the signal thread")?;
 
-    let reload_tls = streams::reload_hook(tls);
+    let reload_tls = tls_certificates::reload_hook(tls);
     let status_listeners: Vec<(&'static str, std::net::SocketAddr)> = listeners
         .iter()
         .map(|a| ("udp", *a))
@@ -342,7 +342,7 @@ fn dataplane_config(config: &Config, tls: Option<TlsConfig>) -> DataPlaneConfig 
         counters_interval: config.ops.counters_interval(),
         publish_counters: config.ops.metrics,
         allocation_bytes_per_sec: u64::from(config.limits.allocation_bytes_per_sec),
-        peer_guard: data_path_guard(&PeerPolicy::from_config(config)),
+        peer_guard: data_path_guard(&PeerPolicy::from_config(&config.engine_config())),
         ..DataPlaneConfig::default()
     }
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use uturn_control::{AuthFailure, DropReason, Event, Output, PeerDenied, ShardId, TableChange};
+use uturn_engine::{AuthFailure, DropReason, Event, Output, PeerDenied, ShardId, TableChange};
 use uturn_proto::{
     AddressFamily, Attribute, AttributeType, ChannelNumber, Class, EvenPort, Message,
     MessageBuilder, Method, PasswordAlgorithm, RawAttribute, ReservationToken,
@@ -350,10 +350,10 @@ fn a_failed_relay_bind_is_retried_on_other_ports_then_answered_508() {
         panic!("{outputs:#?}")
     };
     let mut token = *token;
-    let attempts = uturn_control::engine::RELAY_BIND_ATTEMPTS_MAX;
+    let attempts = uturn_engine::engine::RELAY_BIND_ATTEMPTS_MAX;
     for attempt in 1..=attempts {
         h.engine
-            .handle_relay_bound(h.now, token, Err(uturn_control::BindFailed));
+            .handle_relay_bound(h.now, token, Err(uturn_engine::BindFailed));
         let outputs = h.drain();
         if attempt < attempts {
             match outputs.as_slice() {
@@ -519,7 +519,7 @@ fn a_user_configured_with_an_md5_key_cannot_choose_sha256() {
     let mut config = config();
     let key = uturn_proto::long_term_key_md5("bob", REALM, "pw").unwrap();
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    config.auth.users.push(uturn_control::config::UserConfig {
+    config.auth.users.push(uturn_engine::config::UserConfig {
         username: "bob".into(),
         password: None,
         key: Some(hex),
@@ -583,7 +583,7 @@ fn a_response_carries_fingerprint_exactly_when_the_request_did() {
 #[test]
 fn the_configured_software_is_added_to_responses() {
     let mut config = config();
-    config.server.software = Some("uturn test".into());
+    config.software = Some("uturn test".into());
     let mut h = Harness::new(config);
     let client = Client::new("198.51.100.1:5000");
     let response = h.request(&client, Method::BINDING, 1, &[]);
@@ -596,7 +596,7 @@ fn the_configured_software_is_added_to_responses() {
 #[test]
 fn an_unauthenticated_error_carries_no_reason_phrase_and_no_software() {
     let mut config = config();
-    config.server.software = Some("uturn test".into());
+    config.software = Some("uturn test".into());
     let mut h = Harness::new(config);
     let mut client = Client::new("198.51.100.1:5000");
     let challenge = h.challenge(&mut client);
@@ -1295,9 +1295,9 @@ fn a_port_freed_on_one_shard_is_taken_by_an_allocation_on_another() {
 #[test]
 fn a_reloaded_user_table_takes_effect_for_new_requests() {
     let mut h = harness();
-    let users = uturn_control::UserTable::from_users(
+    let users = uturn_engine::UserTable::from_users(
         REALM,
-        &uturn_control::parse_users_file("carol:pw2\n").unwrap(),
+        &uturn_engine::parse_users_file("carol:pw2\n").unwrap(),
     )
     .unwrap();
     h.engine.reload_users(users).unwrap();
@@ -1311,14 +1311,14 @@ fn a_reloaded_user_table_takes_effect_for_new_requests() {
     carol.username = "carol".into();
     carol.password = "pw2".into();
     h.allocate(&mut carol, 2, &[]);
-    let wrong = uturn_control::UserTable::from_users("other", &[]).unwrap();
+    let wrong = uturn_engine::UserTable::from_users("other", &[]).unwrap();
     assert!(
         h.engine.reload_users(wrong).is_ok(),
         "an empty table of any realm is accepted"
     );
-    let other = uturn_control::UserTable::from_users(
+    let other = uturn_engine::UserTable::from_users(
         "other",
-        &uturn_control::parse_users_file("x:y\n").unwrap(),
+        &uturn_engine::parse_users_file("x:y\n").unwrap(),
     )
     .unwrap();
     assert!(h.engine.reload_users(other).is_err());

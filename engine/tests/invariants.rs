@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use proptest::prelude::*;
-use uturn_control::config::UserConfig;
-use uturn_control::{AllocationId, BindFailed, FiveTuple, Output, TableChange};
+use uturn_engine::config::UserConfig;
+use uturn_engine::{AllocationId, BindFailed, FiveTuple, Output, TableChange};
 use uturn_proto::{
     AddressFamily, Attribute, AttributeType, ChannelNumber, EvenPort, Message, Method, RawAttribute,
 };
@@ -198,7 +198,7 @@ impl World {
         }
     }
 
-    fn absorb(&mut self, outputs: &[Output], client: usize) -> Vec<uturn_control::BindToken> {
+    fn absorb(&mut self, outputs: &[Output], client: usize) -> Vec<uturn_engine::BindToken> {
         let mut tokens = Vec::new();
         for output in outputs {
             match output {

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use uturn_control::{Event, Output, ShardId, TableChange, Transport};
+use uturn_engine::{Event, Output, ShardId, TableChange, Transport};
 
 /// RFC 8656 §3.1: over TCP or TLS the 5-tuple is the connection, and the allocation is deleted
 /// when the connection closes.

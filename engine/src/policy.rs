@@ -89,12 +89,10 @@ impl fmt::Display for PeerDenied {
 }
 
 /// An IP network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`; a bare address is a /32 or
-/// /128). Host bits are ignored.
+/// /128). Host bits are ignored. An [`ipnet::IpNet`], with the bare-address form the config
+/// accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(ipnet::IpNet);
 
 /// A CIDR string that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -104,29 +102,14 @@ pub struct CidrError(pub String);
 impl Cidr {
     /// The network `addr/prefix`; `None` when the prefix is longer than the address.
     pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
-        let bits = if addr.is_ipv4() { 32 } else { 128 };
-        (prefix <= bits).then_some(Self { addr, prefix })
+        ipnet::IpNet::new(addr, prefix).ok().map(Self)
     }
 
     /// Whether `ip` lies in the network (an IPv4 network never contains an IPv6 address; the
     /// policy compares embedded IPv4 addresses itself).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
-                u128::from(net.to_bits()) << 96,
-                u128::from(ip.to_bits()) << 96,
-                self.prefix,
-            ),
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                prefix_eq(net.to_bits(), ip.to_bits(), self.prefix)
-            }
-            _ => false,
-        }
+        self.0.contains(&ip)
     }
-}
-
-fn prefix_eq(a: u128, b: u128, prefix: u8) -> bool {
-    prefix == 0 || (a ^ b) >> (128 - u32::from(prefix)) == 0
 }
 
 impl FromStr for Cidr {
@@ -151,7 +134,7 @@ impl FromStr for Cidr {
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
@@ -225,10 +208,10 @@ impl PeerPolicy {
     /// Builds the policy from the configuration (`[peers]`, the relay IPs and their external
     /// mappings). The listening addresses are added with [`PeerPolicy::with_listeners`], the
     /// live relayed addresses by the engine.
-    pub fn from_config(config: &crate::config::Config) -> Self {
+    pub fn from_config(config: &crate::config::EngineConfig) -> Self {
         let peers = &config.peers;
         let mut relay_ips = config.relay.relay_ips.clone();
-        // An invalid mapping is refused by `Config::validate` before anything runs.
+        // An invalid mapping is refused by `EngineConfig::validate` before anything runs.
         for (_, public) in config.external_mappings().unwrap_or_default() {
             if !relay_ips.contains(&public) {
                 relay_ips.push(public);
@@ -681,7 +664,7 @@ mod tests {
     /// A relay IP mapped to a public one (`relay.external_ips`): both are uturn's own.
     #[test]
     fn the_public_address_of_a_mapped_relay_ip_is_an_own_address_too() {
-        let mut config = crate::config::Config::default();
+        let mut config = crate::config::EngineConfig::default();
         config.relay.relay_ips = vec!["10.0.0.5".parse().unwrap()];
         config.relay.external_ips = vec!["203.0.113.5/10.0.0.5".to_owned()];
         let mut policy = PeerPolicy::from_config(&config);

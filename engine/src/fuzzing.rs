@@ -1,5 +1,5 @@
-//! The engine fuzz harness, shared by the cargo-fuzz target `engine` (`control/fuzz/`) and the
-//! stable test `control/tests/fuzz_corpus.rs`, which replays the corpus on every `cargo test`.
+//! The engine fuzz harness, shared by the cargo-fuzz target `engine` (`engine/fuzz/`) and the
+//! stable test `engine/tests/fuzz_corpus.rs`, which replays the corpus on every `cargo test`.
 //!
 //! The input is a script: arbitrary request sequences from four clients (UDP over IPv4 and
 //! IPv6, TCP, an IPv4-mapped source) against a fake clock. Each step is one opcode byte and
@@ -18,8 +18,8 @@ use uturn_proto::{Attribute, ChannelNumber, Class, Message, MessageBuilder, Meth
 
 use crate::config::UserConfig;
 use crate::{
-    AllocationId, BindFailed, BindToken, Config, Engine, FiveTuple, Output, PeerPolicy, ShardId,
-    Transport, UserTable,
+    AllocationId, BindFailed, BindToken, Engine, EngineConfig, FiveTuple, Output, PeerPolicy,
+    ShardId, Transport, UserTable,
 };
 
 const REALM: &str = "fuzz";
@@ -49,7 +49,7 @@ const PEERS: [&str; 12] = [
 /// can check the scripts get past authentication). Panics only when the engine breaks an
 /// invariant.
 pub fn engine(data: &[u8], base: Instant) -> usize {
-    let mut config = Config::default();
+    let mut config = EngineConfig::default();
     config.auth.realm = REALM.into();
     config.auth.users = vec![UserConfig {
         username: USER.into(),
@@ -73,7 +73,7 @@ pub fn engine(data: &[u8], base: Instant) -> usize {
     config.limits.unauthenticated_burst = 40;
     config.limits.auth_failures_per_source_burst = 8;
     config.limits.rate_limit_slots = 8;
-    let Ok(users) = UserTable::from_config(&config.auth) else {
+    let Ok(users) = UserTable::from_users(&config.auth.realm, &config.auth.users) else {
         return 0;
     };
     let rng = rand::rngs::SmallRng::seed_from_u64(u64::from(data.first().copied().unwrap_or(0)));

@@ -15,7 +15,8 @@ use uturn_proto::{
 use crate::allocation::{Allocation, Expiry, RelayAddress, Reservation};
 use crate::auth::credentials::UserTable;
 use crate::auth::{AuthFailure, AuthRejection, Authenticated, Authenticator, IntegrityKind};
-use crate::config::{Config, ConfigError};
+use crate::config::{ConfigError, EngineConfig};
+use crate::map::ShrinkingMap;
 use crate::policy::{PeerDenied, PeerPolicy};
 use crate::ports::{Family, PortAllocator, PortRangeTooSmall, PortShape};
 use crate::ratelimit::{RateTable, source_key, user_key};
@@ -449,10 +450,10 @@ struct PendingAllocate {
 /// ```no_run
 /// use std::time::{Instant, SystemTime};
 /// use rand::SeedableRng;
-/// use uturn_control::{Config, Engine, FiveTuple, Output, ShardId, Transport, UserTable};
+/// use uturn_engine::{EngineConfig, Engine, FiveTuple, Output, ShardId, Transport, UserTable};
 ///
-/// let config = Config::default();
-/// let users = UserTable::from_config(&config.auth).expect("users");
+/// let config = EngineConfig::default();
+/// let users = UserTable::from_users(&config.auth.realm, &config.auth.users).expect("users");
 /// let rng = rand::rngs::StdRng::from_os_rng();
 /// let mut engine = Engine::new(&config, users, 1, Instant::now(), rng).expect("engine");
 /// let client = FiveTuple {
@@ -487,10 +488,10 @@ pub struct Engine<R: RngCore> {
     ports: PortAllocator,
     /// Bound and advertised relay IP, per family (index 0 IPv4, 1 IPv6).
     relay_ips: [Option<(IpAddr, IpAddr)>; 2],
-    allocations: HashMap<AllocationId, Allocation>,
-    slots: HashMap<FiveTuple, Slot>,
-    pending: HashMap<BindToken, PendingAllocate>,
-    reservations: HashMap<[u8; 8], Reservation>,
+    allocations: ShrinkingMap<AllocationId, Allocation>,
+    slots: ShrinkingMap<FiveTuple, Slot>,
+    pending: ShrinkingMap<BindToken, PendingAllocate>,
+    reservations: ShrinkingMap<[u8; 8], Reservation>,
     /// Allocations (active and pending) per user, for RFC 8656 §7.2 item 10.
     per_user: HashMap<String, u32>,
     timers: Timers<Expiry>,
@@ -523,7 +524,7 @@ impl<R: RngCore> Engine<R> {
     /// `shard_count` is the number of data-plane shards (`server.threads` once resolved); they
     /// share one port range (see [`crate::ports`]); `now` starts the engine's clock.
     pub fn new(
-        config: &Config,
+        config: &EngineConfig,
         users: UserTable,
         shard_count: u16,
         now: Instant,
@@ -575,7 +576,7 @@ impl<R: RngCore> Engine<R> {
         let relay = &config.relay;
         let limits = &config.limits;
         let settings = Settings {
-            software: config.server.software.clone(),
+            software: config.software.clone(),
             binding_requires_auth: config.auth.binding_requires_auth,
             allocation_lifetime_default_secs: relay.allocation_lifetime_default_secs,
             allocation_lifetime_max_secs: relay.allocation_lifetime_max_secs,
@@ -584,7 +585,7 @@ impl<R: RngCore> Engine<R> {
             reservation_lifetime: secs(relay.reservation_lifetime_secs),
             allocations_per_user: limits.allocations_per_user,
             allocations_total: limits.allocations_total,
-            alternate_servers: config.ops.alternate_servers.clone(),
+            alternate_servers: config.alternate_servers.clone(),
             permissions_per_allocation: limits.permissions_per_allocation,
             channels_per_allocation: limits.channels_per_allocation,
             accept_rfc5766_channel_numbers: relay.accept_rfc5766_channel_numbers,
@@ -596,10 +597,10 @@ impl<R: RngCore> Engine<R> {
             policy: PeerPolicy::from_config(config),
             ports,
             relay_ips,
-            allocations: HashMap::new(),
-            slots: HashMap::new(),
-            pending: HashMap::new(),
-            reservations: HashMap::new(),
+            allocations: ShrinkingMap::new(),
+            slots: ShrinkingMap::new(),
+            pending: ShrinkingMap::new(),
+            reservations: ShrinkingMap::new(),
             per_user: HashMap::new(),
             timers: Timers::new(),
             outputs: VecDeque::new(),
@@ -850,7 +851,6 @@ impl<R: RngCore> Engine<R> {
                 }
                 Expiry::Reservation(token) => {
                     if let Some(reservation) = self.reservations.remove(&token) {
-                        uturn_dataplane::sparse::shrink_map(&mut self.reservations);
                         self.ports.release(reservation.family, reservation.port);
                         if let Some((bound, _)) = self.relay_ips[family_index(reservation.family)] {
                             self.outputs.push_back(Output::ReleaseHeld {
@@ -1041,7 +1041,6 @@ impl<R: RngCore> Engine<R> {
         let Some(mut pending) = self.pending.remove(&token) else {
             return;
         };
-        uturn_dataplane::sparse::shrink_map(&mut self.pending);
         let request = pending.request;
         if result.is_err() {
             self.release_ports(&pending.families, &pending.ports);
@@ -1586,8 +1585,6 @@ impl<R: RngCore> Engine<R> {
             self.policy.own.relay_gone(relay.advertised);
         }
         self.slots.remove(&allocation.five_tuple);
-        uturn_dataplane::sparse::shrink_map(&mut self.allocations);
-        uturn_dataplane::sparse::shrink_map(&mut self.slots);
         self.uncount_user(allocation.auth.user());
         self.push_table(allocation.shard, TableChange::RemoveAllocation { alloc });
     }
@@ -1903,8 +1900,9 @@ impl<R: RngCore> Engine<R> {
 
     /// Checks the engine's invariants and panics with a description when one is broken: one
     /// allocation per 5-tuple, one owner per relay port, channels and peers mapped one to one
-    /// within an allocation, a live timer for everything that expires, quotas. O(n); for tests
-    /// and debugging.
+    /// within an allocation, a live timer for everything that expires, quotas. O(n); built only
+    /// for tests and fuzzing (the `fuzzing` feature), never in a release binary.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn check_invariants(&self, now: Instant) {
         let mut owners: HashMap<(Family, u16), &str> = HashMap::new();
         let mut per_user: HashMap<&str, u32> = HashMap::new();

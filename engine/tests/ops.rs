@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::*;
 use hmac::{Hmac, Mac};
-use uturn_control::{Event, Output, PeerDenied, PeerPolicy, TableChange};
+use uturn_engine::{Event, Output, PeerDenied, PeerPolicy, TableChange};
 use uturn_proto::{Attribute, ChannelNumber, Method};
 
 fn rest_client(addr: &str, secret: &str) -> Client {
@@ -56,7 +56,7 @@ fn draining_answers_new_allocates_508_and_keeps_existing_allocations() {
 #[test]
 fn draining_with_alternates_answers_300_with_the_alternate_of_the_clients_family() {
     let mut config = config();
-    config.ops.alternate_servers = vec![peer("[2001:db8::7]:3478"), peer("192.0.2.7:3478")];
+    config.alternate_servers = vec![peer("[2001:db8::7]:3478"), peer("192.0.2.7:3478")];
     let mut h = Harness::new(config);
     h.engine.set_draining(true);
     let mut client = Client::new("198.51.100.2:5000");
@@ -220,59 +220,4 @@ fn a_reloaded_peer_policy_applies_to_new_permissions_and_revokes_refused_ones() 
     h.engine.check_invariants(h.now);
     let again = h.request(&client, Method::CREATE_PERMISSION, 5, &private);
     assert_eq!(again.code(), Some(403));
-}
-
-/// The configuration the .deb installs is valid, and its ops settings are the safe ones.
-#[test]
-fn the_packaged_config_is_valid() {
-    let config =
-        uturn_control::Config::from_toml_str(include_str!("../../scripts/deploy/uturn.toml"))
-            .unwrap();
-    assert!(config.ops.http_listen.ip().is_loopback());
-    assert_eq!(config.ops.log_format, uturn_control::ops::LogFormat::Json);
-    let unit = include_str!("../../scripts/deploy/uturn.service");
-    let nofile: u32 = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("LimitNOFILE="))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("LimitNOFILE in the unit");
-    // One relay socket per family per allocation over the whole port range, plus headroom.
-    let ports = u32::from(config.relay.port_max - config.relay.port_min) + 1;
-    assert!(
-        nofile >= 2 * ports + 1024,
-        "LimitNOFILE={nofile} for {ports} ports"
-    );
-}
-
-/// The admin listener's limits come from `[ops]`; a value it cannot use is refused naming the
-/// field.
-#[test]
-fn the_admin_listener_limits_are_read_from_ops_and_checked() {
-    let config = uturn_control::Config::from_toml_str(
-        "[ops]\nhttp_header_timeout_ms = 250\nhttp_max_connections = 8\n",
-    )
-    .unwrap();
-    config.validate().unwrap();
-    let limits = uturn_control::http::HttpLimits::from_ops(&config.ops);
-    assert_eq!(limits.header_timeout, Duration::from_millis(250));
-    assert_eq!(limits.max_connections, 8);
-    let defaults = uturn_control::http::HttpLimits::default();
-    assert_eq!(
-        (defaults.header_timeout, defaults.max_connections),
-        (Duration::from_secs(5), 1024)
-    );
-    for (text, field) in [
-        ("http_header_timeout_ms = 0", "ops.http_header_timeout_ms"),
-        (
-            "http_header_timeout_ms = 600000",
-            "ops.http_header_timeout_ms",
-        ),
-        ("http_max_connections = 0", "ops.http_max_connections"),
-    ] {
-        let refused = uturn_control::Config::from_toml_str(&format!("[ops]\n{text}\n"))
-            .and_then(|c| c.validate().map(|()| c))
-            .unwrap_err()
-            .to_string();
-        assert!(refused.contains(field), "{text}: {refused}");
-    }
 }

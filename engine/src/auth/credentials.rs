@@ -18,8 +18,6 @@
 //! and the 16-byte MD5 long-term key (RFC 8489 §9.2.2) as 32 hex digits. Such a key-only user
 //! authenticates only with PASSWORD-ALGORITHM MD5 (or none).
 
-use std::path::Path;
-
 use hashbrown::HashMap;
 
 use crate::config::{AuthConfig, ConfigError, UserConfig};
@@ -77,7 +75,7 @@ pub struct UsersFileError {
 }
 
 /// The static users with their derived keys, for one realm. Build it with
-/// [`UserTable::from_config`] (which reads `auth.users_file`) or [`UserTable::from_users`];
+/// [`UserTable::from_users`] (`uturn-control` adds the users file it reads);
 /// swap it at runtime with `Engine::reload_users`.
 #[derive(Debug, Clone, Default)]
 pub struct UserTable {
@@ -88,15 +86,6 @@ pub struct UserTable {
 }
 
 impl UserTable {
-    /// The inline `[[auth.users]]` plus the users file, if configured (this reads the file).
-    pub fn from_config(auth: &AuthConfig) -> Result<Self, ConfigError> {
-        let mut users = auth.users.clone();
-        if let Some(path) = &auth.users_file {
-            users.extend(read_users_file(path)?);
-        }
-        Self::from_users(&auth.realm, &users)
-    }
-
     /// Derives the keys of `users` for `realm`. Later entries replace earlier ones of the same
     /// name.
     pub fn from_users(realm: &str, users: &[UserConfig]) -> Result<Self, ConfigError> {
@@ -167,18 +156,6 @@ impl UserTable {
         let hash: [u8; 32] = hash.try_into().ok()?;
         self.by_userhash.get(&hash).map(String::as_str)
     }
-}
-
-/// Reads a users file (format in the module docs).
-pub fn read_users_file(path: &Path) -> Result<Vec<UserConfig>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::UsersFile {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse_users_file(&text).map_err(|error| ConfigError::Invalid {
-        field: "auth.users_file",
-        reason: format!("{}: {error}", path.display()),
-    })
 }
 
 /// Parses the text of a users file (format in the module docs).

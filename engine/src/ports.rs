@@ -101,6 +101,7 @@ impl PortAllocator {
         }
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn in_use(&self) -> usize {
         self.in_use
     }

@@ -8,10 +8,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::*;
 use hmac::{Hmac, Mac};
-use uturn_control::{AuthFailure, Event, Output};
+use uturn_engine::{AuthFailure, Event, Output};
 use uturn_proto::Method;
 
-fn rest_config(secrets: &[&str]) -> uturn_control::Config {
+fn rest_config(secrets: &[&str]) -> uturn_engine::EngineConfig {
     let mut config = config();
     config.auth.secrets = secrets.iter().map(|s| (*s).to_owned()).collect();
     config
@@ -167,10 +167,10 @@ const VECTOR_USER: &str = "\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}";
 /// shared/reference/stun-test-vectors.md), so the prepared form is configured.
 const VECTOR_PASSWORD: &str = "TheMatrIX";
 
-fn vector_config() -> uturn_control::Config {
+fn vector_config() -> uturn_engine::EngineConfig {
     let mut config = config();
     config.auth.realm = "example.org".into();
-    config.auth.users = vec![uturn_control::config::UserConfig {
+    config.auth.users = vec![uturn_engine::config::UserConfig {
         username: VECTOR_USER.into(),
         password: Some(VECTOR_PASSWORD.into()),
         key: None,

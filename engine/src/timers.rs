@@ -71,6 +71,7 @@ impl<T> Timers<T> {
         self.entries.len()
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn contains(&self, key: TimerKey) -> bool {
         self.entries.contains_key(&key)
     }

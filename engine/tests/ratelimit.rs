@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use uturn_control::{DropReason, Event, Output};
+use uturn_engine::{DropReason, Event, Output};
 use uturn_proto::{AddressFamily, Attribute, Method};
 
 /// Bytes out for `bytes` in from `client`: the sum of every Transmit.

@@ -1,6 +1,6 @@
 //! Fuzz the sans-IO engine with scripted request sequences from several clients against a
-//! fake clock; the logic lives in `uturn_control::fuzzing::engine` so
-//! `control/tests/fuzz_corpus.rs` replays the corpus on stable. Run: `scripts/fuzz.sh`.
+//! fake clock; the logic lives in `uturn_engine::fuzzing::engine` so
+//! `engine/tests/fuzz_corpus.rs` replays the corpus on stable. Run: `scripts/fuzz.sh`.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -10,5 +10,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     static BASE: OnceLock<Instant> = OnceLock::new();
-    let _ = uturn_control::fuzzing::engine(data, *BASE.get_or_init(Instant::now));
+    let _ = uturn_engine::fuzzing::engine(data, *BASE.get_or_init(Instant::now));
 });

@@ -11,7 +11,7 @@
 mod common;
 
 use common::*;
-use uturn_control::{Config, Event, Output, PeerDenied, TableChange};
+use uturn_engine::{EngineConfig, Event, Output, PeerDenied, TableChange};
 use uturn_proto::{AddressFamily, Attribute, ChannelNumber, Method};
 
 use PeerDenied::*;
@@ -89,7 +89,7 @@ const TABLE: &[(&str, Option<PeerDenied>, Option<PeerDenied>)] = &[
     ("[2001:db8::5]:3478", Some(OwnAddress), Some(OwnAddress)),
 ];
 
-fn open_allow_list() -> Config {
+fn open_allow_list() -> EngineConfig {
     let mut config = config();
     config.peers.allowed_peers = vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
     config
@@ -142,7 +142,7 @@ fn verdict(
 }
 
 fn run_table(
-    config: Config,
+    config: EngineConfig,
     column: impl Fn(&(&str, Option<PeerDenied>, Option<PeerDenied>)) -> Option<PeerDenied>,
 ) {
     for row in TABLE {
@@ -371,7 +371,7 @@ fn a_reload_keeps_the_live_relayed_addresses() {
     let mut reloaded = config();
     reloaded.peers.denied_peers = vec!["198.51.100.0/24".parse().unwrap()];
     h.engine
-        .set_peer_policy(uturn_control::PeerPolicy::from_config(&reloaded));
+        .set_peer_policy(uturn_engine::PeerPolicy::from_config(&reloaded));
     assert!(h.drain().is_empty());
     h.engine.check_invariants(h.now);
     assert_eq!(

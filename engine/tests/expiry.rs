@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use uturn_control::{Event, Output, ShardId, TableChange};
+use uturn_engine::{Event, Output, ShardId, TableChange};
 use uturn_proto::{Attribute, ChannelNumber, EvenPort, Method};
 
 const MS: Duration = Duration::from_millis(1);

@@ -1,15 +1,17 @@
 //! A harness that drives the engine on a fake clock: input, then the exact outputs, then an
 //! assert that nothing else is queued.
 #![allow(dead_code, unreachable_pub)]
+// The harness reads the clock once for its base instant; the engine itself never does.
+#![allow(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use uturn_control::config::UserConfig;
-use uturn_control::{
-    AllocationId, BindToken, Config, Engine, Event, FiveTuple, Output, RelayAddress, ShardId,
+use uturn_engine::config::UserConfig;
+use uturn_engine::{
+    AllocationId, BindToken, Engine, EngineConfig, Event, FiveTuple, Output, RelayAddress, ShardId,
     TableChange, Transport, UserTable,
 };
 use uturn_proto::{
@@ -23,8 +25,8 @@ pub const PASSWORD: &str = "secret";
 /// Wall clock of the tests: 2026-01-01T00:00:00Z.
 pub const WALL_UNIX_SECS: u64 = 1_767_225_600;
 
-pub fn config() -> Config {
-    let mut config = Config::default();
+pub fn config() -> EngineConfig {
+    let mut config = EngineConfig::default();
     config.auth.users = vec![UserConfig {
         username: USER.into(),
         password: Some(PASSWORD.into()),
@@ -182,13 +184,13 @@ pub struct Harness {
 }
 
 impl Harness {
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: EngineConfig) -> Self {
         Self::with_shards(config, 1)
     }
 
-    pub fn with_shards(config: Config, shards: u16) -> Self {
+    pub fn with_shards(config: EngineConfig, shards: u16) -> Self {
         let base = Instant::now();
-        let users = UserTable::from_config(&config.auth).unwrap();
+        let users = UserTable::from_users(&config.auth.realm, &config.auth.users).unwrap();
         let engine = Engine::new(&config, users, shards, base, SmallRng::seed_from_u64(1)).unwrap();
         Self {
             engine,
