@@ -1299,6 +1299,28 @@ pub fn with_relay_ports(mut args: Vec<String>, ports: &str) -> Vec<String> {
     args
 }
 
+/// A test server with the standard flags plus a `tls://` and an `auto://` listener on
+/// 127.0.0.1 serving `cert`, one shard, counters published every 50 ms.
+pub fn start_with_tls_listeners(backend: &str, cert: &TestCertificate) -> Uturn {
+    let mut args = standard_args(backend, 1);
+    for extra in [
+        "--listen",
+        "tls://127.0.0.1:0",
+        "--listen",
+        "auto://127.0.0.1:0",
+        "--tls-cert",
+        cert.cert_path.to_str().expect("UTF-8 path"),
+        "--tls-key",
+        cert.key_path.to_str().expect("UTF-8 path"),
+        "--counters-interval-ms",
+        "50",
+    ] {
+        args.push(extra.to_owned());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Uturn::start(&refs)
+}
+
 /// The standard flags of a test server: loopback listeners on both families with OS ports, both
 /// relay IPs, one user, loopback peers allowed, the given backend and shard count.
 pub fn standard_args(backend: &str, threads: usize) -> Vec<String> {

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use uturn_e2e::{ANSWER_TIMEOUT, TestCertificate, TurnClient, Uturn, standard_args};
+use uturn_e2e::{ANSWER_TIMEOUT, TestCertificate, TurnClient, start_with_tls_listeners};
 use uturn_proto::{Class, Method};
 
 /// Datagrams and stream prefixes that are not valid TURN.
@@ -37,26 +37,6 @@ const GARBAGE: [&[u8]; 9] = [
         0x00, 0x06, 0x00, 0xFF, b'a', b'b', b'c', b'd',
     ],
 ];
-
-fn start(cert: &TestCertificate) -> Uturn {
-    let mut args = standard_args("mmsg", 1);
-    for extra in [
-        "--listen",
-        "tls://127.0.0.1:0",
-        "--listen",
-        "auto://127.0.0.1:0",
-        "--tls-cert",
-        cert.cert_path.to_str().expect("UTF-8 path"),
-        "--tls-key",
-        cert.key_path.to_str().expect("UTF-8 path"),
-        "--counters-interval-ms",
-        "50",
-    ] {
-        args.push(extra.to_owned());
-    }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Uturn::start(&refs)
-}
 
 /// Writes `bytes` on a new connection to `addr` and reports whether the server closed it.
 fn stream_is_closed_after(addr: SocketAddr, bytes: &[u8]) -> bool {
@@ -90,7 +70,7 @@ fn stream_is_closed_after(addr: SocketAddr, bytes: &[u8]) -> bool {
 #[test]
 fn malformed_input_on_every_path_is_dropped_counted_or_disconnected_and_the_server_keeps_serving() {
     let cert = TestCertificate::generate();
-    let server = start(&cert);
+    let server = start_with_tls_listeners("mmsg", &cert);
 
     // UDP listener: without and with an allocation on the 5-tuple.
     let mut client = TurnClient::new(server.listener(false), "alice", "wonderland");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use uturn_e2e::{
     ANSWER_TIMEOUT, EchoPeer, Relayed, TempConfig, TestCertificate, TurnClient, Uturn, peer_socket,
-    standard_args, uturn_binary,
+    standard_args, start_with_tls_listeners, uturn_binary,
 };
 use uturn_proto::{AddressFamily, Attribute, Class, MessageBuilder, Method, TransactionId};
 
@@ -643,23 +643,7 @@ fn the_per_source_limit_holds_across_shards(backend: &str) {
 /// `auto` connection moves to `tls` once its first byte says so).
 fn tcp_and_tls_connections_are_gauged_apart(backend: &str) {
     let cert = TestCertificate::generate();
-    let mut args = standard_args(backend, 1);
-    for extra in [
-        "--listen",
-        "tls://127.0.0.1:0",
-        "--listen",
-        "auto://127.0.0.1:0",
-        "--tls-cert",
-        cert.cert_path.to_str().expect("UTF-8 path"),
-        "--tls-key",
-        cert.key_path.to_str().expect("UTF-8 path"),
-        "--counters-interval-ms",
-        "50",
-    ] {
-        args.push(extra.to_owned());
-    }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Uturn::start(&refs);
+    let server = start_with_tls_listeners(backend, &cert);
     let mut clients = vec![
         TurnClient::new_tcp(server.stream_listener("tcp", false), "alice", "wonderland"),
         TurnClient::new_tcp(server.stream_listener("auto", false), "alice", "wonderland"),

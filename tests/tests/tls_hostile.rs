@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use uturn_e2e::{
-    ANSWER_TIMEOUT, EchoPeer, Relayed, TestCertificate, TurnClient, Uturn, standard_args,
+    ANSWER_TIMEOUT, EchoPeer, Relayed, TestCertificate, TurnClient, start_with_tls_listeners,
 };
 use uturn_proto::{Class, Method};
 
@@ -20,26 +20,6 @@ const CRASH_RECORD: [u8; 21] = [
     0x16, 0x03, 0x01, 0x00, 0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
     0xff, 0xff, 0xff, 0xff, 0xff,
 ];
-
-fn start(backend: &str, cert: &TestCertificate) -> Uturn {
-    let mut args = standard_args(backend, 1);
-    for extra in [
-        "--listen",
-        "tls://127.0.0.1:0",
-        "--listen",
-        "auto://127.0.0.1:0",
-        "--tls-cert",
-        cert.cert_path.to_str().expect("UTF-8 path"),
-        "--tls-key",
-        cert.key_path.to_str().expect("UTF-8 path"),
-        "--counters-interval-ms",
-        "50",
-    ] {
-        args.push(extra.to_owned());
-    }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Uturn::start(&refs)
-}
 
 /// The first flight of a real rustls client (its ClientHello record) for `localhost`.
 fn client_hello(cert: &TestCertificate) -> Vec<u8> {
@@ -174,7 +154,7 @@ uturn_e2e::on_both_backends!(
 /// (ALPN `stun.turn`, RFC 7443) completes afterwards.
 fn malformed_tls_records_close_only_their_connection_and_every_allocation_goes_on(backend: &str) {
     let cert = TestCertificate::generate();
-    let server = start(backend, &cert);
+    let server = start_with_tls_listeners(backend, &cert);
     let peer = EchoPeer::start(false);
     let (user, password) = ("alice", "wonderland");
     let mut udp = relaying_client(
