@@ -88,6 +88,12 @@ pub(crate) struct Cli {
     #[arg(long = "allow-loopback-peers")]
     pub(crate) allow_loopback_peers: bool,
 
+    /// Also bind channel numbers 0x5000-0x7FFF, which RFC 5766 allowed and RFC 8656 §12 no
+    /// longer does (`relay.accept_rfc5766_channel_numbers`), for clients written for RFC 5766
+    /// such as Debian's coturn 4.6.1 `turnutils_uclient`.
+    #[arg(long = "accept-rfc5766-channels")]
+    pub(crate) accept_rfc5766_channels: bool,
+
     /// Answers to unauthenticated requests per source address per second (`limits.
     /// unauthenticated_per_source_per_sec`; 0 turns the limit off). The burst is twice this.
     #[arg(long = "unauthenticated-rate", value_name = "PER_SEC")]
@@ -197,6 +203,9 @@ impl Cli {
         config.auth.secrets.extend(self.auth_secret.iter().cloned());
         if self.allow_loopback_peers {
             config.peers.allow_loopback = true;
+        }
+        if self.accept_rfc5766_channels {
+            config.relay.accept_rfc5766_channel_numbers = true;
         }
         if let Some(rate) = self.unauthenticated_rate {
             config.limits.unauthenticated_per_source_per_sec = rate;
@@ -316,6 +325,7 @@ mod tests {
             "--threads",
             "3",
             "--allow-loopback-peers",
+            "--accept-rfc5766-channels",
         ]);
         let config = cli.apply(Config::default());
         assert_eq!(config.server.listen.len(), 3);
@@ -334,6 +344,7 @@ mod tests {
         assert_eq!(config.server.io, IoBackend::Mmsg);
         assert_eq!(config.server.threads, 3);
         assert!(config.peers.allow_loopback);
+        assert!(config.relay.accept_rfc5766_channel_numbers);
     }
 
     #[test]
